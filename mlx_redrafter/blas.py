@@ -87,7 +87,9 @@ def ensure_blas() -> str:
     except OSError as exc:
         _state["blas"] = "bundled reference BLAS"
         warnings.warn(
-            f"mlx-redrafter: could not load BLAS library {path}: {exc}", RuntimeWarning, stacklevel=2
+            f"mlx-redrafter: could not load BLAS library {path}: {exc}",
+            RuntimeWarning,
+            stacklevel=2,
         )
         return _state["blas"]
     _state["blas"] = f"OpenBLAS ({path})"
