@@ -1,0 +1,406 @@
+"""Decoding loops: plain autoregression and ReDrafter rounds, one response stream for both.
+
+`stream_generate` yields a `GenerationResponse` per emitted token whichever loop produced it;
+the CLI, chat and benchmark all consume that stream. Token generators (`plain_steps`,
+`redrafter_steps`) yield lists of tokens: one per step for plain decoding, the accepted run
+plus the target's own token for a ReDrafter round.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+import numpy as np
+
+from .accept import greedy_accept, process_logits, sample_accept
+from .cache import KVCache
+from .tree import pack_beams
+
+PREFILL_CHUNK = 512
+
+
+class GenerationError(ValueError):
+    """Bad generation request (empty prompt, context overflow, bad settings)."""
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0 or self.top_k == 1
+
+    def validate(self) -> None:
+        if self.temperature < 0:
+            raise GenerationError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise GenerationError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise GenerationError(f"top_k must be >= 0, got {self.top_k}")
+
+
+@dataclass
+class DecodeStats:
+    """What a run did; updated in place while it runs."""
+
+    prompt_tokens: int = 0
+    prefill_time: float = 0.0
+    num_tokens: int = 0
+    decode_time: float = 0.0  # from the first generated token to the last
+    steps: int = 0  # base-model decode steps (plain) or verify rounds (ReDrafter)
+    accepted: list[int] = field(default_factory=list)  # drafted tokens accepted per round
+    beam_length: int = 1
+    draft_time: float = 0.0
+    verify_time: float = 0.0
+    accept_time: float = 0.0
+    tree_nodes: int = 0
+
+    @property
+    def prefill_tps(self) -> float:
+        return self.prompt_tokens / self.prefill_time if self.prefill_time > 0 else 0.0
+
+    @property
+    def decode_tps(self) -> float:
+        # The first token comes out of prefill; the decode rate counts the ones after it.
+        n = self.num_tokens - 1
+        return n / self.decode_time if self.decode_time > 0 and n > 0 else 0.0
+
+    @property
+    def tokens_per_step(self) -> float:
+        if not self.accepted:
+            return 1.0
+        return float(np.mean(self.accepted)) + 1.0
+
+    @property
+    def accept_by_depth(self) -> list[float]:
+        """Fraction of rounds that accepted a drafted token at depth 1, 2, ... L-1."""
+        if not self.accepted or self.beam_length < 2:
+            return []
+        acc = np.asarray(self.accepted)
+        return [float(np.mean(acc >= d)) for d in range(1, self.beam_length)]
+
+    def as_dict(self) -> dict:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "num_tokens": self.num_tokens,
+            "prefill_tps": self.prefill_tps,
+            "decode_tps": self.decode_tps,
+            "tokens_per_step": self.tokens_per_step,
+            "accept_by_depth": self.accept_by_depth,
+            "steps": self.steps,
+            "draft_time": self.draft_time,
+            "verify_time": self.verify_time,
+            "accept_time": self.accept_time,
+            "mean_tree_nodes": self.tree_nodes / max(1, len(self.accepted)),
+        }
+
+
+@dataclass
+class GenerationResponse:
+    text: str  # new text since the previous response
+    token: int
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    peak_memory: float  # GB
+    finish_reason: str | None  # None while running, then "stop" or "length"
+    from_draft: bool = False  # the token was drafted and accepted
+    stats: DecodeStats | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Token generators
+
+
+def _sample(logits: mx.array, sampling: SamplingConfig) -> mx.array:
+    """logits (V,) -> token id (scalar array)."""
+    if sampling.greedy:
+        return mx.argmax(logits, axis=-1)
+    logprobs = process_logits(logits, sampling.temperature, sampling.top_k, sampling.top_p)
+    return mx.random.categorical(logprobs)
+
+
+def prefill(model, cache: KVCache, tokens: Sequence[int], chunk: int = PREFILL_CHUNK) -> mx.array:
+    """Run the prompt through the model into the cache; return the last hidden state (h,)."""
+    hidden = None
+    for start in range(0, len(tokens), chunk):
+        part = mx.array(tokens[start : start + chunk], dtype=mx.int32)[None]
+        hidden, _ = model(part, cache, return_logits=False)
+        cache.commit()
+        if start + chunk < len(tokens):
+            mx.eval(cache.state())
+    return hidden[0, -1]
+
+
+def plain_steps(
+    model,
+    cache: KVCache,
+    prompt: Sequence[int],
+    sampling: SamplingConfig,
+    stats: DecodeStats,
+) -> Iterator[list[int]]:
+    """Autoregressive decoding; yields [token] per step. The cache holds all but the last."""
+    t0 = time.perf_counter()
+    hidden = prefill(model, cache, prompt)
+    token = _sample(model.logits(hidden).astype(mx.float32), sampling)
+    mx.eval(token)
+    stats.prefill_time = time.perf_counter() - t0
+
+    def step(tok: mx.array) -> mx.array:
+        _, logits = model(tok.reshape(1, 1), cache)
+        cache.commit()
+        return _sample(logits[0, -1].astype(mx.float32), sampling)
+
+    # Pipelining as mlx-lm does: queue step n+1 before handing out token n.
+    while True:
+        nxt = step(token)
+        mx.async_eval(nxt)
+        yield [token.item()]
+        stats.steps += 1
+        token = nxt
+
+
+def redrafter_steps(
+    model,
+    drafter,
+    cache: KVCache,
+    prompt: Sequence[int],
+    sampling: SamplingConfig,
+    stats: DecodeStats,
+    beam_width: int,
+    beam_length: int,
+    profile: bool = False,
+) -> Iterator[list[int]]:
+    """ReDrafter: prefill, then rounds of draft -> pack -> verify -> accept -> commit.
+
+    Each round yields the accepted drafted tokens followed by the target's own next token.
+    State between rounds: `g0`, emitted but not yet in the cache, and `context`, the
+    post-norm hidden state of the last committed token. With profile=True the verify forward
+    is evaluated on its own so the time split is exact (one more sync per round).
+    """
+    from .drafter import beam_search
+
+    stats.beam_length = beam_length
+    t0 = time.perf_counter()
+    context = prefill(model, cache, prompt)
+    g0 = _sample(model.logits(context).astype(mx.float32), sampling)
+    mx.eval(g0, context)
+    g0 = g0.item()
+    stats.prefill_time = time.perf_counter() - t0
+    yield [g0]
+
+    while True:
+        t_draft = time.perf_counter()
+        beams, _ = beam_search(drafter, model, context, g0, beam_width, beam_length)
+        tree = pack_beams(np.array(beams))
+        t_verify = time.perf_counter()
+        stats.draft_time += t_verify - t_draft
+
+        tokens = mx.array(tree.tokens, dtype=mx.int32)[None]
+        positions = mx.array(tree.positions(cache.offset), dtype=mx.int32)[None]
+        hidden, logits = model(tokens, cache, positions, tree.attention_mask(cache.offset))
+        logits = logits[0].astype(mx.float32)
+        if profile:
+            mx.eval(hidden, logits)
+        t_accept = time.perf_counter()
+        stats.verify_time += t_accept - t_verify
+
+        if sampling.greedy:
+            result = greedy_accept(tree, logits)
+        else:
+            uniforms = mx.random.uniform(shape=(tree.num_nodes, tree.children.shape[1] + 1))
+            result = sample_accept(
+                tree, logits, sampling.temperature, sampling.top_k, sampling.top_p, uniforms
+            )
+        path = np.asarray(result.path)
+        cache.commit(path)
+        context = hidden[0, int(path[-1])]
+        g0 = int(result.tokens[-1])
+        stats.accept_time += time.perf_counter() - t_accept
+        stats.steps += 1
+        stats.tree_nodes += tree.num_nodes
+        stats.accepted.append(len(path) - 1)
+        yield [int(t) for t in result.tokens]
+
+
+# ---------------------------------------------------------------------------------------------
+# Front end
+
+
+class _StopMatcher:
+    """Finds stop strings in streamed text, holding back what could be the start of one."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def feed(self, segment: str) -> tuple[str, bool]:
+        """Returns (text safe to emit, stopped)."""
+        self.pending += segment
+        if not self.stops:
+            out, self.pending = self.pending, ""
+            return out, False
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out = self.pending[: min(hits)]
+            self.pending = ""
+            return out, True
+        hold = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(self.pending)), 0, -1):
+                if self.pending.endswith(s[:k]):
+                    hold = max(hold, k)
+                    break
+        cut = len(self.pending) - hold
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+def encode_prompt(tokenizer, prompt: str | Sequence[int]) -> list[int]:
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise GenerationError("the prompt is empty")
+        ids = tokenizer.encode(prompt)
+    else:
+        ids = [int(t) for t in prompt]
+    if not ids:
+        raise GenerationError("the prompt is empty")
+    return ids
+
+
+def stream_generate(
+    model,
+    tokenizer,
+    prompt: str | Sequence[int],
+    drafter=None,
+    *,
+    max_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int | None = None,
+    beam_width: int = 2,
+    beam_length: int = 4,
+    stop: Sequence[str] = (),
+    cache: KVCache | None = None,
+    profile: bool = False,
+) -> Iterator[GenerationResponse]:
+    """Generate from `prompt` (text or token ids), yielding one response per token.
+
+    With `drafter`, ReDrafter speculative decoding (exact: greedy output is identical to
+    plain greedy decoding, and sampled output has the same distribution). Pass a `cache`
+    (from `model.make_cache()`) to keep the KV cache across calls; it must then hold a
+    prefix of `prompt` (its `tokens` attribute records what it holds).
+    """
+    sampling = SamplingConfig(temperature, top_p, top_k)
+    sampling.validate()
+    if max_tokens < 1:
+        raise GenerationError(f"max_tokens must be >= 1, got {max_tokens}")
+    if drafter is not None and (beam_width < 1 or beam_length < 2):
+        raise GenerationError(
+            f"beam width must be >= 1 and beam length >= 2, got {beam_width} and {beam_length}"
+        )
+    ids = encode_prompt(tokenizer, prompt)
+    extra = beam_length if drafter is not None else 1
+    limit = model.context_length
+    if limit and len(ids) + max_tokens + extra > limit:
+        raise GenerationError(
+            f"prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) exceeds the model's "
+            f"context length of {limit} tokens"
+        )
+    if seed is not None:
+        mx.random.seed(seed)
+
+    if cache is None:
+        cache = model.make_cache()
+        cache.tokens = []
+    new_ids = _reuse_cache(cache, ids)
+
+    stats = DecodeStats(prompt_tokens=len(new_ids))
+    if drafter is None:
+        steps = plain_steps(model, cache, new_ids, sampling, stats)
+    else:
+        steps = redrafter_steps(
+            model, drafter, cache, new_ids, sampling, stats, beam_width, beam_length, profile
+        )
+
+    eos = set(getattr(tokenizer, "eos_token_ids", None) or [])
+    if not eos and getattr(tokenizer, "eos_token_id", None) is not None:
+        eos = {tokenizer.eos_token_id}
+    detok = tokenizer.detokenizer
+    detok.reset()
+    matcher = _StopMatcher(stop)
+    emitted: list[int] = []
+    t_first = None
+    finish = None
+    try:
+        for run in steps:
+            for i, token in enumerate(run):
+                emitted.append(token)
+                now = time.perf_counter()
+                if t_first is None:
+                    t_first = now
+                stats.num_tokens = len(emitted)
+                stats.decode_time = now - t_first
+                if token in eos:
+                    finish = "stop"
+                    detok.finalize()
+                    text = matcher.feed(detok.last_segment)[0] + matcher.flush()
+                else:
+                    detok.add_token(token)
+                    text, stopped = matcher.feed(detok.last_segment)
+                    if stopped:
+                        finish = "stop"
+                    elif len(emitted) >= max_tokens:
+                        finish = "length"
+                        detok.finalize()
+                        text += matcher.feed(detok.last_segment)[0] + matcher.flush()
+                yield GenerationResponse(
+                    text=text,
+                    token=token,
+                    prompt_tokens=stats.prompt_tokens,
+                    prompt_tps=stats.prefill_tps,
+                    generation_tokens=len(emitted),
+                    generation_tps=stats.decode_tps,
+                    peak_memory=mx.get_peak_memory() / 1e9,
+                    finish_reason=finish,
+                    from_draft=drafter is not None and i < len(run) - 1,
+                    stats=stats,
+                )
+                if finish:
+                    return
+    finally:
+        steps.close()
+        # The cache holds every emitted token but the last (it would be fed next).
+        cache.tokens = list(ids) + emitted[:-1]
+        cache.trim(cache.offset - len(cache.tokens))
+
+
+def _reuse_cache(cache: KVCache, ids: list[int]) -> list[int]:
+    """Trim `cache` to its longest common prefix with `ids`; return the ids left to prefill."""
+    held = getattr(cache, "tokens", None) or []
+    common = 0
+    for a, b in zip(held, ids):
+        if a != b:
+            break
+        common += 1
+    common = min(common, len(ids) - 1, cache.offset)  # prefill at least one token
+    cache.trim(cache.offset - common)
+    cache.tokens = list(ids[:common])
+    return ids[common:]
+
+
+def generate(model, tokenizer, prompt, drafter=None, **kwargs) -> str:
+    """Generate and return the whole text (see `stream_generate` for the arguments)."""
+    return "".join(r.text for r in stream_generate(model, tokenizer, prompt, drafter, **kwargs))

@@ -1,0 +1,16 @@
+"""Shipped defaults: the drafter trained for the default model, and the default beam shape."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# (beam width, beam length incl. the root token); `mlx-redrafter tune` finds a better one.
+DEFAULT_BEAM = (2, 4)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DRAFTER_NAME = "smollm2-135m-instruct-drafter"
+
+
+def default_drafter_dir() -> Path:
+    """The drafter shipped in weights/ for the default model (may not exist)."""
+    return REPO_ROOT / "weights" / DEFAULT_DRAFTER_NAME

@@ -1,0 +1,63 @@
+"""What this process runs on: device, default dtype, BLAS, versions."""
+
+from __future__ import annotations
+
+import platform as _platform
+
+from .blas import blas_in_use
+
+
+def device_name() -> str:
+    """A human description of the MLX default device, e.g. 'cpu (x86_64, 2 cores)'."""
+    import os
+
+    import mlx.core as mx
+
+    dev = mx.default_device()
+    if dev.type == mx.gpu:
+        try:
+            name = mx.device_info().get("device_name", "")
+        except Exception:  # older mlx or a backend without device_info
+            name = ""
+        backend = "metal" if mx.metal.is_available() else "cuda"
+        return f"gpu ({backend}{', ' + name if name else ''})"
+    return f"cpu ({_platform.machine()}, {os.cpu_count()} cores)"
+
+
+def default_dtype() -> str:
+    """float16 on Metal (fast there); float32 elsewhere (float16 is slow on x86 CPUs)."""
+    import mlx.core as mx
+
+    return "float16" if mx.metal.is_available() else "float32"
+
+
+def platform_info() -> dict:
+    import mlx.core as mx
+
+    from .defaults import default_drafter_dir
+    from .loading import default_model_dir
+    from .tuning import tuned_beam
+
+    try:
+        import mlx_lm
+
+        mlx_lm_version = mlx_lm.__version__
+    except Exception:
+        mlx_lm_version = "not installed"
+    model_dir = default_model_dir()
+    drafter_dir = default_drafter_dir()
+    return {
+        "mlx_redrafter": __import__("mlx_redrafter").__version__,
+        "mlx": mx.__version__,
+        "mlx_lm": mlx_lm_version,
+        "python": _platform.python_version(),
+        "device": device_name(),
+        "default_dtype": default_dtype(),
+        "blas": blas_in_use(),
+        "default_model": f"{model_dir}"
+        + ("" if model_dir.exists() else " (not built: run `mlx-redrafter setup`)"),
+        "default_drafter": str(drafter_dir) if drafter_dir and drafter_dir.exists() else "none",
+        "tuned_beam": "W={}, L={}".format(*tuned_beam(model_dir))
+        if tuned_beam(model_dir)
+        else "not tuned",
+    }
