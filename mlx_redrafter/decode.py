@@ -391,7 +391,7 @@ def _reuse_cache(cache: KVCache, ids: list[int]) -> list[int]:
     """Trim `cache` to its longest common prefix with `ids`; return the ids left to prefill."""
     held = getattr(cache, "tokens", None) or []
     common = 0
-    for a, b in zip(held, ids):
+    for a, b in zip(held, ids, strict=False):
         if a != b:
             break
         common += 1
