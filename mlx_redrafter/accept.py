@@ -1,0 +1,280 @@
+"""Acceptance over a verified prefix tree: greedy, and exact sampling with deterministic children.
+
+Also owns the warped target distribution (`process_logits`), so plain sampling and tree
+acceptance sample from one definition. docs/tree-attention.md walks through both rules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+
+from .tree import Tree
+
+_NEG_INF = float("-inf")
+
+
+@dataclass
+class Acceptance:
+    """Outcome of one round.
+
+    path   int32 (n+1,)  packed node indices from the root (0) to the last accepted node
+    tokens list of n+1   the drafted tokens along path[1:], then the target's own token
+    """
+
+    path: np.ndarray
+    tokens: list[int]
+
+    @property
+    def num_accepted(self) -> int:
+        return len(self.path) - 1
+
+
+@dataclass
+class AcceptanceBatch:
+    """S independent outcomes for one tree (statistical tests), padded with -1 to length L.
+
+    paths        int32 (S, L)  as Acceptance.path, row s valid up to num_accepted[s]
+    tokens       int32 (S, L)  as Acceptance.tokens, row s valid up to num_accepted[s]
+    num_accepted int32 (S,)
+    """
+
+    paths: np.ndarray
+    tokens: np.ndarray
+    num_accepted: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.num_accepted.shape[0])
+
+    def __getitem__(self, s: int) -> Acceptance:
+        n = int(self.num_accepted[s])
+        return Acceptance(self.paths[s, : n + 1].copy(), self.tokens[s, : n + 1].tolist())
+
+
+# ---------------------------------------------------------------------------------------------
+# The target distribution
+
+
+def process_logits(
+    logits: mx.array, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
+) -> mx.array:
+    """Warp logits (..., V) into float32 log-probabilities (..., V); removed tokens get -inf.
+
+    Order: temperature (divides the logits), then top-k (keep the k largest; 0 = off),
+    then top-p (keep the smallest most-likely set whose mass is >= p, always at least the top
+    token; 1.0 = off). temperature <= 0 gives the one-hot argmax distribution.
+    """
+    logits = logits.astype(mx.float32)
+    vocab = logits.shape[-1]
+    if temperature <= 0 or top_k == 1:
+        best = mx.argmax(logits, axis=-1, keepdims=True)
+        hot = mx.arange(vocab) == best
+        return mx.where(hot, mx.array(0.0, mx.float32), mx.array(_NEG_INF, mx.float32))
+    logits = logits / temperature
+    if 0 < top_k < vocab:
+        # Indices past the k-th after a partition of the negated logits are the V-k smallest.
+        drop = mx.argpartition(-logits, kth=top_k - 1, axis=-1)[..., top_k:]
+        logits = mx.put_along_axis(logits, drop, mx.array(_NEG_INF, mx.float32), axis=-1)
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    if top_p < 1.0:
+        order = mx.argsort(-logprobs, axis=-1)
+        sorted_probs = mx.exp(mx.take_along_axis(logprobs, order, axis=-1))
+        mass_before = mx.cumsum(sorted_probs, axis=-1) - sorted_probs
+        keep = mx.put_along_axis(mx.zeros(logprobs.shape, mx.bool_), order, mass_before < top_p, -1)
+        logprobs = mx.where(keep, logprobs, mx.array(_NEG_INF, mx.float32))
+        logprobs = logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
+    return logprobs
+
+
+def sample_token(
+    logits: mx.array,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    key: mx.array | None = None,
+) -> mx.array:
+    """Plain sampling from `process_logits`; logits (..., V) -> int32 token ids (...)."""
+    if temperature <= 0 or top_k == 1:
+        return mx.argmax(logits, axis=-1).astype(mx.int32)
+    logprobs = process_logits(logits, temperature, top_k, top_p)
+    return mx.random.categorical(logprobs, axis=-1, key=key).astype(mx.int32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Greedy
+
+
+def greedy_accept(tree: Tree, logits: mx.array) -> Acceptance:
+    """Follow the target's argmax from the root while a child carries it.
+
+    logits (N, V): row u is the target's distribution for the token after node u.
+    Token-identical to plain greedy decoding by construction.
+    """
+    _check_logits(tree, logits)
+    best = np.array(mx.argmax(logits, axis=-1))  # (N,), the one host sync
+    child_tokens = _child_tokens(tree)
+    path = [0]
+    while True:
+        u = path[-1]
+        hit = np.flatnonzero(child_tokens[u] == best[u])
+        if hit.size == 0:
+            break
+        path.append(int(tree.children[u, hit[0]]))
+    return _acceptance(tree, np.array(path, dtype=np.int32), int(best[path[-1]]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling
+
+
+def uniforms_shape(tree: Tree) -> tuple[int, int]:
+    """Shape of the pre-drawn uniforms for one round: (N, C + 1).
+
+    Column c < C decides child slot c of each node; column C draws the emitted token when no
+    child is accepted.
+    """
+    return tree.num_nodes, tree.children.shape[1] + 1
+
+
+def sample_accept(
+    tree: Tree,
+    logits: mx.array,
+    temperature: float,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    uniforms: mx.array | None = None,
+) -> Acceptance:
+    """Exact speculative sampling over the tree (deterministic-children rule).
+
+    At node u with r = the warped target distribution p(u) and children x_1..x_k in node
+    order: accept x_i with probability r(x_i); on rejection zero r(x_i) and renormalise; if
+    no child is accepted, emit a token drawn from the final r (at a leaf that is p(u)).
+    The emitted sequence has exactly the distribution of plain sampling from p.
+
+    logits (N, V); uniforms in [0, 1) with shape `uniforms_shape(tree)`, drawn here if None.
+    """
+    if uniforms is None:
+        uniforms = mx.random.uniform(shape=uniforms_shape(tree))
+    if tuple(uniforms.shape) != uniforms_shape(tree):
+        raise ValueError(
+            f"uniforms must have shape {uniforms_shape(tree)} (nodes, child slots + 1), "
+            f"got {tuple(uniforms.shape)}"
+        )
+    batch = sample_accept_batch(tree, logits, temperature, top_k, top_p, uniforms[None])
+    return batch[0]
+
+
+def sample_accept_batch(
+    tree: Tree,
+    logits: mx.array,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    uniforms: mx.array,
+) -> AcceptanceBatch:
+    """`sample_accept` for S independent draws at once: uniforms (S, N, C + 1)."""
+    _check_logits(tree, logits)
+    expected = (None, *uniforms_shape(tree))
+    if uniforms.ndim != 3 or tuple(uniforms.shape[1:]) != expected[1:]:
+        raise ValueError(
+            f"uniforms must have shape (S, {expected[1]}, {expected[2]}), "
+            f"got {tuple(uniforms.shape)}"
+        )
+    logprobs = process_logits(logits, temperature, top_k, top_p)
+    chosen, fallback = _node_outcomes(tree, logprobs, uniforms.astype(mx.float32))
+    outcome = np.array(mx.stack([chosen, fallback]))  # (2, S, N), the one host sync
+    return _walk_batch(tree, outcome[0], outcome[1])
+
+
+def _node_outcomes(tree: Tree, logprobs: mx.array, uniforms: mx.array) -> tuple[mx.array, mx.array]:
+    """Per sample and node: the accepted child (node index, -1 if none) and the token to emit
+    if no child is accepted. logprobs (N, V) float32, uniforms (S, N, C + 1)."""
+    n, vocab = logprobs.shape
+    num_slots = tree.children.shape[1]
+    child_tokens = mx.array(_child_tokens(tree))  # (N, C), -1 padding
+    valid = child_tokens >= 0
+    # Padding points at an extra -inf column so gathers and scatters through it are harmless.
+    padded = mx.concatenate([logprobs, mx.full((n, 1), _NEG_INF, mx.float32)], axis=1)
+    index = mx.where(valid, child_tokens, vocab)  # (N, C)
+    child_lp = mx.take_along_axis(padded, index, axis=1)  # (N, C)
+    rest = mx.put_along_axis(padded, index, mx.array(_NEG_INF, mx.float32), axis=1)[:, :vocab]
+    rest_lse = mx.logsumexp(rest, axis=1)  # (N,) log mass outside every child
+
+    # After rejecting slots < c, r is p restricted to {x_c, ..., x_C} and the rest, so
+    # r(x_c) = p(x_c) / (p(x_c) + ... + p(x_C) + rest). Summing what remains (in log space)
+    # instead of subtracting what was removed avoids cancellation when r is nearly spent.
+    remaining = rest_lse
+    accept_prob = [None] * num_slots
+    for c in reversed(range(num_slots)):
+        remaining = mx.logaddexp(remaining, child_lp[:, c])
+        ratio = mx.exp(child_lp[:, c] - remaining)
+        accept_prob[c] = mx.where(child_lp[:, c] == _NEG_INF, 0.0, ratio)
+    accept_prob = mx.stack(accept_prob, axis=1)  # (N, C)
+
+    accepted = uniforms[..., :num_slots] < accept_prob  # (S, N, C)
+    any_accepted = mx.any(accepted, axis=-1)
+    first_slot = mx.argmax(accepted.astype(mx.int32), axis=-1)  # first True
+    child_node = mx.take_along_axis(
+        mx.broadcast_to(mx.array(tree.children), (*first_slot.shape, num_slots)),
+        first_slot[..., None],
+        axis=-1,
+    )[..., 0]
+    chosen = mx.where(any_accepted, child_node, -1).astype(mx.int32)
+
+    # Emitted token when every child is rejected: the residual r = the rest, renormalised.
+    # If it holds no mass (only possible through rounding or u == 1), fall back to p.
+    source = mx.where((rest_lse == _NEG_INF)[:, None], logprobs, rest)
+    shifted = mx.exp(source - mx.max(source, axis=1, keepdims=True))  # (N, V), max is 1
+    cdf = mx.cumsum(shifted, axis=1)
+    target = uniforms[..., num_slots] * cdf[:, -1]  # (S, N)
+    token = mx.sum(cdf <= target[..., None], axis=-1)  # first index with cdf > target
+    # u * total can round up to total; never step past the last token with mass.
+    last = vocab - 1 - mx.argmax((shifted > 0)[:, ::-1].astype(mx.int32), axis=1)
+    fallback = mx.minimum(token, last).astype(mx.int32)
+    return chosen, fallback
+
+
+def _walk_batch(tree: Tree, chosen: np.ndarray, fallback: np.ndarray) -> AcceptanceBatch:
+    """Follow `chosen` (S, N) from the root for every sample; emit `fallback` where it stops."""
+    samples = chosen.shape[0]
+    length = tree.paths.shape[1]
+    rows = np.arange(samples)
+    paths = np.full((samples, length), -1, dtype=np.int32)
+    paths[:, 0] = 0
+    node = np.zeros(samples, dtype=np.int64)
+    alive = np.ones(samples, dtype=bool)
+    for depth in range(1, length):
+        nxt = chosen[rows, node]
+        alive &= nxt >= 0
+        node = np.where(alive, nxt, node)
+        paths[alive, depth] = node[alive]
+    num_accepted = (paths >= 0).sum(axis=1).astype(np.int32) - 1
+    tokens = np.full((samples, length), -1, dtype=np.int32)
+    drafted = paths[:, 1:] >= 0
+    tokens[:, :-1][drafted] = tree.tokens[paths[:, 1:][drafted]]
+    tokens[rows, num_accepted] = fallback[rows, node]
+    return AcceptanceBatch(paths, tokens, num_accepted)
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _child_tokens(tree: Tree) -> np.ndarray:
+    """int32 (N, C): token of each child slot, -1 for padding."""
+    return np.where(tree.children >= 0, tree.tokens[np.maximum(tree.children, 0)], -1).astype(
+        np.int32
+    )
+
+
+def _acceptance(tree: Tree, path: np.ndarray, last_token: int) -> Acceptance:
+    return Acceptance(path, [int(t) for t in tree.tokens[path[1:]]] + [last_token])
+
+
+def _check_logits(tree: Tree, logits: mx.array) -> None:
+    if logits.ndim != 2 or logits.shape[0] != tree.num_nodes:
+        raise ValueError(
+            f"logits must have shape (num_nodes={tree.num_nodes}, V), got {tuple(logits.shape)}"
+        )
