@@ -273,7 +273,7 @@ def _pre_tokenizer(pre: str, path: Path):
 
 def gguf_tokenizer(metadata: dict[str, Any], path: str | Path):
     """A `tokenizers.Tokenizer` (byte-level BPE) rebuilt from the GGUF tokenizer metadata."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, processors
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
 
     path = Path(path)
     kind = metadata.get("tokenizer.ggml.model")
@@ -291,7 +291,10 @@ def gguf_tokenizer(metadata: dict[str, Any], path: str | Path):
     vocab = {token: i for i, token in enumerate(tokens)}
     pairs = [tuple(m.split(" ", 1)) for m in merges]
     tok = Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False))
-    tok.pre_tokenizer = _pre_tokenizer(metadata.get("tokenizer.ggml.pre", "default"), path)
+    pre = metadata.get("tokenizer.ggml.pre", "default")
+    tok.pre_tokenizer = _pre_tokenizer(pre, path)
+    if pre == "qwen2":
+        tok.normalizer = normalizers.NFC()  # as in Qwen2's own tokenizer.json
     tok.decoder = decoders.ByteLevel()
 
     # Control tokens (<|im_start|>, ...) must match before BPE so they stay one id each.

