@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import numpy as np
 
-from .accept import greedy_accept, process_logits, sample_accept
+from .accept import greedy_accept, sample_accept, sample_token
 from .cache import KVCache
-from .tree import pack_beams
+from .drafter import beam_search
+from .tree import Tree, pack_beams
 
 PREFILL_CHUNK = 512
 
@@ -120,11 +121,8 @@ class GenerationResponse:
 
 
 def _sample(logits: mx.array, sampling: SamplingConfig) -> mx.array:
-    """logits (V,) -> token id (scalar array)."""
-    if sampling.greedy:
-        return mx.argmax(logits, axis=-1)
-    logprobs = process_logits(logits, sampling.temperature, sampling.top_k, sampling.top_p)
-    return mx.random.categorical(logprobs)
+    """logits (V,) -> token id (scalar array); the same warping as the acceptance rule."""
+    return sample_token(logits, sampling.temperature, sampling.top_k, sampling.top_p)
 
 
 def prefill(model, cache: KVCache, tokens: Sequence[int], chunk: int = PREFILL_CHUNK) -> mx.array:
@@ -167,6 +165,34 @@ def plain_steps(
         token = nxt
 
 
+def draft_tree(
+    model, drafter, context: mx.array, g0: int, beam_width: int, beam_length: int
+) -> Tree:
+    """Beam-search drafts from `g0` and pack them into a prefix tree (one host sync).
+
+    A drafter object may bring its own `propose(model, context, g0, W, L) -> (beams, scores)`
+    (tests use oracle drafters); otherwise the RNN drafter's beam search runs.
+    """
+    propose = getattr(drafter, "propose", None)
+    if propose is None:
+        beams, _ = beam_search(drafter, model, context, g0, beam_width, beam_length)
+    else:
+        beams, _ = propose(model, context, g0, beam_width, beam_length)
+    return pack_beams(np.array(beams))
+
+
+def verify_tree(model, cache: KVCache, tree: Tree) -> tuple[mx.array, mx.array]:
+    """One base forward over the packed nodes: hidden (N, h) and float32 logits (N, V).
+
+    Node u sits at position offset + depth(u) and attends to the committed cache and to its
+    ancestors; its K/V are written at offset + u until `cache.commit` keeps the accepted path.
+    """
+    tokens = mx.array(tree.tokens, dtype=mx.int32)[None]
+    positions = mx.array(tree.positions(cache.offset), dtype=mx.int32)[None]
+    hidden, logits = model(tokens, cache, positions, tree.attention_mask(cache.offset))
+    return hidden[0], logits[0].astype(mx.float32)
+
+
 def redrafter_steps(
     model,
     drafter,
@@ -185,8 +211,6 @@ def redrafter_steps(
     post-norm hidden state of the last committed token. With profile=True the verify forward
     is evaluated on its own so the time split is exact (one more sync per round).
     """
-    from .drafter import beam_search
-
     stats.beam_length = beam_length
     t0 = time.perf_counter()
     context = prefill(model, cache, prompt)
@@ -198,15 +222,11 @@ def redrafter_steps(
 
     while True:
         t_draft = time.perf_counter()
-        beams, _ = beam_search(drafter, model, context, g0, beam_width, beam_length)
-        tree = pack_beams(np.array(beams))
+        tree = draft_tree(model, drafter, context, g0, beam_width, beam_length)
         t_verify = time.perf_counter()
         stats.draft_time += t_verify - t_draft
 
-        tokens = mx.array(tree.tokens, dtype=mx.int32)[None]
-        positions = mx.array(tree.positions(cache.offset), dtype=mx.int32)[None]
-        hidden, logits = model(tokens, cache, positions, tree.attention_mask(cache.offset))
-        logits = logits[0].astype(mx.float32)
+        hidden, logits = verify_tree(model, cache, tree)
         if profile:
             mx.eval(hidden, logits)
         t_accept = time.perf_counter()
@@ -215,13 +235,12 @@ def redrafter_steps(
         if sampling.greedy:
             result = greedy_accept(tree, logits)
         else:
-            uniforms = mx.random.uniform(shape=(tree.num_nodes, tree.children.shape[1] + 1))
             result = sample_accept(
-                tree, logits, sampling.temperature, sampling.top_k, sampling.top_p, uniforms
+                tree, logits, sampling.temperature, sampling.top_k, sampling.top_p
             )
         path = np.asarray(result.path)
         cache.commit(path)
-        context = hidden[0, int(path[-1])]
+        context = hidden[int(path[-1])]
         g0 = int(result.tokens[-1])
         stats.accept_time += time.perf_counter() - t_accept
         stats.steps += 1
@@ -382,8 +401,9 @@ def stream_generate(
                     return
     finally:
         steps.close()
-        # The cache holds every emitted token but the last (it would be fed next).
-        cache.tokens = list(ids) + emitted[:-1]
+        # The cache holds every emitted token but the last (it would be fed next), or less
+        # if a prefill was interrupted (Ctrl-C) before all of it was committed.
+        cache.tokens = (list(ids) + emitted[:-1])[: cache.offset]
         cache.trim(cache.offset - len(cache.tokens))
 
 
