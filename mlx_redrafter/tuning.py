@@ -1,4 +1,5 @@
-"""Per-device, per-model tuned beam shapes, stored in the user's config directory."""
+"""Per-device, per-model tuned beam shapes (stored in the user's config directory), and the
+measurements behind them: the verify-cost curve and a short W x L sweep."""
 
 from __future__ import annotations
 
@@ -8,7 +9,14 @@ from pathlib import Path
 
 from .defaults import DEFAULT_BEAM
 
-__all__ = ["DEFAULT_BEAM", "config_path", "tuned_beam", "save_tuned_beam"]
+__all__ = [
+    "DEFAULT_BEAM",
+    "config_path",
+    "tuned_beam",
+    "save_tuned_beam",
+    "verify_cost_curve",
+    "run_tune",
+]
 
 
 def config_path() -> Path:
@@ -51,3 +59,130 @@ def save_tuned_beam(model_path, beam_width: int, beam_length: int, extra: dict |
     tmp.write_text(json.dumps(data, indent=2))
     tmp.replace(path)
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Measuring: `mlx-redrafter tune`
+
+
+def verify_cost_curve(
+    model,
+    max_nodes: int = 32,
+    context: int = 256,
+    repeats: int = 5,
+    seed: int = 0,
+) -> list[dict]:
+    """Time one base forward over n tokens after `context` committed ones, n = 1..max_nodes.
+
+    n = 1 is a plain decode step (no mask); n > 1 is `decode.verify_tree` over a chain of n
+    nodes (explicit positions and a boolean mask, logits for every node). Each n is timed
+    `repeats` times, the sizes interleaved so that drift hits them alike. Returns
+    [{"n", "ms", "ratio"}] with the median time and ratio = t(n) / t(1): ReDrafter pays off
+    when tokens per step beats the ratio at its tree size (plus the drafter's share).
+    """
+    import statistics
+    import time
+
+    import mlx.core as mx
+    import numpy as np
+
+    from .decode import verify_tree
+    from .tree import pack_beams
+
+    if max_nodes < 1 or repeats < 1:
+        raise ValueError(f"max_nodes and repeats must be >= 1, got {max_nodes} and {repeats}")
+    limit = model.context_length
+    if limit:
+        context = max(1, min(context, limit - max_nodes))
+    rng = np.random.default_rng(seed)
+    vocab = model.args.vocab_size
+    cache = model.make_cache()
+    model(mx.array(rng.integers(0, vocab, context), dtype=mx.int32)[None], cache)
+    cache.commit()
+    mx.eval(cache.state())
+
+    # n = 1: a plain decode step. n > 1: a chain of n draft nodes verified as decode.py does.
+    trees = {n: pack_beams(rng.integers(0, vocab, (1, n))) for n in range(2, max_nodes + 1)}
+    token = mx.array([[int(rng.integers(0, vocab))]], dtype=mx.int32)  # (1, 1)
+
+    def forward(n: int) -> float:
+        start = time.perf_counter()
+        if n == 1:
+            mx.eval(model(token, cache))
+        else:
+            mx.eval(verify_tree(model, cache, trees[n]))
+        elapsed = time.perf_counter() - start
+        cache.trim(0)  # drop the n pending entries
+        return elapsed
+
+    sizes = list(range(1, max_nodes + 1))
+    for n in sizes:  # warm-up: allocations and first-call costs
+        forward(n)
+    times: dict[int, list[float]] = {n: [] for n in sizes}
+    for r in range(repeats):
+        for n in sizes if r % 2 == 0 else reversed(sizes):
+            times[n].append(forward(n))
+    t1 = statistics.median(times[1])
+    return [
+        {"n": n, "ms": 1e3 * statistics.median(times[n]), "ratio": statistics.median(times[n]) / t1}
+        for n in sizes
+    ]
+
+
+def run_tune(
+    model,
+    tokenizer,
+    drafter,
+    prompts,
+    model_path,
+    drafter_path=None,
+    widths=(1, 2, 3, 4),
+    lengths=(3, 4, 5, 6),
+    max_tokens: int = 64,
+    curve_nodes: int = 32,
+    repeats: int = 5,
+    progress=None,
+    save: bool = True,
+) -> dict:
+    """Measure the verify-cost curve and sweep W x L (with `ar` as the baseline) on `prompts`;
+    store the shape with the best decode tok/s for this device and model (unless save=False).
+
+    Returns {"verify_cost", "result" (a bench.BenchResult), "best", "saved_to"}.
+    """
+    import datetime
+
+    import mlx.core as mx
+
+    from . import bench
+
+    curve = verify_cost_curve(model, max_nodes=curve_nodes, repeats=repeats) if curve_nodes else []
+    shapes = [(w, length) for w in widths for length in lengths]
+    methods = bench.make_methods(["ar", "redrafter"], shapes, sweep=True)
+    runner = bench.Bench(model, tokenizer, drafter, max_tokens=max_tokens)
+    header = bench.make_header(
+        model,
+        model_path,
+        drafter_path,
+        prompts="tune",
+        num_prompts=len(prompts),
+        max_tokens=max_tokens,
+        methods=methods,
+    )
+    result = bench.benchmark(runner, prompts, methods, header, sweep=True, progress=progress)
+    result.verify_cost = curve or None
+    best = result.sweep["best"]
+    saved_to = None
+    if save and best is not None:
+        extra = {
+            "decode_tps": best["decode_tps_mean"],
+            "speedup_vs_ar": best["speedup_vs_ar"],
+            "tokens_per_step": best["tokens_per_step"],
+            "drafter": str(drafter_path) if drafter_path else None,
+            "num_prompts": len(prompts),
+            "max_tokens": max_tokens,
+            "verify_cost": [round(c["ratio"], 3) for c in curve],
+            "mlx": mx.__version__,
+            "tuned_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
+        saved_to = save_tuned_beam(model_path, best["beam_width"], best["beam_length"], extra)
+    return {"verify_cost": curve, "result": result, "best": best, "saved_to": saved_to}

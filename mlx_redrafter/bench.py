@@ -1,0 +1,704 @@
+"""Benchmark harness: ReDrafter against plain decoding (`ar`) and mlx-lm on the same prompts.
+
+One process and one model directory. Every method runs every prompt (first turn, chat
+template, greedy) after a warm-up, with the methods interleaved per prompt (in a rotating
+order) so that machine noise hits all of them alike, and every method's tokens are timed here
+the same way: decode tok/s = (n - 1) / (t_last - t_first), prefill tok/s = prompt tokens /
+time to the first token, end-to-end tok/s = n / (t_last - t_start).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from .decode import stream_generate
+
+METHODS = ("mlx-lm", "ar", "redrafter")
+MT_BENCH = "mt-bench"
+DEFAULT_WIDTHS = (1, 2, 3, 4)
+DEFAULT_LENGTHS = (2, 3, 4, 5, 6)
+WARMUP_TOKENS = 16
+MT_BENCH_FILE = Path(__file__).resolve().parent / "data" / "mt_bench" / "question.jsonl"
+
+
+class BenchError(ValueError):
+    """A benchmark request that cannot run (bad prompt file, unknown method, no drafter)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts and methods
+
+
+@dataclass
+class Prompt:
+    id: str
+    text: str
+    category: str | None = None
+
+
+def load_prompts(source: str = MT_BENCH, num_prompts: int | None = None) -> list[Prompt]:
+    """First turns of MT-Bench (`mt-bench`) or of a JSONL file.
+
+    A line may hold `turns` (the first is used, as MT-Bench's `question.jsonl`), `prompt`,
+    `text` or `instruction` (+ `input`, as Alpaca).
+    """
+    path = MT_BENCH_FILE if source == MT_BENCH else Path(source).expanduser()
+    if not path.is_file():
+        raise BenchError(f"{path}: no such prompt file (use a .jsonl file or `mt-bench`)")
+    prompts = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise BenchError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            text = _prompt_text(item)
+            if not text:
+                raise BenchError(
+                    f"{path}:{lineno}: no prompt (expected `turns`, `prompt`, `text` or "
+                    "`instruction`)"
+                )
+            pid = (
+                item.get("question_id", item.get("id", lineno))
+                if isinstance(item, dict)
+                else lineno
+            )
+            category = item.get("category") if isinstance(item, dict) else None
+            prompts.append(Prompt(str(pid), text, category))
+            if num_prompts is not None and len(prompts) >= num_prompts:
+                break
+    if not prompts:
+        raise BenchError(f"{path}: no prompts")
+    return prompts
+
+
+def _prompt_text(item) -> str | None:
+    if isinstance(item, str):
+        return item
+    if not isinstance(item, dict):
+        return None
+    turns = item.get("turns")
+    if isinstance(turns, list) and turns and isinstance(turns[0], str):
+        return turns[0]
+    for key in ("prompt", "text"):
+        if isinstance(item.get(key), str):
+            return item[key]
+    if isinstance(item.get("instruction"), str):
+        extra = item.get("input") or ""
+        return item["instruction"] + (f"\n\n{extra}" if extra else "")
+    return None
+
+
+def encode_chat(tokenizer, text: str) -> list[int]:
+    """The prompt's ids with the model's chat template (first turn, generation prompt)."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        return list(tokenizer.encode(text))
+    messages = [{"role": "user", "content": text}]
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    kind: str  # "mlx-lm", "ar" or "redrafter"
+    beam_width: int | None = None
+    beam_length: int | None = None
+
+
+def make_methods(
+    names: Sequence[str], shapes: Sequence[tuple[int, int]], sweep: bool = False
+) -> list[Method]:
+    """Methods in the order given; `redrafter` becomes one method per beam shape in a sweep."""
+    out = []
+    for name in names:
+        if name not in METHODS:
+            raise BenchError(f"unknown method {name!r} (choose from {', '.join(METHODS)})")
+        if name != "redrafter":
+            out.append(Method(name, name))
+            continue
+        for w, length in shapes:
+            if w < 1 or length < 2:
+                raise BenchError(f"beam shape W={w}, L={length}: need W >= 1 and L >= 2")
+            label = f"redrafter-W{w}-L{length}" if sweep else "redrafter"
+            out.append(Method(label, "redrafter", w, length))
+    if len({m.name for m in out}) != len(out):
+        raise BenchError(f"a method is listed twice: {', '.join(names)}")
+    return out
+
+
+def _nbytes(module) -> int:
+    return sum(v.nbytes for _, v in tree_flatten(module.parameters()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+
+
+@dataclass
+class BenchResult:
+    header: dict
+    methods: list[Method]
+    prompts: list[dict]  # per prompt: id, category, prompt_tokens, methods: {name: figures}
+    summary: dict = field(default_factory=dict)  # name -> aggregate figures
+    verify_cost: list[dict] | None = None
+    sweep: dict | None = None
+
+    def as_json(self) -> dict:
+        out = {"header": self.header, "methods": self.summary, "prompts": self.prompts}
+        if self.sweep is not None:
+            out["sweep"] = self.sweep
+        if self.verify_cost is not None:
+            out["verify_cost"] = self.verify_cost
+        return out
+
+
+class Bench:
+    """Runs methods on prompts. `mlx_lm_model`/`mlx_lm_tokenizer` are needed for `mlx-lm`,
+    `drafter` for `redrafter`."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        drafter=None,
+        mlx_lm_model=None,
+        mlx_lm_tokenizer=None,
+        max_tokens: int = 128,
+        profile: bool = False,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.drafter = drafter
+        self.lm_model = mlx_lm_model
+        self.lm_tokenizer = mlx_lm_tokenizer
+        self.max_tokens = max_tokens
+        self.profile = profile
+        eos = set(getattr(tokenizer, "eos_token_ids", None) or [])
+        if mlx_lm_tokenizer is not None:
+            eos |= set(getattr(mlx_lm_tokenizer, "eos_token_ids", None) or [])
+        # Every method stops at the first token any of the tokenizers calls an end.
+        self.eos = eos
+        self._weights = {"ours": _nbytes(model)}
+        if drafter is not None:
+            self._weights["drafter"] = _nbytes(drafter)
+        if mlx_lm_model is not None:
+            self._weights["mlx-lm"] = _nbytes(mlx_lm_model)
+
+    def check(self, methods: Sequence[Method]) -> None:
+        kinds = {m.kind for m in methods}
+        if "redrafter" in kinds and self.drafter is None:
+            raise BenchError("the redrafter method needs a drafter: pass --drafter")
+        if "mlx-lm" in kinds and self.lm_model is None:
+            raise BenchError("the mlx-lm method needs mlx-lm's model (mlx_lm.load)")
+
+    def _stream(self, method: Method, ids: list[int], max_tokens: int) -> Iterator[tuple]:
+        """(token, stats or None) per generated token."""
+        if method.kind == "mlx-lm":
+            from mlx_lm.generate import stream_generate as mlx_lm_stream_generate
+
+            for r in mlx_lm_stream_generate(
+                self.lm_model, self.lm_tokenizer, ids, max_tokens=max_tokens
+            ):
+                yield r.token, None
+            return
+        drafter = self.drafter if method.kind == "redrafter" else None
+        for r in stream_generate(
+            self.model,
+            self.tokenizer,
+            ids,
+            drafter,
+            max_tokens=max_tokens,
+            beam_width=method.beam_width or 1,
+            beam_length=method.beam_length or 2,
+            profile=self.profile,
+        ):
+            yield r.token, r.stats
+
+    def _weights_of(self, method: Method) -> int:
+        if method.kind == "mlx-lm":
+            return self._weights["mlx-lm"]
+        return self._weights["ours"] + (
+            self._weights.get("drafter", 0) if method.kind == "redrafter" else 0
+        )
+
+    def run_one(self, method: Method, ids: list[int], max_tokens: int | None = None) -> dict:
+        """Generate greedily from `ids`; the figures of this run (and its tokens)."""
+        max_tokens = max_tokens or self.max_tokens
+        tokens: list[int] = []
+        stats = None
+        mx.synchronize()
+        active = mx.get_active_memory()
+        mx.reset_peak_memory()
+        stream = self._stream(method, ids, max_tokens)
+        t_start = time.perf_counter()
+        t_first = t_last = t_start
+        try:
+            for token, s in stream:
+                t_last = time.perf_counter()
+                if not tokens:
+                    t_first = t_last
+                tokens.append(token)
+                stats = s
+                if token in self.eos or len(tokens) >= max_tokens:
+                    break
+        finally:
+            stream.close()
+        peak = mx.get_peak_memory()
+        n = len(tokens)
+        ttft = t_first - t_start
+        decode_time = t_last - t_first
+        out = {
+            "prompt_tokens": len(ids),
+            "num_tokens": n,
+            "finish_reason": "stop" if tokens and tokens[-1] in self.eos else "length",
+            "ttft_s": ttft,
+            "decode_time_s": decode_time,
+            "total_time_s": t_last - t_start,
+            "prefill_tps": len(ids) / ttft if ttft > 0 else 0.0,
+            "decode_tps": (n - 1) / decode_time if n > 1 and decode_time > 0 else None,
+            "e2e_tps": n / (t_last - t_start) if t_last > t_start else 0.0,
+            # What running this method alone would need: its weights plus the run's peak
+            # above what was allocated before it (both models are loaded in this process).
+            "peak_memory_gb": (self._weights_of(method) + max(0, peak - active)) / 1e9,
+            "tokens": tokens,
+        }
+        rounds = list(stats.accepted) if stats is not None and method.kind == "redrafter" else []
+        out["rounds"] = len(rounds)
+        out["accepted"] = rounds
+        out["tokens_per_step"] = (sum(rounds) + len(rounds)) / len(rounds) if rounds else 1.0
+        if method.kind == "redrafter":
+            out["beam_width"] = method.beam_width
+            out["beam_length"] = method.beam_length
+            out["accept_by_depth"] = stats.accept_by_depth if stats is not None else []
+            out["draft_time_s"] = stats.draft_time if stats is not None else 0.0
+            out["verify_time_s"] = stats.verify_time if stats is not None else 0.0
+            out["accept_time_s"] = stats.accept_time if stats is not None else 0.0
+            out["mean_tree_nodes"] = stats.tree_nodes / max(1, len(rounds)) if stats else 0.0
+        return out
+
+    def run(
+        self,
+        prompts: Sequence[Prompt],
+        methods: Sequence[Method],
+        warmup: bool = True,
+        progress: Callable[[str], None] | None = None,
+    ) -> list[dict]:
+        """Every method on every prompt; per-prompt records (tokens included)."""
+        self.check(methods)
+        encoded = [encode_chat(self.tokenizer, p.text) for p in prompts]
+        if warmup:
+            for method in methods:
+                self.run_one(method, encoded[0], min(WARMUP_TOKENS, self.max_tokens))
+        records = []
+        for i, (prompt, ids) in enumerate(zip(prompts, encoded, strict=True)):
+            k = i % len(methods)
+            order = list(methods[k:]) + list(methods[:k])
+            figures = {}
+            for method in order:
+                figures[method.name] = self.run_one(method, ids)
+                if progress is not None:
+                    progress(method.name)
+            records.append(
+                {
+                    "id": prompt.id,
+                    "category": prompt.category,
+                    "prompt_tokens": len(ids),
+                    "methods": {m.name: figures[m.name] for m in methods},
+                }
+            )
+        return records
+
+
+# ---------------------------------------------------------------------------------------------
+# Summaries
+
+
+def _reference(methods: Sequence[Method]) -> str:
+    names = [m.name for m in methods]
+    return "ar" if "ar" in names else ("mlx-lm" if "mlx-lm" in names else names[0])
+
+
+def check_outputs(records: list[dict], methods: Sequence[Method]) -> str:
+    """Mark every run with whether its greedy tokens equal the reference method's (`ar`,
+    else `mlx-lm`), and where they first differ; returns the reference's name."""
+    ref = _reference(methods)
+    for record in records:
+        expected = record["methods"][ref]["tokens"]
+        for m in methods:
+            run = record["methods"][m.name]
+            got = run["tokens"]
+            run["matches_" + ref.replace("-", "_")] = got == expected
+            first = next(
+                (i for i, (a, b) in enumerate(zip(got, expected, strict=False)) if a != b),
+                None if len(got) == len(expected) else min(len(got), len(expected)),
+            )
+            run["first_mismatch"] = first
+    return ref
+
+
+def summarize(records: list[dict], methods: Sequence[Method]) -> dict:
+    """Aggregate figures per method, with the key names of the JSON output."""
+    ref = check_outputs(records, methods)
+    match_key = "matches_" + ref.replace("-", "_")
+    summary = {}
+    for m in methods:
+        runs = [r["methods"][m.name] for r in records]
+        decode = [r["decode_tps"] for r in runs if r["decode_tps"] is not None]
+        tokens = sum(r["num_tokens"] for r in runs)
+        rounds = sum(r["rounds"] for r in runs)
+        accepted = [a for r in runs for a in r["accepted"]]
+        entry = {
+            "decode_tps_mean": statistics.fmean(decode) if decode else None,
+            "decode_tps_median": statistics.median(decode) if decode else None,
+            "e2e_tps": tokens / sum(r["total_time_s"] for r in runs)
+            if sum(r["total_time_s"] for r in runs) > 0
+            else None,
+            "prefill_tps": sum(r["prompt_tokens"] for r in runs) / sum(r["ttft_s"] for r in runs)
+            if sum(r["ttft_s"] for r in runs) > 0
+            else None,
+            "tokens_per_step": (sum(accepted) + rounds) / rounds if rounds else 1.0,
+            "peak_memory_gb": max(r["peak_memory_gb"] for r in runs),
+            "speedup_vs_ar": None,
+            "speedup_vs_mlx_lm": None,
+            "num_prompts": len(runs),
+            "generated_tokens": tokens,
+            "mismatches_vs_" + ref.replace("-", "_"): sum(not r[match_key] for r in runs),
+        }
+        if m.kind == "redrafter":
+            L = m.beam_length
+            entry["beam_width"] = m.beam_width
+            entry["beam_length"] = L
+            entry["accept_by_depth"] = [
+                sum(a >= d for a in accepted) / len(accepted) if accepted else 0.0
+                for d in range(1, L)
+            ]
+            entry["mean_tree_nodes"] = (
+                sum(r["mean_tree_nodes"] * r["rounds"] for r in runs) / rounds if rounds else 0.0
+            )
+            for part in ("draft", "verify", "accept"):
+                total = sum(r[f"{part}_time_s"] for r in runs)
+                entry[f"{part}_ms_per_round"] = 1e3 * total / rounds if rounds else None
+        summary[m.name] = entry
+    for base, key in (("ar", "speedup_vs_ar"), ("mlx-lm", "speedup_vs_mlx_lm")):
+        ref_tps = summary.get(base, {}).get("decode_tps_mean")
+        for entry in summary.values():
+            if ref_tps and entry["decode_tps_mean"] is not None:
+                entry[key] = entry["decode_tps_mean"] / ref_tps
+    return summary
+
+
+def sweep_grid(summary: dict, methods: Sequence[Method]) -> dict:
+    """The W x L grid of a sweep: speedup vs ar (None without ar) and tokens per step."""
+    shapes = [m for m in methods if m.kind == "redrafter"]
+    widths = sorted({m.beam_width for m in shapes})
+    lengths = sorted({m.beam_length for m in shapes})
+    cells = []
+    for m in shapes:
+        s = summary[m.name]
+        cells.append(
+            {
+                "beam_width": m.beam_width,
+                "beam_length": m.beam_length,
+                "method": m.name,
+                "decode_tps_mean": s["decode_tps_mean"],
+                "speedup_vs_ar": s["speedup_vs_ar"],
+                "speedup_vs_mlx_lm": s["speedup_vs_mlx_lm"],
+                "tokens_per_step": s["tokens_per_step"],
+            }
+        )
+    best = max(
+        (c for c in cells if c["decode_tps_mean"] is not None),
+        key=lambda c: c["decode_tps_mean"],
+        default=None,
+    )
+    return {"widths": widths, "lengths": lengths, "cells": cells, "best": best}
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+
+
+def _fmt(value, spec: str, suffix: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}{suffix}"
+
+
+def format_table(result: BenchResult) -> str:
+    """Header lines and a markdown table (paste-able into BENCHMARKS.md)."""
+    h = result.header
+    lines = [
+        f"device: {h['device']} · dtype {h['dtype']} · BLAS {h['blas'].split(' (')[0]} · "
+        f"mlx {h['mlx']} · mlx-lm {h['mlx_lm']} · mlx-redrafter {h['mlx_redrafter']}",
+        f"model: {h['model']}",
+        f"drafter: {h['drafter'] or 'none'}",
+        f"prompts: {h['prompts']} ({h['num_prompts']}, first turn, chat template), "
+        f"max {h['max_tokens']} new tokens, greedy",
+        "",
+        "| method | decode tok/s (mean) | decode tok/s (median) | e2e tok/s | prefill tok/s "
+        "| tokens/step | peak mem (GB) | vs ar | vs mlx-lm |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for m in result.methods:
+        s = result.summary[m.name]
+        name = m.name
+        if m.kind == "redrafter" and m.name == "redrafter":
+            name = f"redrafter (W={m.beam_width}, L={m.beam_length})"
+        lines.append(
+            f"| {name} | {_fmt(s['decode_tps_mean'], '.1f')} | "
+            f"{_fmt(s['decode_tps_median'], '.1f')} | {_fmt(s['e2e_tps'], '.1f')} | "
+            f"{_fmt(s['prefill_tps'], '.1f')} | {s['tokens_per_step']:.2f} | "
+            f"{s['peak_memory_gb']:.2f} | {_fmt(s['speedup_vs_ar'], '.2f', 'x')} | "
+            f"{_fmt(s['speedup_vs_mlx_lm'], '.2f', 'x')} |"
+        )
+    ref = _reference(result.methods)
+    key = "mismatches_vs_" + ref.replace("-", "_")
+    others = [m.name for m in result.methods if m.name != ref]
+    if others:
+        n = len(result.prompts)
+        bad = {name: result.summary[name][key] for name in others}
+        if not any(bad.values()):
+            lines.append(f"\ngreedy outputs identical to {ref} on {n}/{n} prompts: all methods")
+        else:
+            detail = ", ".join(f"{name} differs on {k}/{n}" for name, k in bad.items() if k)
+            lines.append(f"\ngreedy outputs vs {ref}: {detail}")
+    profiled = [m for m in result.methods if m.kind == "redrafter" and h.get("profile")]
+    if profiled:
+        lines += [
+            "",
+            "| method | draft ms/round | verify ms/round | accept+commit ms/round "
+            "| tree nodes | acceptance by depth |",
+            "|---|---:|---:|---:|---:|---|",
+        ]
+        for m in profiled:
+            s = result.summary[m.name]
+            parts = [s["draft_ms_per_round"], s["verify_ms_per_round"], s["accept_ms_per_round"]]
+            total = sum(p for p in parts if p is not None) or 1.0
+            cells = " | ".join(
+                "-" if p is None else f"{p:.1f} ({100 * p / total:.0f}%)" for p in parts
+            )
+            depth = " ".join(f"{a:.2f}" for a in s["accept_by_depth"])
+            lines.append(f"| {m.name} | {cells} | {s['mean_tree_nodes']:.1f} | {depth} |")
+    if result.verify_cost:
+        lines += ["", format_verify_cost(result.verify_cost)]
+    if result.sweep is not None:
+        lines += ["", format_sweep(result.sweep)]
+    return "\n".join(lines)
+
+
+def format_verify_cost(curve: list[dict]) -> str:
+    lines = [
+        "verify cost: one base forward over n tokens, relative to n = 1",
+        "| n | ms | t(n)/t(1) |",
+        "|---:|---:|---:|",
+    ]
+    lines += [f"| {c['n']} | {c['ms']:.2f} | {c['ratio']:.2f} |" for c in curve]
+    return "\n".join(lines)
+
+
+def format_sweep(sweep: dict) -> str:
+    """Speedup vs ar (tokens per step) per beam width (rows) and length (columns)."""
+    cells = {(c["beam_width"], c["beam_length"]): c for c in sweep["cells"]}
+    lines = [
+        "sweep: decode speedup vs ar (tokens/step)",
+        "| W \\ L | " + " | ".join(str(length) for length in sweep["lengths"]) + " |",
+        "|---|" + "---:|" * len(sweep["lengths"]),
+    ]
+    for w in sweep["widths"]:
+        row = []
+        for length in sweep["lengths"]:
+            c = cells.get((w, length))
+            if c is None:
+                row.append("")
+                continue
+            speed = _fmt(c["speedup_vs_ar"], ".2f", "x")
+            if c["speedup_vs_ar"] is None:
+                speed = _fmt(c["decode_tps_mean"], ".1f", " tok/s")
+            row.append(f"{speed} ({c['tokens_per_step']:.2f})")
+        lines.append(f"| {w} | " + " | ".join(row) + " |")
+    best = sweep.get("best")
+    if best:
+        lines.append(
+            f"\nbest: W={best['beam_width']}, L={best['beam_length']} "
+            f"({_fmt(best['decode_tps_mean'], '.1f')} tok/s, "
+            f"{_fmt(best['speedup_vs_ar'], '.2f', 'x')} vs ar)"
+        )
+    return "\n".join(lines)
+
+
+def plot_sweep(sweep: dict, path: str | Path, title: str = "") -> Path:
+    """A heatmap PNG of the sweep: speedup vs ar per cell, tokens per step written in it."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise BenchError(
+            "--plot needs matplotlib: pip install 'mlx-redrafter[plot]' (or pip install matplotlib)"
+        ) from None
+    import numpy as np
+
+    widths, lengths = sweep["widths"], sweep["lengths"]
+    value_key = "speedup_vs_ar"
+    if any(c["speedup_vs_ar"] is None for c in sweep["cells"]):
+        value_key = "decode_tps_mean"
+    grid = np.full((len(widths), len(lengths)), np.nan)
+    tps = np.full_like(grid, np.nan)
+    for c in sweep["cells"]:
+        i, j = widths.index(c["beam_width"]), lengths.index(c["beam_length"])
+        if c[value_key] is not None:
+            grid[i, j] = c[value_key]
+        tps[i, j] = c["tokens_per_step"]
+    fig, ax = plt.subplots(figsize=(1.3 * len(lengths) + 2.5, 0.9 * len(widths) + 1.8))
+    if value_key == "speedup_vs_ar":
+        # Centre the colours on 1x: red is slower than plain decoding, blue faster.
+        span = max(np.nanmax(np.abs(grid - 1.0)) if np.isfinite(grid).any() else 0.1, 0.05)
+        image = ax.imshow(grid, cmap="RdBu", vmin=1 - span, vmax=1 + span, origin="lower")
+        label = "decode speedup vs ar"
+    else:
+        image = ax.imshow(grid, cmap="viridis", origin="lower")
+        label = "decode tok/s"
+    fig.colorbar(image, ax=ax, label=label)
+    for i in range(len(widths)):
+        for j in range(len(lengths)):
+            if np.isnan(tps[i, j]):
+                continue
+            value = (
+                "-"
+                if np.isnan(grid[i, j])
+                else (f"{grid[i, j]:.2f}x" if value_key == "speedup_vs_ar" else f"{grid[i, j]:.0f}")
+            )
+            r, g, b, _ = (
+                image.cmap(image.norm(grid[i, j])) if np.isfinite(grid[i, j]) else (1, 1, 1, 1)
+            )
+            ink = "white" if 0.299 * r + 0.587 * g + 0.114 * b < 0.5 else "black"
+            ax.text(
+                j,
+                i,
+                f"{value}\n{tps[i, j]:.2f} tok/step",
+                ha="center",
+                va="center",
+                fontsize=8,
+                color=ink,
+            )
+    ax.set_xticks(range(len(lengths)), [str(v) for v in lengths])
+    ax.set_yticks(range(len(widths)), [str(v) for v in widths])
+    ax.set_xlabel("beam length L (incl. the root token)")
+    ax.set_ylabel("beam width W")
+    what = "speedup vs ar" if value_key == "speedup_vs_ar" else "decode tok/s"
+    ax.set_title(
+        (title + "\n" if title else "") + f"ReDrafter sweep: {what} and tokens per step",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def strip_tokens(records: list[dict]) -> list[dict]:
+    """Per-prompt records for JSON: token lists dropped (mismatches are already marked)."""
+    return [
+        {
+            **r,
+            "methods": {
+                name: {k: v for k, v in run.items() if k not in ("tokens", "accepted")}
+                for name, run in r["methods"].items()
+            },
+        }
+        for r in records
+    ]
+
+
+def write_json(result: BenchResult, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result.as_json(), indent=2) + "\n")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# One call for the CLI and for `tune`
+
+
+def model_dtype(model) -> str:
+    """The activation dtype of a model, with the quantization if it has one."""
+    dtype = str(model.model.norm.weight.dtype).replace("mlx.core.", "")
+    q = getattr(model.args, "quantization", None)
+    return f"{dtype}, {q['bits']}-bit weights" if q else dtype
+
+
+def make_header(
+    model,
+    model_path,
+    drafter_path,
+    prompts: str,
+    num_prompts: int,
+    max_tokens: int,
+    methods: Sequence[Method],
+    profile: bool = False,
+    **extra,
+) -> dict:
+    """What the numbers were measured on, for the table and the JSON."""
+    import datetime
+    import platform
+
+    from . import __version__
+    from .blas import blas_in_use
+    from .platform import device_name
+
+    try:
+        import mlx_lm
+
+        mlx_lm_version = mlx_lm.__version__
+    except ImportError:
+        mlx_lm_version = "not installed"
+    return {
+        "device": device_name(),
+        "dtype": model_dtype(model),
+        "blas": blas_in_use(),
+        "model": str(model_path),
+        "drafter": str(drafter_path) if drafter_path else None,
+        "mlx": mx.__version__,
+        "mlx_lm": mlx_lm_version,
+        "mlx_redrafter": __version__,
+        "python": platform.python_version(),
+        "prompts": prompts,
+        "num_prompts": num_prompts,
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "methods": [m.name for m in methods],
+        "beam_shapes": [[m.beam_width, m.beam_length] for m in methods if m.kind == "redrafter"],
+        "profile": profile,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **extra,
+    }
+
+
+def benchmark(
+    bench: Bench,
+    prompts: Sequence[Prompt],
+    methods: Sequence[Method],
+    header: dict,
+    sweep: bool = False,
+    progress: Callable[[str], None] | None = None,
+    warmup: bool = True,
+) -> BenchResult:
+    """Run, check outputs, summarize; a result ready for `format_table` and `write_json`."""
+    records = bench.run(prompts, methods, warmup=warmup, progress=progress)
+    summary = summarize(records, methods)
+    result = BenchResult(header, list(methods), strip_tokens(records), summary)
+    if sweep:
+        result.sweep = sweep_grid(summary, methods)
+    return result

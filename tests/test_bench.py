@@ -1,0 +1,175 @@
+"""bench: the harness's figures and JSON, sweep heatmap, prompt files; on a tiny random model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from helpers import invoke, write_tiny_drafter, write_tiny_model
+
+from mlx_redrafter.bench import (
+    BenchError,
+    Method,
+    load_prompts,
+    make_methods,
+    summarize,
+    sweep_grid,
+)
+
+SUMMARY_KEYS = {
+    "decode_tps_mean",
+    "decode_tps_median",
+    "e2e_tps",
+    "prefill_tps",
+    "tokens_per_step",
+    "peak_memory_gb",
+    "speedup_vs_ar",
+    "speedup_vs_mlx_lm",
+}
+HEADER_KEYS = {"device", "dtype", "blas", "model", "drafter", "mlx", "mlx_lm", "max_tokens"}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    model_dir = write_tiny_model(root / "model")
+    return model_dir, write_tiny_drafter(model_dir, root / "drafter")
+
+
+def test_bench_writes_json_with_the_documented_fields(tiny, tmp_path):
+    model_dir, drafter_dir = tiny
+    out = tmp_path / "bench.json"
+    proc = invoke(
+        ["bench", "--model", str(model_dir), "--drafter", str(drafter_dir), "-N", "2",
+         "-n", "10", "--json", str(out), "--profile"]
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(out.read_text())
+    assert HEADER_KEYS <= set(data["header"])
+    assert data["header"]["dtype"] == "float32"
+    assert list(data["methods"]) == ["mlx-lm", "ar", "redrafter"]
+    for name, figures in data["methods"].items():
+        assert SUMMARY_KEYS <= set(figures), name
+        assert figures["decode_tps_mean"] > 0 and figures["peak_memory_gb"] > 0
+        # Greedy float32: every method produced the same tokens as plain decoding.
+        assert figures["mismatches_vs_ar"] == 0, name
+    assert data["methods"]["ar"]["speedup_vs_ar"] == pytest.approx(1.0)
+    assert data["methods"]["mlx-lm"]["speedup_vs_mlx_lm"] == pytest.approx(1.0)
+    assert data["methods"]["redrafter"]["tokens_per_step"] >= 1.0
+    assert data["methods"]["redrafter"]["verify_ms_per_round"] > 0
+    assert len(data["prompts"]) == 2
+    for prompt in data["prompts"]:
+        assert set(prompt["methods"]) == {"mlx-lm", "ar", "redrafter"}
+        for run in prompt["methods"].values():
+            assert run["num_tokens"] == 10 or run["finish_reason"] == "stop"
+            assert run["matches_ar"] and run["prompt_tokens"] == prompt["prompt_tokens"]
+    assert [c["n"] for c in data["verify_cost"]] == list(range(1, 33))
+    # The printed table can be pasted into markdown.
+    assert "| method | decode tok/s (mean)" in proc.stdout
+    assert "redrafter (W=2, L=4)" in proc.stdout
+    assert "greedy outputs identical to ar on 2/2 prompts" in proc.stdout
+    assert "draft ms/round" in proc.stdout and "t(n)/t(1)" in proc.stdout
+
+
+def test_sweep_writes_heatmap(tiny, tmp_path):
+    model_dir, drafter_dir = tiny
+    out, png = tmp_path / "sweep.json", tmp_path / "plots" / "sweep.png"
+    proc = invoke(
+        ["bench", "--model", str(model_dir), "--drafter", str(drafter_dir), "-N", "1",
+         "-n", "6", "--methods", "ar,redrafter", "--sweep", "--widths", "1,2",
+         "--lengths", "2,3", "--json", str(out), "--plot", str(png)]
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    data = json.loads(out.read_text())
+    names = ["redrafter-W1-L2", "redrafter-W1-L3", "redrafter-W2-L2", "redrafter-W2-L3"]
+    assert list(data["methods"]) == ["ar", *names]
+    assert data["methods"]["ar"]["speedup_vs_mlx_lm"] is None  # mlx-lm not run
+    grid = data["sweep"]
+    assert grid["widths"] == [1, 2] and grid["lengths"] == [2, 3] and len(grid["cells"]) == 4
+    assert all(c["speedup_vs_ar"] > 0 and c["tokens_per_step"] >= 1 for c in grid["cells"])
+    assert "sweep: decode speedup vs ar" in proc.stdout and "best: W=" in proc.stdout
+
+
+def test_bench_errors_are_one_line(tiny, tmp_path):
+    model_dir, _ = tiny
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('\n{"nothing": 1}\n')
+    cases = [
+        (["--prompts", str(bad)], "bad.jsonl:2: no prompt"),
+        (["--methods", "ar,fast"], "unknown method 'fast'"),
+        (["--methods", "ar,redrafter"], "needs a drafter"),
+        (["--plot", str(tmp_path / "x.png")], "--sweep"),
+    ]
+    for args, message in cases:
+        proc = invoke(["bench", "--model", str(model_dir), "-N", "1", "-n", "4", *args])
+        assert proc.returncode == 1, args
+        assert message in proc.stderr and proc.stderr.strip().count("\n") == 0, proc.stderr
+
+
+def test_load_prompts(tmp_path):
+    mt = load_prompts("mt-bench")
+    assert len(mt) == 80 and mt[0].id == "81" and mt[0].text.startswith("Compose an engaging")
+    assert len(load_prompts("mt-bench", 5)) == 5
+    path = tmp_path / "p.jsonl"
+    lines = [
+        {"turns": ["first", "second"]},
+        {"prompt": "a prompt"},
+        {"instruction": "Do it.", "input": "with this"},
+        "plain string",
+    ]
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
+    texts = [p.text for p in load_prompts(str(path))]
+    assert texts == ["first", "a prompt", "Do it.\n\nwith this", "plain string"]
+    with pytest.raises(BenchError, match="no such prompt file"):
+        load_prompts(str(tmp_path / "missing.jsonl"))
+
+
+def test_make_methods():
+    methods = make_methods(["ar", "redrafter"], [(1, 2), (2, 4)], sweep=True)
+    assert [m.name for m in methods] == ["ar", "redrafter-W1-L2", "redrafter-W2-L4"]
+    assert make_methods(["redrafter"], [(2, 4)])[0] == Method("redrafter", "redrafter", 2, 4)
+    with pytest.raises(BenchError, match="L >= 2"):
+        make_methods(["redrafter"], [(2, 1)])
+    with pytest.raises(BenchError, match="twice"):
+        make_methods(["ar", "ar"], [])
+
+
+def _run(tps, tokens, accepted=(), total=1.0, ttft=0.1):
+    return {
+        "decode_tps": tps,
+        "num_tokens": len(tokens),
+        "tokens": tokens,
+        "total_time_s": total,
+        "ttft_s": ttft,
+        "prompt_tokens": 10,
+        "peak_memory_gb": 0.5,
+        "rounds": len(accepted),
+        "accepted": list(accepted),
+        "mean_tree_nodes": 5.0,
+        "draft_time_s": 0.1,
+        "verify_time_s": 0.2,
+        "accept_time_s": 0.05,
+    }
+
+
+def test_summarize_speedups_and_mismatches():
+    methods = make_methods(["mlx-lm", "ar", "redrafter"], [(2, 3)])
+    records = [
+        {"methods": {"mlx-lm": _run(50, [1, 2, 3]), "ar": _run(40, [1, 2, 3]),
+                     "redrafter": _run(80, [1, 2, 3], accepted=[2, 0])}},
+        {"methods": {"mlx-lm": _run(70, [4, 5]), "ar": _run(60, [4, 5]),
+                     "redrafter": _run(100, [4, 6], accepted=[1])}},
+    ]  # fmt: skip
+    summary = summarize(records, methods)
+    assert summary["ar"]["decode_tps_mean"] == 50 and summary["ar"]["speedup_vs_ar"] == 1
+    assert summary["redrafter"]["speedup_vs_ar"] == pytest.approx(90 / 50)
+    assert summary["redrafter"]["speedup_vs_mlx_lm"] == pytest.approx(90 / 60)
+    assert summary["redrafter"]["tokens_per_step"] == pytest.approx((3 + 3) / 3)
+    assert summary["redrafter"]["accept_by_depth"] == pytest.approx([2 / 3, 1 / 3])
+    assert summary["redrafter"]["mismatches_vs_ar"] == 1
+    assert summary["mlx-lm"]["mismatches_vs_ar"] == 0
+    assert records[1]["methods"]["redrafter"]["first_mismatch"] == 1
+    assert summary["redrafter"]["verify_ms_per_round"] == pytest.approx(1e3 * 0.4 / 3)
+    grid = sweep_grid(summary, methods)
+    assert grid["best"]["method"] == "redrafter" and grid["widths"] == [2]
