@@ -124,10 +124,10 @@ def generate(
 ):
     """Generate a response to one prompt."""
     import mlx.core as mx
-    from mlx_redrafter.drafter import load_drafter
-    from mlx_redrafter.loading import resolve_model_path
 
     from mlx_redrafter.decode import stream_generate
+    from mlx_redrafter.drafter import load_drafter
+    from mlx_redrafter.loading import resolve_model_path
     from mlx_redrafter.platform import device_name
 
     if prompt == "-":
@@ -198,6 +198,327 @@ def generate(
         if draft is not None:
             line += f" | {stats.tokens_per_step:.2f} tokens/step (W={W}, L={L})"
         typer.secho(line, dim=True, err=True)
+
+
+@app.command()
+@friendly_errors
+def chat(
+    model: str | None = typer.Option(None, "--model", "-m", help="Model dir, HF id or GGUF."),
+    drafter: str | None = typer.Option(None, "--drafter", "-d", help="Drafter directory."),
+    no_drafter: bool = typer.Option(False, "--no-drafter", help="Plain decoding."),
+    beam_width: int | None = typer.Option(None, "--beam-width", "-W"),
+    beam_length: int | None = typer.Option(None, "--beam-length", "-L"),
+    temp: float = typer.Option(0.0, "--temp", help="Sampling temperature (0 = greedy)."),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    top_k: int = typer.Option(0, "--top-k", help="0 = no top-k."),
+    seed: int | None = typer.Option(None, "--seed"),
+    system: str | None = typer.Option(None, "--system", help="System prompt."),
+    max_tokens: int = typer.Option(512, "--max-tokens", "-n", help="Most tokens per answer."),
+    dtype: str | None = typer.Option(None, help="Cast the model to this dtype."),
+):
+    """Chat in the terminal; the conversation stays in the KV cache (/help lists commands)."""
+    from pathlib import Path
+
+    from mlx_redrafter.chat import ChatSession, run_chat
+    from mlx_redrafter.drafter import load_drafter
+    from mlx_redrafter.loading import resolve_model_path
+    from mlx_redrafter.platform import device_name
+
+    model_path = resolve_model_path(model)
+    base, tokenizer = _load_model(str(model_path), dtype)
+    drafter_path = _resolve_drafter(model, drafter, no_drafter)
+    draft = load_drafter(drafter_path, base=base) if drafter_path else None
+    W, L = _beam_shape(beam_width, beam_length, model_path)
+    session = ChatSession(
+        base,
+        tokenizer,
+        draft,
+        system=system,
+        max_tokens=max_tokens,
+        temperature=temp,
+        top_p=top_p,
+        top_k=top_k,
+        seed=seed,
+        beam_width=W,
+        beam_length=L,
+    )
+    how = f"ReDrafter W={W} L={L} ({Path(drafter_path).name})" if draft else "plain decoding"
+    title = f"mlx-redrafter chat · {Path(model_path).name} · {how} · {device_name()}"
+    code = run_chat(session, title=title)
+    if code:
+        raise typer.Exit(code)
+
+
+def _int_list(text: str, option: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values:
+        raise ValueError(f"{option} takes comma-separated integers, got {text!r}")
+    return values
+
+
+def _progress_bar(total: int, desc: str):
+    """A tqdm bar on stderr and the callback that advances it by one run."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit="run", file=sys.stderr, dynamic_ncols=True)
+
+    def advance(method: str) -> None:
+        bar.set_postfix_str(method, refresh=False)
+        bar.update(1)
+
+    return bar, advance
+
+
+@app.command()
+@friendly_errors
+def bench(
+    model: str | None = typer.Option(None, "--model", "-m", help="Model dir, HF id or GGUF."),
+    drafter: str | None = typer.Option(None, "--drafter", "-d", help="Drafter directory."),
+    prompts: str = typer.Option(
+        "mt-bench", "--prompts", help="A .jsonl file (first of `turns`, or `prompt`) or mt-bench."
+    ),
+    num_prompts: int | None = typer.Option(None, "--num-prompts", "-N", help="First N only."),
+    max_tokens: int = typer.Option(128, "--max-tokens", "-n", help="New tokens per prompt."),
+    methods: str = typer.Option(
+        "mlx-lm,ar,redrafter", "--methods", help="Comma-separated: mlx-lm, ar, redrafter."
+    ),
+    beam_width: int | None = typer.Option(None, "--beam-width", "-W"),
+    beam_length: int | None = typer.Option(None, "--beam-length", "-L"),
+    sweep: bool = typer.Option(False, "--sweep", help="Run redrafter for every W x L."),
+    widths: str = typer.Option("1,2,3,4", "--widths", help="Beam widths of the sweep."),
+    lengths: str = typer.Option("2,3,4,5,6", "--lengths", help="Beam lengths of the sweep."),
+    json_out: str | None = typer.Option(None, "--json", help="Write every figure to this file."),
+    plot: str | None = typer.Option(
+        None, "--plot", help="Heatmap PNG of a sweep (default with --sweep: bench-sweep.png)."
+    ),
+    profile: bool = typer.Option(
+        False, "--profile", help="Time draft/verify/accept per round; add the verify-cost curve."
+    ),
+    dtype: str | None = typer.Option(None, help="Cast the models to this dtype."),
+):
+    """Decode speed of ReDrafter against plain decoding and mlx-lm, on the same prompts."""
+    from mlx_redrafter import bench as bench_lib
+    from mlx_redrafter.drafter import load_drafter
+    from mlx_redrafter.loading import resolve_model_path
+
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    if sweep and (beam_width or beam_length):
+        raise ValueError("--sweep takes --widths/--lengths, not --beam-width/--beam-length")
+    if plot and not sweep:
+        raise ValueError("--plot draws the heatmap of a --sweep; add --sweep")
+    if num_prompts is not None and num_prompts < 1:
+        raise ValueError(f"--num-prompts must be >= 1, got {num_prompts}")
+    prompt_list = bench_lib.load_prompts(prompts, num_prompts)
+
+    model_path = resolve_model_path(model)
+    base, tokenizer = _load_model(str(model_path), dtype)
+    drafter_path = _resolve_drafter(model, drafter, False) if "redrafter" in names else None
+    draft = load_drafter(drafter_path, base=base) if drafter_path else None
+    if sweep:
+        shapes = [
+            (w, length)
+            for w in _int_list(widths, "--widths")
+            for length in _int_list(lengths, "--lengths")
+        ]
+    else:
+        shapes = [_beam_shape(beam_width, beam_length, model_path)]
+    method_list = bench_lib.make_methods(names, shapes, sweep=sweep)
+    lm_model = lm_tokenizer = None
+    if "mlx-lm" in names:
+        import mlx.core as mx
+        import mlx_lm
+
+        lm_model, lm_tokenizer = mlx_lm.load(str(model_path))
+        if dtype:
+            lm_model.set_dtype(getattr(mx, dtype))
+    runner = bench_lib.Bench(
+        base, tokenizer, draft, lm_model, lm_tokenizer, max_tokens=max_tokens, profile=profile
+    )
+    runner.check(method_list)
+    header = bench_lib.make_header(
+        base,
+        model_path,
+        drafter_path,
+        prompts=prompts,
+        num_prompts=len(prompt_list),
+        max_tokens=max_tokens,
+        methods=method_list,
+        profile=profile,
+        command="mlx-redrafter " + " ".join(sys.argv[1:]),
+    )
+    bar, advance = _progress_bar(len(prompt_list) * len(method_list), "bench")
+    with bar:
+        result = bench_lib.benchmark(
+            runner, prompt_list, method_list, header, sweep=sweep, progress=advance
+        )
+    if profile:
+        from mlx_redrafter.tuning import verify_cost_curve
+
+        result.verify_cost = verify_cost_curve(base)
+    typer.echo(bench_lib.format_table(result))
+    if json_out:
+        typer.echo(f"\nwrote {bench_lib.write_json(result, json_out)}")
+    if sweep:
+        title = f"{model_path.name} · {header['device']} · {header['dtype']}"
+        png = bench_lib.plot_sweep(result.sweep, plot or "bench-sweep.png", title=title)
+        typer.echo(f"wrote {png}")
+
+
+@app.command()
+@friendly_errors
+def tune(
+    model: str | None = typer.Option(None, "--model", "-m", help="Model dir, HF id or GGUF."),
+    drafter: str | None = typer.Option(None, "--drafter", "-d", help="Drafter directory."),
+    num_prompts: int = typer.Option(3, "--num-prompts", "-N", help="MT-Bench prompts to run."),
+    prompts: str = typer.Option("mt-bench", "--prompts", help="A .jsonl file or mt-bench."),
+    max_tokens: int = typer.Option(64, "--max-tokens", "-n", help="New tokens per prompt."),
+    widths: str = typer.Option("1,2,3,4", "--widths", help="Beam widths to try."),
+    lengths: str = typer.Option("3,4,5,6", "--lengths", help="Beam lengths to try."),
+    curve_nodes: int = typer.Option(32, "--curve-nodes", help="Verify-cost curve up to n."),
+    repeats: int = typer.Option(5, "--repeats", help="Timings per point of the curve."),
+    curve_only: bool = typer.Option(
+        False, "--curve-only", help="Only print the verify-cost curve t(n)/t(1)."
+    ),
+    no_save: bool = typer.Option(False, "--no-save", help="Measure, but store nothing."),
+    json_out: str | None = typer.Option(None, "--json", help="Write every figure to this file."),
+    dtype: str | None = typer.Option(None, help="Cast the model to this dtype."),
+):
+    """Find the best beam shape (W, L) for this device and model, and store it for chat and
+    generate (shown by `info`)."""
+    from mlx_redrafter import bench as bench_lib
+    from mlx_redrafter.drafter import load_drafter
+    from mlx_redrafter.loading import resolve_model_path
+    from mlx_redrafter.tuning import run_tune, verify_cost_curve
+
+    model_path = resolve_model_path(model)
+    base, tokenizer = _load_model(str(model_path), dtype)
+    if curve_only:
+        curve = verify_cost_curve(base, max_nodes=curve_nodes, repeats=repeats)
+        typer.echo(f"model: {model_path} · {bench_lib.model_dtype(base)}")
+        typer.echo(bench_lib.format_verify_cost(curve))
+        if json_out:
+            from pathlib import Path
+
+            Path(json_out).write_text(json.dumps({"verify_cost": curve}, indent=2) + "\n")
+            typer.echo(f"\nwrote {json_out}")
+        return
+    drafter_path = _resolve_drafter(model, drafter, False)
+    if drafter_path is None:
+        raise ValueError("tune needs a drafter: pass --drafter")
+    draft = load_drafter(drafter_path, base=base)
+    prompt_list = bench_lib.load_prompts(prompts, num_prompts)
+    w_list, l_list = _int_list(widths, "--widths"), _int_list(lengths, "--lengths")
+    typer.echo(f"measuring the verify-cost curve (n = 1..{curve_nodes}) ...", err=True)
+    bar, advance = _progress_bar(len(prompt_list) * (1 + len(w_list) * len(l_list)), "tune")
+    with bar:
+        out = run_tune(
+            base,
+            tokenizer,
+            draft,
+            prompt_list,
+            model_path,
+            drafter_path,
+            widths=w_list,
+            lengths=l_list,
+            max_tokens=max_tokens,
+            curve_nodes=curve_nodes,
+            repeats=repeats,
+            progress=advance,
+            save=not no_save,
+        )
+    typer.echo(bench_lib.format_table(out["result"]))
+    if json_out:
+        typer.echo(f"\nwrote {bench_lib.write_json(out['result'], json_out)}")
+    best = out["best"]
+    speedup = best["speedup_vs_ar"]
+    typer.echo(
+        f"\nbest beam shape: W={best['beam_width']}, L={best['beam_length']} "
+        f"({speedup:.2f}x plain decoding, {best['tokens_per_step']:.2f} tokens/step)"
+    )
+    if speedup < 1.0:
+        typer.secho(
+            "ReDrafter was slower than plain decoding here for every shape tried; "
+            "chat --no-drafter will be faster with this drafter",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
+    if out["saved_to"]:
+        typer.echo(f"saved to {out['saved_to']}; chat and generate use it unless -W/-L are given")
+
+
+convert_app = typer.Typer(
+    no_args_is_help=True,
+    help="Convert PyTorch and GGUF checkpoints into MLX directories.",
+)
+app.add_typer(convert_app, name="convert")
+
+
+@convert_app.command("drafter")
+@friendly_errors
+def convert_drafter_command(
+    src: str = typer.Argument(
+        ...,
+        help="Drafter directory: config.json + model.safetensors | pytorch_model.bin | model.pt.",
+    ),
+    output: str = typer.Option(..., "--output", "-o", help="Output drafter directory."),
+    dtype: str | None = typer.Option(
+        None, help="float32, float16 or bfloat16 (default: the checkpoint's)."
+    ),
+    quantize: bool = typer.Option(False, "--quantize", "-q", help="Quantize the Linear layers."),
+    q_bits: int = typer.Option(4, "--q-bits", help="Bits per weight (4 or 8)."),
+    q_group_size: int = typer.Option(64, "--q-group-size", help="32, 64 or 128."),
+    base: str | None = typer.Option(
+        None, "--base", "-m", help="Check it fits this base model (directory, HF id or GGUF)."
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output."),
+):
+    """A PyTorch ReDrafter drafter (Apple's recipe or TensorRT-LLM names) -> MLX drafter dir."""
+    from mlx_redrafter.convert import convert_drafter
+
+    out = convert_drafter(
+        src,
+        output,
+        dtype=dtype,
+        quantize=quantize,
+        q_bits=q_bits,
+        q_group_size=q_group_size,
+        base=base,
+        overwrite=overwrite,
+    )
+    typer.echo(f"drafter written to {out}")
+
+
+@convert_app.command("model")
+@friendly_errors
+def convert_model_command(
+    src: str = typer.Argument(
+        ..., help="HF checkpoint directory (.bin or .safetensors), a .gguf file or an HF id."
+    ),
+    output: str = typer.Option(..., "--output", "-o", help="Output model directory."),
+    dtype: str | None = typer.Option(
+        None, help="float32, float16 or bfloat16 (default: the checkpoint's; float32 for GGUF)."
+    ),
+    quantize: bool = typer.Option(False, "--quantize", "-q", help="Quantize (mlx-lm format)."),
+    q_bits: int = typer.Option(4, "--q-bits", help="Bits per weight (4 or 8)."),
+    q_group_size: int = typer.Option(64, "--q-group-size", help="32, 64 or 128."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output."),
+):
+    """A Hugging Face PyTorch/safetensors checkpoint or a GGUF -> MLX model directory."""
+    from mlx_redrafter.convert import convert_model
+
+    out = convert_model(
+        src,
+        output,
+        dtype=dtype,
+        quantize=quantize,
+        q_bits=q_bits,
+        q_group_size=q_group_size,
+        overwrite=overwrite,
+    )
+    typer.echo(f"model written to {out}")
 
 
 def main() -> None:
