@@ -1,0 +1,439 @@
+"""Drafter training: prompt files, batched generation, the training forward against beam
+search, loss going down, determinism and exact resume, and bad input."""
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from mlx_redrafter import train
+from mlx_redrafter.decode import DecodeStats, SamplingConfig, plain_steps
+from mlx_redrafter.drafter import beam_search, init_drafter, load_drafter
+from mlx_redrafter.model import Model, ModelArgs
+from mlx_redrafter.train import (
+    TrainError,
+    TrainInterrupted,
+    build_dataset,
+    draft_logits,
+    fit,
+    generate_greedy_batch,
+    make_positions,
+    read_prompts,
+    teacher_forced_hidden,
+    train_drafter,
+)
+
+VOCAB = 61
+EOS = 1
+
+
+class TinyTokenizer:
+    """Characters to ids; the chat template is [0] + text + [2]."""
+
+    eos_token_ids = [EOS]
+    eos_token_id = EOS
+    chat_template = "tiny"
+
+    def encode(self, text, add_special_tokens=True):
+        return [3 + ord(c) % (VOCAB - 3) for c in text]
+
+    def decode(self, ids):
+        return "".join(chr(i) for i in ids)
+
+    def apply_chat_template(self, messages, add_generation_prompt=True):
+        return [0] + self.encode(messages[-1]["content"]) + [2]
+
+
+def tiny_model(seed=0, hidden=32, layers=2):
+    mx.random.seed(seed)
+    args = ModelArgs.from_dict(
+        dict(
+            model_type="llama",
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            intermediate_size=64,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rms_norm_eps=1e-5,
+            vocab_size=VOCAB,
+            tie_word_embeddings=False,
+        )
+    )
+    model = Model(args)
+    mx.eval(model.parameters())
+    model.freeze()
+    return model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+def write_alpaca(path, n=24):
+    words = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree"]
+    records = []
+    for i in range(n):
+        records.append(
+            {
+                "instruction": f"say {words[i % 8]} {words[(3 * i) % 8]} {i}",
+                "input": "twice" if i % 3 == 0 else "",
+                "output": f"{words[(i + 1) % 8]} {words[(i + 5) % 8]} " * (1 + i % 4),
+            }
+        )
+    path.write_text(json.dumps(records))
+    return path
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory):
+    return write_alpaca(tmp_path_factory.mktemp("prompts") / "alpaca.json")
+
+
+@pytest.fixture(scope="module")
+def data(model, prompts_file, tmp_path_factory):
+    work = tmp_path_factory.mktemp("work")
+    return build_dataset(
+        model,
+        TinyTokenizer(),
+        prompts_file,
+        work,
+        new_tokens=14,
+        batch_size=8,
+        shard_size=8,
+        progress=False,
+    )
+
+
+FIT = dict(
+    epochs=2,
+    learning_rate=3e-3,
+    batch_size=32,
+    num_predict=3,
+    num_layers=1,
+    eval_fraction=0.1,
+    checkpoint_every=1000,
+    progress=False,
+    eos_token_ids=[EOS],
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompt files
+
+
+def test_reads_alpaca_and_mt_bench(tmp_path):
+    alpaca = tmp_path / "a.json"
+    alpaca.write_text(
+        json.dumps(
+            [
+                {"instruction": "Sum these.", "input": "1 2", "output": "3"},
+                {"instruction": "Say hi.", "input": "", "output": "hi"},
+            ]
+        )
+    )
+    got = read_prompts(alpaca)
+    assert [p.text for p in got] == ["Sum these.\n\n1 2", "Say hi."]
+    assert [p.answer for p in got] == ["3", "hi"]
+
+    bench = tmp_path / "q.jsonl"
+    bench.write_text(
+        '{"question_id": 81, "turns": ["First turn?", "Second turn?"]}\n\n'
+        '{"question_id": 82, "turns": ["Another?", "More?"]}\n'
+    )
+    got = read_prompts(bench)
+    assert [p.text for p in got] == ["First turn?", "Another?"]
+    assert got[0].answer is None
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "does not exist"),
+        ("", "is empty"),
+        ("   \n", "is empty"),
+        ('[{"instruction": "a", ', "not valid JSON"),
+        ('{"turns": ["a"]}\n{"turns": ["b"]\n', "not valid JSON Lines \\(line 2"),
+        ("[]", "has no prompts"),
+        ('[{"question": "a"}]', "neither 'instruction'"),
+        ('["just a string"]', "expected a JSON object"),
+    ],
+)
+def test_bad_prompt_files_are_named(tmp_path, content, message):
+    path = tmp_path / "prompts.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(TrainError, match=message) as err:
+        read_prompts(path)
+    assert str(path) in str(err.value)
+
+
+def test_dataset_target_needs_answers(model, tmp_path):
+    path = tmp_path / "q.jsonl"
+    path.write_text('{"turns": ["a question"]}\n')
+    with pytest.raises(TrainError, match="needs an answer"):
+        build_dataset(model, TinyTokenizer(), path, tmp_path / "w", target="dataset")
+
+
+# ---------------------------------------------------------------------------------------------
+# Data generation
+
+
+def greedy_reference(model, prompt, n, stop):
+    steps = plain_steps(model, model.make_cache(), prompt, SamplingConfig(), DecodeStats())
+    out = []
+    for _ in range(n):
+        out.append(next(steps)[0])
+        if out[-1] in stop:
+            break
+    return out
+
+
+@pytest.mark.parametrize("batch_size", [5, 2, 3])
+def test_batched_generation_equals_unbatched_greedy(model, batch_size):
+    rng = np.random.default_rng(1)
+    prompts = [[int(t) for t in rng.integers(3, VOCAB, n)] for n in (4, 11, 1, 7, 15)]
+    # A stop token that the first prompt emits early, so rows finish at different steps.
+    stop = [greedy_reference(model, prompts[0], 20, [])[4]]
+    refs = [greedy_reference(model, p, 20, stop) for p in prompts]
+    assert len({len(r) for r in refs}) > 1
+    out = generate_greedy_batch(model, prompts, 20, stop, batch_size)
+    for prompt, ref, (response, hidden) in zip(prompts, refs, out, strict=True):
+        assert response == ref
+        assert hidden.shape == (len(response), model.args.hidden_size)
+        # The hidden states kept while generating are the teacher-forced ones.
+        (forced,) = teacher_forced_hidden(model, [prompt], [response])
+        np.testing.assert_allclose(hidden, forced, atol=1e-4, rtol=1e-4)
+
+
+def test_dataset_shards_resume_and_layout(model, prompts_file, tmp_path, monkeypatch):
+    tok = TinyTokenizer()
+    kwargs = dict(new_tokens=10, batch_size=4, shard_size=8, progress=False)
+    first = build_dataset(model, tok, prompts_file, tmp_path, **kwargs)
+    shards = sorted((tmp_path / "data").glob("shard-*.npz"))
+    assert len(shards) == 3 and first.num_sequences == 24
+    # Every sequence is the last prompt token followed by the greedy response.
+    prompts = read_prompts(prompts_file)
+    selection = train._select_prompts(prompts, None)
+    for i in (0, 13):
+        ids = train.encode_chat(tok, prompts[selection[first.prompt_index[i]]].text)
+        response = greedy_reference(model, ids, 10, [EOS])
+        assert first.tokens[i].tolist() == [ids[-1]] + response
+        assert first.sequence_hidden(i).shape == (len(response), model.args.hidden_size)
+        assert first.sequence_hidden(i).dtype == np.float16
+
+    shards[1].unlink()  # as if interrupted while making the second shard
+    calls = []
+    real = train.generate_greedy_batch
+    monkeypatch.setattr(
+        train, "generate_greedy_batch", lambda *a: calls.append(len(a[1])) or real(*a)
+    )
+    again = build_dataset(model, tok, prompts_file, tmp_path, **kwargs)
+    assert sum(calls) == 8  # only the missing shard was made again
+    assert all(np.array_equal(a, b) for a, b in zip(first.tokens, again.tokens, strict=True))
+    np.testing.assert_array_equal(first.hidden, again.hidden)
+
+
+def test_ctrl_c_while_generating_keeps_finished_shards(model, prompts_file, tmp_path, monkeypatch):
+    tok = TinyTokenizer()
+    kwargs = dict(new_tokens=6, batch_size=4, shard_size=8, progress=False)
+    real = train.generate_greedy_batch
+    calls = []
+
+    def flaky(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(train, "generate_greedy_batch", flaky)
+    with pytest.raises(TrainInterrupted, match="run again to resume"):
+        build_dataset(model, tok, prompts_file, tmp_path, **kwargs)
+    assert len(list((tmp_path / "data").glob("shard-*.npz"))) == 1
+    data = build_dataset(model, tok, prompts_file, tmp_path, **kwargs)
+    assert data.num_sequences == 24 and len(calls) == 4
+
+
+def test_dataset_target_uses_the_file_answers(model, prompts_file, tmp_path):
+    tok = TinyTokenizer()
+    data = build_dataset(
+        model, tok, prompts_file, tmp_path, target="dataset", new_tokens=9, progress=False
+    )
+    prompts = read_prompts(prompts_file)
+    selection = train._select_prompts(prompts, None)
+    i = 5
+    p = prompts[selection[data.prompt_index[i]]]
+    ids = train.encode_chat(tok, p.text)
+    answer = tok.encode(p.answer)[:8] + [EOS]
+    assert data.tokens[i].tolist() == [ids[-1]] + answer
+    (forced,) = teacher_forced_hidden(model, [ids], [answer])
+    np.testing.assert_allclose(data.sequence_hidden(i), forced, atol=2e-3, rtol=2e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# The training forward is the inference forward
+
+
+def test_positions_align_heads_with_tokens():
+    data = train.DistillData(
+        tokens=[np.array([10, 11, 12, 13, 14], np.int32)],
+        hidden=np.zeros((4, 2), np.float16),
+        hidden_start=np.array([0, 4]),
+        prompt_index=np.array([0]),
+    )
+    pos = make_positions(data, [0], num_predict=2)
+    # t = 0, 1, 2: H_t with x_{t+1} (g0) and then x_{t+2}, x_{t+3}; -1 past the end.
+    assert pos.rows.tolist() == [0, 1, 2]
+    assert pos.windows.tolist() == [[11, 12, 13], [12, 13, 14], [13, 14, -1]]
+    head_index = np.full(20, -1, np.int32)
+    head_index[[12, 14]] = [0, 1]  # a draft vocabulary {12, 14}
+    assert train.head_targets(pos.windows, head_index).tolist() == [[0, -1], [-1, 1], [1, -2]]
+
+
+@pytest.mark.parametrize("vocab", [None, [EOS, 5, 9, 17, 23, 30, 41, 42, 57]])
+def test_training_logits_equal_beam_search_logits(model, vocab):
+    drafter = init_drafter(model, seed=3, exit_dim=48, num_draft_layers=2, draft_vocab_ids=vocab)
+    prompt = [0, 7, 19, 33, 2]
+    hidden, logits = model(mx.array([prompt]))
+    context = hidden[0, -1]
+    g0 = int(mx.argmax(logits[0, -1]).item())
+    N = 4
+    beams, scores = beam_search(drafter, model, context, g0, beam_width=1, beam_length=N + 1)
+    beam = np.array(beams)[0].tolist()
+
+    # Teacher-forced on the beam's own tokens: the RNN reads g0, d1, .., d_{N-1}.
+    inputs = mx.array([beam[:N]])
+    logits_t = draft_logits(drafter, context[None], model.embed(inputs))  # (N, 1, K)
+    # The same step by step, as inference runs it.
+    state = drafter.initial_state(1)
+    for i in range(N):
+        state = drafter.step_state(state, mx.array([beam[i]]), model)
+        step_logits = drafter.head(context[None], state)
+        np.testing.assert_allclose(np.array(logits_t[i]), np.array(step_logits), atol=1e-5)
+    # Beam search drafted each head's argmax, and its score is the sum of their log-probs.
+    drafted = drafter.full_vocab_ids(mx.argmax(logits_t[:, 0], axis=-1))
+    assert np.array(drafted).tolist() == beam[1:]
+    logp = logits_t[:, 0] - mx.logsumexp(logits_t[:, 0], axis=-1, keepdims=True)
+    picked = mx.take_along_axis(logp, drafter.head_index(mx.array(beam[1:]))[:, None], -1)
+    assert abs(picked.sum().item() - scores[0].item()) < 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+def params(drafter):
+    return {k: np.array(v) for k, v in tree_flatten(drafter.parameters())}
+
+
+def test_training_lowers_loss_and_writes_a_loadable_drafter(model, prompts_file, tmp_path):
+    log = train_drafter(
+        model,
+        prompts_file,
+        tmp_path / "out",
+        tokenizer=TinyTokenizer(),
+        num_prompts=None,
+        new_tokens=14,
+        epochs=4,
+        learning_rate=3e-3,
+        batch_size=32,
+        num_predict=3,
+        num_layers=1,
+        draft_vocab_size=12,
+        gen_batch_size=8,
+        shard_size=8,
+        eval_fraction=0.1,
+        progress=False,
+        save_dtype="float16",
+    )
+    loss = log["curves"]["loss"]
+    assert log["finished"] and len(loss) == log["steps"] > 10
+    assert np.mean(loss[-3:]) < 0.7 * np.mean(loss[:3])
+    assert log["evals"][-1]["loss"] < log["evals"][0]["loss"]
+    assert 0 < log["draft_vocab"]["coverage_train"] <= 1
+    assert log["data"]["sequences"] == 24
+
+    drafter = load_drafter(tmp_path / "out", base=model)
+    assert drafter.head_size == 12 and EOS in np.array(drafter.draft_vocab_ids).tolist()
+    assert drafter.dtype == mx.float16
+    saved = json.loads((tmp_path / "out" / "training_log.json").read_text())
+    for key in ("settings", "data", "draft_vocab", "curves", "evals", "seconds", "machine"):
+        assert key in saved
+    assert saved["machine"]["blas"]
+
+
+def test_same_seed_same_curve_and_resume_is_exact(model, data, tmp_path):
+    ref = fit(model, data, tmp_path / "a", work_dir=tmp_path / "wa", **FIT)
+    again = fit(model, data, tmp_path / "b", work_dir=tmp_path / "wb", **FIT)
+    assert ref["curves"]["loss"] == again["curves"]["loss"]
+    other = fit(model, data, tmp_path / "c", work_dir=tmp_path / "wc", **{**FIT, "seed": 1})
+    assert other["curves"]["loss"] != ref["curves"]["loss"]
+    total = ref["steps"]
+    per_epoch = total // FIT["epochs"]
+
+    # Ctrl-C in the middle of the second epoch (raised from the step callback).
+    def interrupt(step, metrics):
+        if step == per_epoch + 2:
+            raise KeyboardInterrupt
+
+    work = tmp_path / "wi"
+    with pytest.raises(TrainInterrupted, match="resume"):
+        fit(model, data, tmp_path / "i", work_dir=work, callback=interrupt, **FIT)
+    resumed = fit(model, data, tmp_path / "i", work_dir=work, **FIT)
+    assert resumed["curves"] == ref["curves"]
+    assert resumed["evals"] == ref["evals"]
+
+    # A run stopped after a few steps (a crash after a checkpoint) and started again.
+    work = tmp_path / "ws"
+    part = fit(model, data, tmp_path / "s", work_dir=work, max_steps=3, **FIT)
+    assert not part["finished"] and part["steps"] == 3
+    resumed2 = fit(model, data, tmp_path / "s", work_dir=work, **FIT)
+    assert resumed2["curves"] == ref["curves"]
+
+    a = params(load_drafter(tmp_path / "a"))
+    for out in ("i", "s"):
+        b = params(load_drafter(tmp_path / out))
+        assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_resume_with_other_settings_is_refused(model, data, tmp_path):
+    work = tmp_path / "w"
+    fit(model, data, tmp_path / "o", work_dir=work, max_steps=2, **FIT)
+    with pytest.raises(TrainError, match="learning_rate"):
+        fit(model, data, tmp_path / "o", work_dir=work, **{**FIT, "learning_rate": 1e-2})
+    # --no-resume starts over.
+    log = fit(model, data, tmp_path / "o", work_dir=work, resume=False, max_steps=1, **FIT)
+    assert log["steps"] == 1
+
+
+def test_work_dir_of_another_base_model_is_refused(model, data, prompts_file, tmp_path):
+    tok = TinyTokenizer()
+    kwargs = dict(new_tokens=6, batch_size=8, shard_size=8, num_prompts=8, progress=False)
+    build_dataset(model, tok, prompts_file, tmp_path, **kwargs)
+    other = tiny_model(seed=5, hidden=48)
+    with pytest.raises(TrainError, match="another base model"):
+        build_dataset(other, tok, prompts_file, tmp_path, **kwargs)
+    same_shape = tiny_model(seed=6)
+    with pytest.raises(TrainError, match="another base model"):
+        build_dataset(same_shape, tok, prompts_file, tmp_path, **kwargs)
+    # --no-resume starts over with the new base.
+    fresh = build_dataset(other, tok, prompts_file, tmp_path, resume=False, **kwargs)
+    assert fresh.hidden.shape[1] == 48
+    # Data made for one base cannot train a drafter for another.
+    with pytest.raises(TrainError, match="another base model"):
+        fit(other, data, tmp_path / "o", work_dir=tmp_path / "w2", **FIT)
+    with pytest.raises(TrainError, match="another base model"):
+        fit(same_shape, data, tmp_path / "o", work_dir=tmp_path / "w2", **FIT)
+
+
+def test_bad_training_settings(model, data, prompts_file, tmp_path):
+    with pytest.raises(TrainError, match="target must be"):
+        build_dataset(model, TinyTokenizer(), prompts_file, tmp_path, target="teacher")
+    with pytest.raises(TrainError, match="epochs"):
+        fit(model, data, tmp_path / "o", work_dir=tmp_path / "w", **{**FIT, "epochs": 0})
+    with pytest.raises(TrainError, match="tokenizer"):
+        train_drafter(model, prompts_file, tmp_path / "o")
+    with pytest.raises(TrainError, match="does not exist"):
+        train_drafter(model, tmp_path / "missing.json", tmp_path / "o", tokenizer=TinyTokenizer())
