@@ -1,0 +1,89 @@
+"""Tokens per step for many beam shapes from one plain greedy decode per prompt.
+
+Greedy ReDrafter emits exactly the plain greedy sequence, so how much a round accepts depends
+only on the drafter and that sequence: a round at position i drafts from the hidden state of
+the last committed token and g0 = ref[i], and the greedy tree walk accepts the longest beam
+prefix that matches ref[i+1:]. Replaying the rounds against the reference gives each shape's
+tokens per step without a verify pass (the hidden states come from one teacher-forced
+forward, equal to the verify pass's up to float rounding). Timing still needs real runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+
+import mlx.core as mx
+import numpy as np
+
+from .decode import stream_generate
+from .drafter import beam_search
+
+
+def reference_decode(model, tokenizer, ids: Sequence[int], max_tokens: int, lookahead: int):
+    """Plain greedy tokens (max_tokens + lookahead of them, or up to EOS) and hidden states."""
+    ref = []
+    finish = None
+    for r in stream_generate(model, tokenizer, list(ids), None, max_tokens=max_tokens + lookahead):
+        ref.append(r.token)
+        if r.finish_reason == "stop" and len(ref) <= max_tokens:
+            finish = len(ref)
+    limit = finish if finish is not None else max_tokens
+    seq = mx.array([list(ids) + ref], dtype=mx.int32)
+    hidden, _ = model(seq, return_logits=False)
+    return ref, min(limit, len(ref)), hidden[0]
+
+
+def replay_rounds(
+    drafter, model, hidden: mx.array, prompt_len: int, ref: list[int], limit: int, W: int, L: int
+) -> list[int]:
+    """Drafted tokens accepted in each round of a greedy ReDrafter run that emits `limit`."""
+    accepted = []
+    pos = 0  # index in ref of the round's g0 (emitted, not yet committed)
+    while pos + 1 < limit:
+        context = hidden[prompt_len - 1 + pos]
+        beams, _ = beam_search(drafter, model, context, ref[pos], W, L)
+        drafts = np.array(beams)[:, 1:]  # (W, L-1)
+        target = np.array(ref[pos + 1 : pos + L], dtype=np.int64)
+        n = min(len(target), drafts.shape[1])
+        match = drafts[:, :n] == target[None, :n]
+        run = np.cumprod(match, axis=1).sum(axis=1)  # leading matches per beam
+        a = int(run.max()) if run.size else 0
+        accepted.append(a)
+        pos += a + 1
+    return accepted
+
+
+def acceptance_grid(
+    model,
+    tokenizer,
+    drafter,
+    prompts: Iterable[Sequence[int]],
+    shapes: Sequence[tuple[int, int]],
+    max_tokens: int,
+    on_prompt: Callable[[], None] | None = None,
+) -> dict:
+    """Tokens per step and acceptance by depth for every (W, L) in `shapes`, over `prompts`."""
+    longest = max(length for _, length in shapes)
+    rounds: dict[tuple[int, int], list[int]] = {s: [] for s in shapes}
+    per_prompt = []
+    for ids in prompts:
+        ref, limit, hidden = reference_decode(model, tokenizer, ids, max_tokens, longest)
+        row = {}
+        for W, L in shapes:
+            acc = replay_rounds(drafter, model, hidden, len(ids), ref, limit, W, L)
+            rounds[(W, L)].extend(acc)
+            row[f"{W}x{L}"] = float(np.mean(acc)) + 1.0 if acc else 1.0
+        per_prompt.append({"num_tokens": limit, "tokens_per_step": row})
+        if on_prompt is not None:
+            on_prompt()
+    table = {}
+    for (W, L), acc in rounds.items():
+        arr = np.asarray(acc)
+        table[f"{W}x{L}"] = {
+            "beam_width": W,
+            "beam_length": L,
+            "rounds": int(arr.size),
+            "tokens_per_step": float(arr.mean()) + 1.0 if arr.size else 1.0,
+            "accept_by_depth": [float(np.mean(arr >= d)) for d in range(1, L)] if arr.size else [],
+        }
+    return {"shapes": table, "prompts": per_prompt}
