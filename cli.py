@@ -10,6 +10,7 @@ import functools
 import json
 import os
 import sys
+from pathlib import Path
 
 import typer
 
@@ -265,7 +266,7 @@ def _progress_bar(total: int, desc: str):
 
     bar = tqdm(total=total, desc=desc, unit="run", file=sys.stderr, dynamic_ncols=True)
 
-    def advance(method: str) -> None:
+    def advance(method: str = "") -> None:
         bar.set_postfix_str(method, refresh=False)
         bar.update(1)
 
@@ -297,6 +298,12 @@ def bench(
     profile: bool = typer.Option(
         False, "--profile", help="Time draft/verify/accept per round; add the verify-cost curve."
     ),
+    acceptance: bool = typer.Option(
+        False,
+        "--acceptance",
+        help="Only tokens per step, for every --widths x --lengths shape, replayed from one "
+        "greedy decode per prompt (no timing).",
+    ),
     dtype: str | None = typer.Option(None, help="Cast the models to this dtype."),
 ):
     """Decode speed of ReDrafter against plain decoding and mlx-lm, on the same prompts."""
@@ -317,6 +324,13 @@ def bench(
     base, tokenizer = _load_model(str(model_path), dtype)
     drafter_path = _resolve_drafter(model, drafter, False) if "redrafter" in names else None
     draft = load_drafter(drafter_path, base=base) if drafter_path else None
+    if acceptance:
+        if draft is None:
+            raise ValueError("--acceptance needs a drafter: pass --drafter")
+        _acceptance_table(
+            base, tokenizer, draft, prompt_list, widths, lengths, max_tokens, json_out
+        )
+        return
     if sweep:
         shapes = [
             (w, length)
@@ -365,6 +379,27 @@ def bench(
         title = f"{model_path.name} · {header['device']} · {header['dtype']}"
         png = bench_lib.plot_sweep(result.sweep, plot or "bench-sweep.png", title=title)
         typer.echo(f"wrote {png}")
+
+
+def _acceptance_table(base, tokenizer, draft, prompt_list, widths, lengths, max_tokens, json_out):
+    from mlx_redrafter import bench as bench_lib
+    from mlx_redrafter.acceptance import acceptance_grid
+
+    w_list, l_list = _int_list(widths, "--widths"), _int_list(lengths, "--lengths")
+    shapes = [(w, length) for w in w_list for length in l_list]
+    ids = [bench_lib.encode_chat(tokenizer, p.text) for p in prompt_list]
+    bar, advance = _progress_bar(len(ids), "acceptance")
+    with bar:
+        grid = acceptance_grid(base, tokenizer, draft, ids, shapes, max_tokens, on_prompt=advance)
+    typer.echo(f"tokens per step ({len(ids)} prompts, {max_tokens} new tokens, greedy)\n")
+    typer.echo("| W \\ L | " + " | ".join(str(length) for length in l_list) + " |")
+    typer.echo("|---|" + "---:|" * len(l_list))
+    for w in w_list:
+        cells = [f"{grid['shapes'][f'{w}x{length}']['tokens_per_step']:.2f}" for length in l_list]
+        typer.echo(f"| {w} | " + " | ".join(cells) + " |")
+    if json_out:
+        Path(json_out).write_text(json.dumps(grid, indent=2) + "\n")
+        typer.echo(f"\nwrote {json_out}")
 
 
 @app.command()

@@ -173,3 +173,18 @@ def test_summarize_speedups_and_mismatches():
     assert summary["redrafter"]["verify_ms_per_round"] == pytest.approx(1e3 * 0.4 / 3)
     grid = sweep_grid(summary, methods)
     assert grid["best"]["method"] == "redrafter" and grid["widths"] == [2]
+
+
+def test_bench_acceptance_prints_a_grid_and_writes_json(tiny, tmp_path):
+    model_dir, drafter_dir = tiny
+    out = tmp_path / "acceptance.json"
+    proc = invoke(
+        ["bench", "--model", str(model_dir), "--drafter", str(drafter_dir), "--acceptance",
+         "-N", "2", "-n", "12", "--widths", "1,2", "--lengths", "3,4", "--json", str(out)]
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "| W \\ L | 3 | 4 |" in proc.stdout
+    data = json.loads(out.read_text())
+    assert set(data["shapes"]) == {"1x3", "1x4", "2x3", "2x4"}
+    assert all(v["tokens_per_step"] >= 1.0 for v in data["shapes"].values())
+    assert len(data["prompts"]) == 2
