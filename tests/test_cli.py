@@ -1,0 +1,130 @@
+"""The CLI's info and generate: output fields, and bad input as one red line, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+from helpers import invoke, run_cli, write_tiny_drafter, write_tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    model_dir = write_tiny_model(root / "model")
+    return model_dir, write_tiny_drafter(model_dir, root / "drafter")
+
+
+def test_info_json_names_the_blas_and_default_model():
+    proc = invoke(["info", "--json"])
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    for key in ("mlx", "device", "default_dtype", "blas", "default_model"):
+        assert key in data
+    if sys.platform.startswith("linux"):
+        assert data["default_dtype"] == "float32"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the BLAS loader is Linux-only")
+def test_blas_is_openblas_and_can_be_turned_off():
+    from mlx_redrafter.blas import _find_openblas
+
+    proc = run_cli(["info", "--json"])
+    blas = json.loads(proc.stdout)["blas"]
+    if _find_openblas() is None:
+        assert "bundled" in blas
+    else:
+        assert blas.startswith("OpenBLAS")
+    import os
+
+    env = dict(os.environ, MLX_REDRAFTER_BLAS="bundled")
+    proc = run_cli(["info", "--json"], env=env)
+    assert "bundled" in json.loads(proc.stdout)["blas"]
+
+
+@pytest.mark.parametrize("drafter", [False, True])
+def test_generate_json_fields(tiny, drafter):
+    model_dir, drafter_dir = tiny
+    args = ["generate", "-m", str(model_dir), "-p", "Hello world", "-n", "12", "--json"]
+    if drafter:
+        args += ["-d", str(drafter_dir), "-W", "2", "-L", "3"]
+    proc = invoke(args)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    for key in ("text", "tokens", "num_tokens", "prompt_tokens", "prefill_tps", "decode_tps",
+                "tokens_per_step", "peak_memory_gb", "device", "dtype"):  # fmt: skip
+        assert key in out, key
+    assert out["num_tokens"] == len(out["tokens"]) <= 12
+    assert out["dtype"] == "float32"
+    if drafter:
+        assert out["tokens_per_step"] >= 1.0 and len(out["accept_by_depth"]) == 2
+    else:
+        assert out["tokens_per_step"] == 1.0
+
+
+def test_generate_with_drafter_equals_plain(tiny):
+    model_dir, drafter_dir = tiny
+    base = ["generate", "-m", str(model_dir), "-p", "Tell me a story", "-n", "20", "--json"]
+    plain = json.loads(invoke(base).stdout.strip().splitlines()[-1])
+    spec = json.loads(invoke(base + ["-d", str(drafter_dir)]).stdout.strip().splitlines()[-1])
+    assert spec["tokens"] == plain["tokens"]
+
+
+def _one_red_line(proc, *needles):
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_missing_model_path(tmp_path):
+    missing = tmp_path / "nope"
+    _one_red_line(run_cli(["generate", "-m", str(missing), "-p", "hi"]), str(missing))
+
+
+def test_unsupported_model_type(tiny, tmp_path):
+    import shutil
+
+    model_dir, _ = tiny
+    bad = tmp_path / "bad"
+    shutil.copytree(model_dir, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["model_type"] = "gpt_neox"
+    (bad / "config.json").write_text(json.dumps(cfg))
+    _one_red_line(run_cli(["generate", "-m", str(bad), "-p", "hi"]), "gpt_neox", "config.json")
+
+
+def test_truncated_safetensors(tiny, tmp_path):
+    import shutil
+
+    model_dir, _ = tiny
+    bad = tmp_path / "trunc"
+    shutil.copytree(model_dir, bad)
+    weights = next(bad.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    _one_red_line(run_cli(["generate", "-m", str(bad), "-p", "hi"]), weights.name)
+
+
+def test_empty_prompt(tiny):
+    model_dir, _ = tiny
+    _one_red_line(run_cli(["generate", "-m", str(model_dir), "-p", "  "]), "empty")
+
+
+def test_prompt_beyond_context_length(tiny):
+    model_dir, _ = tiny
+    cfg = json.loads((model_dir / "config.json").read_text())
+    proc = run_cli(
+        ["generate", "-m", str(model_dir), "-p", "hi", "-n", str(cfg["max_position_embeddings"])]
+    )
+    _one_red_line(proc, "context length")
+
+
+def test_drafter_for_another_base(tiny, tmp_path):
+    model_dir, _ = tiny
+    other = write_tiny_model(tmp_path / "other", hidden=48)
+    other_drafter = write_tiny_drafter(other, tmp_path / "other-drafter")
+    proc = run_cli(["generate", "-m", str(model_dir), "-d", str(other_drafter), "-p", "hi"])
+    _one_red_line(proc, "hidden_size")

@@ -1,0 +1,58 @@
+"""The real default model (SmolLM2-135M-Instruct, float32): our port decodes like mlx-lm, and
+ReDrafter's greedy output equals plain decoding."""
+
+from __future__ import annotations
+
+import pytest
+
+from mlx_redrafter.decode import stream_generate
+from mlx_redrafter.loading import load
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about autumn leaves.",
+    "Explain in two sentences why the sky is blue.",
+]
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def default(default_model_dir):
+    model, tokenizer = load(default_model_dir)
+    chats = [
+        tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
+        for p in PROMPTS
+    ]
+    return model, tokenizer, chats
+
+
+def ours(model, tokenizer, ids, drafter=None, n=32, **kw):
+    return [r.token for r in stream_generate(model, tokenizer, ids, drafter, max_tokens=n, **kw)]
+
+
+def test_greedy_matches_mlx_lm(default, default_model_dir):
+    import mlx.core as mx
+    import mlx_lm
+    from mlx_lm.generate import generate_step
+
+    lm_model, _ = mlx_lm.load(str(default_model_dir))
+    model, tokenizer, chats = default
+    for ids in chats:
+        expected = []
+        for token, _ in generate_step(mx.array(ids), lm_model, max_tokens=32):
+            expected.append(int(token))
+            if int(token) in tokenizer.eos_token_ids:
+                break
+        assert ours(model, tokenizer, ids) == expected
+
+
+def test_redrafter_greedy_equals_plain_on_the_default_model(default):
+    from mlx_redrafter.drafter import init_drafter
+
+    model, tokenizer, chats = default
+    drafter = init_drafter(model, seed=0, draft_vocab_ids=list(range(4096)))
+    for ids, (W, L) in zip(chats, [(1, 4), (2, 4), (4, 5)], strict=True):
+        assert ours(model, tokenizer, ids, drafter, beam_width=W, beam_length=L) == ours(
+            model, tokenizer, ids
+        )
