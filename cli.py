@@ -77,11 +77,19 @@ def _beam_shape(beam_width: int | None, beam_length: int | None, model_path) -> 
 
 @app.command()
 @friendly_errors
-def info(json_out: bool = typer.Option(False, "--json", help="Print one JSON object.")):
+def info(
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    matmul: bool = typer.Option(
+        False, "--matmul", help="Also time a 1024x1024 float32 matmul with each BLAS."
+    ),
+):
     """Show the MLX version, device, dtype, BLAS and default model."""
-    from mlx_redrafter.platform import platform_info
+    from mlx_redrafter.platform import compare_blas, platform_info
 
     data = platform_info()
+    if matmul:
+        for row in compare_blas():
+            data[f"matmul_1024_ms ({row['label']})"] = round(row["ms"], 2)
     if json_out:
         typer.echo(json.dumps(data, indent=2))
         return

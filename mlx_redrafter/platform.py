@@ -61,3 +61,47 @@ def platform_info() -> dict:
         if tuned_beam(model_dir)
         else "not tuned",
     }
+
+
+def matmul_ms(size: int = 1024, repeats: int = 10) -> float:
+    """Median time of one float32 (size x size) @ (size x size) matmul in this process, in ms."""
+    import time
+
+    import mlx.core as mx
+
+    a = mx.random.normal((size, size))
+    b = mx.random.normal((size, size))
+    mx.eval(a, b, a @ b)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        mx.eval(a @ b)
+        times.append(time.perf_counter() - t)
+    times.sort()
+    return 1000 * times[len(times) // 2]
+
+
+def compare_blas(size: int = 1024, repeats: int = 10) -> list[dict]:
+    """Matmul time with each BLAS, each measured in a fresh process (the BLAS is per process)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import json, mlx_redrafter.platform as p; "
+        f"print(json.dumps({{'blas': p.blas_in_use(), 'ms': p.matmul_ms({size}, {repeats})}}))"
+    )
+    rows = []
+    for choice in ("bundled", ""):
+        env = dict(os.environ)
+        env.pop("MLX_REDRAFTER_BLAS", None)
+        if choice:
+            env["MLX_REDRAFTER_BLAS"] = choice
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+        )
+        row = json.loads(out.stdout.strip().splitlines()[-1])
+        row["label"] = "bundled" if choice else row["blas"].split(" (")[0]
+        rows.append({"size": size, **row})
+    return rows

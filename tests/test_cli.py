@@ -128,3 +128,12 @@ def test_drafter_for_another_base(tiny, tmp_path):
     other_drafter = write_tiny_drafter(other, tmp_path / "other-drafter")
     proc = run_cli(["generate", "-m", str(model_dir), "-d", str(other_drafter), "-p", "hi"])
     _one_red_line(proc, "hidden_size")
+
+
+def test_info_matmul_times_each_blas():
+    proc = invoke(["info", "--json", "--matmul"])
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    times = {k: v for k, v in data.items() if k.startswith("matmul_1024_ms")}
+    assert "matmul_1024_ms (bundled)" in times and len(times) == 2
+    assert all(v > 0 for v in times.values())
