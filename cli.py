@@ -492,6 +492,123 @@ def tune(
         typer.echo(f"saved to {out['saved_to']}; chat and generate use it unless -W/-L are given")
 
 
+@app.command()
+@friendly_errors
+def train(
+    prompts: str = typer.Option(
+        ...,
+        "--prompts",
+        "-p",
+        help="Alpaca JSON (instruction/input/output) or JSON Lines with `turns`.",
+    ),
+    out: str = typer.Option(..., "--out", "-o", help="Output drafter directory."),
+    model: str | None = typer.Option(
+        None, "--model", "-m", help="Base model dir, HF id or GGUF (default: the default model)."
+    ),
+    num_prompts: int = typer.Option(
+        1000, "--num-prompts", "-N", help="Prompts used: a fixed random selection (0 = all)."
+    ),
+    new_tokens: int = typer.Option(128, "--new-tokens", "-n", help="Response tokens per prompt."),
+    epochs: int = typer.Option(1, "--epochs", "-e"),
+    learning_rate: float = typer.Option(1e-3, "--lr", "--learning-rate", help="Peak AdamW rate."),
+    batch_size: int = typer.Option(256, "--batch-size", "-b", help="Token positions per step."),
+    num_predict: int = typer.Option(
+        5, "--num-predict", help="Tokens drafted after g0 (useful beam length up to this + 1)."
+    ),
+    num_layers: int = typer.Option(2, "--num-layers", help="ResBlocks in the drafter head."),
+    draft_vocab: int = typer.Option(
+        0, "--draft-vocab", "-K", help="Draft vocabulary: the K most frequent targets (0 = all)."
+    ),
+    exit_dim: int | None = typer.Option(
+        None,
+        "--exit-dim",
+        help="Head width (default 2 x hidden, Apple's; other sizes add input_proj).",
+    ),
+    seed: int = typer.Option(0, "--seed"),
+    target: str = typer.Option(
+        "self",
+        "--target",
+        help="self: the model's own greedy responses; dataset: the file's answers.",
+    ),
+    eval_fraction: float = typer.Option(0.05, "--eval-fraction", help="Held-out prompts."),
+    checkpoint_every: int = typer.Option(200, "--checkpoint-every", help="Steps per checkpoint."),
+    work_dir: str | None = typer.Option(
+        None, "--work-dir", help="Data shards and checkpoints (default: <out>-work)."
+    ),
+    no_resume: bool = typer.Option(
+        False,
+        "--no-resume",
+        help="Start training over (shards made with the same settings are reused).",
+    ),
+    gen_batch_size: int = typer.Option(
+        32, "--gen-batch-size", help="Responses generated together (continuous batching)."
+    ),
+    save_dtype: str | None = typer.Option(
+        None,
+        "--save-dtype",
+        help="Dtype of the saved drafter: float32 (default), float16, bfloat16.",
+    ),
+    dtype: str | None = typer.Option(None, help="Cast the base model to this dtype."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+):
+    """Distil a ReDrafter drafter for a base model from its own greedy responses to prompts.
+
+    Resumable: Ctrl-C saves a checkpoint, and running the same command again continues.
+    """
+    from mlx_redrafter.train import TrainInterrupted, train_drafter
+
+    try:
+        log = train_drafter(
+            model,
+            prompts,
+            out,
+            num_prompts=num_prompts or None,
+            new_tokens=new_tokens,
+            epochs=epochs,
+            learning_rate=learning_rate,
+            batch_size=batch_size,
+            num_predict=num_predict,
+            num_layers=num_layers,
+            draft_vocab_size=draft_vocab,
+            exit_dim=exit_dim,
+            seed=seed,
+            target=target,
+            eval_fraction=eval_fraction,
+            checkpoint_every=checkpoint_every,
+            work_dir=work_dir,
+            resume=not no_resume,
+            progress=not quiet,
+            dtype=dtype,
+            gen_batch_size=gen_batch_size,
+            save_dtype=save_dtype,
+        )
+    except TrainInterrupted as exc:
+        typer.secho(str(exc), fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(130) from None
+    data, vocab, ev = log["data"], log["draft_vocab"], log["final_eval"]
+    typer.echo(f"drafter written to {out}: {log['drafter']['description']}")
+    typer.echo(
+        f"data: {data['sequences']} sequences, {data['response_tokens']} response tokens "
+        f"({data['skipped_prompts']} prompts skipped as too long)"
+    )
+    if vocab["size"]:
+        typer.echo(
+            f"draft vocabulary: {vocab['size']} tokens, covering {vocab['coverage_train']:.1%} "
+            f"of training targets and {vocab['coverage_eval']:.1%} of held-out ones"
+        )
+    if ev:
+        acc = " ".join(f"{a:.2f}" for a in ev["head_accuracy"])
+        typer.echo(
+            f"held-out: loss {ev['loss']:.3f}, top-1 per head {acc}, "
+            f"~{ev['expected_tokens_per_step_w1']:.2f} tokens/step at W=1"
+        )
+    s = log["seconds"]
+    typer.echo(
+        f"time: generation {s['generation_total']:.0f}s, training {s['train']:.0f}s, "
+        f"eval {s['eval']:.0f}s; log in {out}/training_log.json"
+    )
+
+
 convert_app = typer.Typer(
     no_args_is_help=True,
     help="Convert PyTorch and GGUF checkpoints into MLX directories.",

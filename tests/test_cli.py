@@ -137,3 +137,14 @@ def test_info_matmul_times_each_blas():
     times = {k: v for k, v in data.items() if k.startswith("matmul_1024_ms")}
     assert "matmul_1024_ms (bundled)" in times and len(times) == 2
     assert all(v > 0 for v in times.values())
+
+
+def test_train_bad_prompt_files(tiny, tmp_path):
+    model_dir, _ = tiny
+    missing = tmp_path / "missing.json"
+    base = ["train", "-m", str(model_dir), "-o", str(tmp_path / "out")]
+    _one_red_line(run_cli([*base, "--prompts", str(missing)]), "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    _one_red_line(run_cli([*base, "--prompts", str(bad)]), "bad.json")
+    assert not (tmp_path / "out").exists()

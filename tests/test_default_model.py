@@ -56,3 +56,17 @@ def test_redrafter_greedy_equals_plain_on_the_default_model(default):
         assert ours(model, tokenizer, ids, drafter, beam_width=W, beam_length=L) == ours(
             model, tokenizer, ids
         )
+
+
+def test_shipped_drafter_loads_and_keeps_greedy_output(default):
+    from mlx_redrafter.defaults import default_drafter_dir
+    from mlx_redrafter.drafter import load_drafter
+
+    model, tokenizer, chats = default
+    drafter = load_drafter(default_drafter_dir(), base=model)
+    assert drafter.args.hidden_size == model.args.hidden_size
+    for ids in chats:
+        responses = list(stream_generate(model, tokenizer, ids, drafter, max_tokens=32))
+        assert [r.token for r in responses] == ours(model, tokenizer, ids)
+        # A trained drafter gets accepted sometimes; a broken one never would.
+        assert responses[-1].stats.tokens_per_step > 1.0
