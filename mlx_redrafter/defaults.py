@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 # (beam width, beam length incl. the root token); `mlx-redrafter tune` finds a better one.
-DEFAULT_BEAM = (2, 4)
+DEFAULT_BEAM = (1, 3)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DRAFTER_NAME = "smollm2-135m-instruct-drafter"

@@ -66,7 +66,9 @@ def test_bench_writes_json_with_the_documented_fields(tiny, tmp_path):
     assert [c["n"] for c in data["verify_cost"]] == list(range(1, 33))
     # The printed table can be pasted into markdown.
     assert "| method | decode tok/s (mean)" in proc.stdout
-    assert "redrafter (W=2, L=4)" in proc.stdout
+    from mlx_redrafter.defaults import DEFAULT_BEAM
+
+    assert "redrafter (W={}, L={})".format(*DEFAULT_BEAM) in proc.stdout
     assert "greedy outputs identical to ar on 2/2 prompts" in proc.stdout
     assert "draft ms/round" in proc.stdout and "t(n)/t(1)" in proc.stdout
 

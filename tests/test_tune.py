@@ -28,10 +28,10 @@ def test_verify_cost_curve(tiny):
 def test_tune_stores_a_shape_that_generate_uses(tiny, tmp_path):
     model_dir, drafter_dir = tiny
     env = {"MLX_REDRAFTER_CONFIG_DIR": str(tmp_path / "config")}
-    # The grid leaves out the default shape (2, 4), so generate can only get W, L from tune.
+    # The grid leaves out the default shape (1, 3), so generate can only get W, L from tune.
     proc = invoke(
         ["tune", "--model", str(model_dir), "--drafter", str(drafter_dir), "-N", "1",
-         "-n", "6", "--widths", "1,3", "--lengths", "2,3", "--curve-nodes", "4",
+         "-n", "6", "--widths", "2,3", "--lengths", "2,4", "--curve-nodes", "4",
          "--repeats", "1", "--json", str(tmp_path / "tune.json")],
         env=env,
     )  # fmt: skip
@@ -40,7 +40,7 @@ def test_tune_stores_a_shape_that_generate_uses(tiny, tmp_path):
     (key, entry), *rest = stored.items()
     assert not rest and key.endswith(f"|{model_dir.resolve()}")
     W, L = entry["beam_width"], entry["beam_length"]
-    assert W in (1, 3) and L in (2, 3)
+    assert W in (2, 3) and L in (2, 4)
     assert entry["drafter"] == str(drafter_dir) and len(entry["verify_cost"]) == 4
     assert f"best beam shape: W={W}, L={L}" in proc.stdout and "saved to" in proc.stdout
     assert len(json.loads((tmp_path / "tune.json").read_text())["sweep"]["cells"]) == 4
@@ -57,11 +57,11 @@ def test_tune_stores_a_shape_that_generate_uses(tiny, tmp_path):
     # Explicit -W/-L win over the tuned shape.
     proc = invoke(
         ["generate", "--model", str(model_dir), "--drafter", str(drafter_dir), "-p", "hello",
-         "-n", "5", "--json", "-W", "2", "-L", "4"],
+         "-n", "5", "--json", "-W", "4", "-L", "5"],
         env=env,
     )  # fmt: skip
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert (out["beam_width"], out["beam_length"]) == (2, 4)
+    assert (out["beam_width"], out["beam_length"]) == (4, 5)
 
     # chat runs with it too (/stats names the shape); info shows the tuned shape of the default model.
     proc = invoke(
