@@ -5,6 +5,7 @@ from __future__ import annotations
 import platform as _platform
 
 from .blas import blas_in_use
+from .loading import default_dtype
 
 
 def device_name() -> str:
@@ -22,13 +23,6 @@ def device_name() -> str:
         backend = "metal" if mx.metal.is_available() else "cuda"
         return f"gpu ({backend}{', ' + name if name else ''})"
     return f"cpu ({_platform.machine()}, {os.cpu_count()} cores)"
-
-
-def default_dtype() -> str:
-    """float16 on Metal (fast there); float32 elsewhere (float16 is slow on x86 CPUs)."""
-    import mlx.core as mx
-
-    return "float16" if mx.metal.is_available() else "float32"
 
 
 def platform_info() -> dict:
