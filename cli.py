@@ -528,7 +528,9 @@ def train(
     target: str = typer.Option(
         "self",
         "--target",
-        help="self: the model's own greedy responses; dataset: the file's answers.",
+        help="self: the model's own greedy responses; dataset: the file's answers; relabel: "
+        "the file's answers as context, the model's greedy next token at each as the target "
+        "(exact targets at prefill speed).",
     ),
     eval_fraction: float = typer.Option(0.05, "--eval-fraction", help="Held-out prompts."),
     checkpoint_every: int = typer.Option(200, "--checkpoint-every", help="Steps per checkpoint."),

@@ -4,7 +4,9 @@ Two phases, both resumable from a work directory:
   build_dataset: prompts -> sequences (last prompt token + response) with the base model's
       post-norm hidden state before each token, in float16 shards on disk. The response is the
       base model's own greedy output (target "self", batched and left-padded) or the prompt
-      file's answer (target "dataset", one teacher-forced pass).
+      file's answer (one teacher-forced pass), whose tokens are the targets (target "dataset")
+      or are relabelled with the base model's greedy prediction at each position (target
+      "relabel": the exact target for the tokens before it, at prefill speed).
   fit: the drafter trained on them with the base frozen; checkpoints every N steps, and a
       resumed run is bit-identical to an uninterrupted one.
 The library never prints; progress goes through tqdm bars that `progress=False` turns off.
@@ -31,7 +33,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 DATA_SEED = 0  # the prompt selection does not depend on the training seed, so data is reused
 MAX_PROMPT_TOKENS = 1024  # longer prompts are skipped (and counted in the log)
-TARGETS = ("self", "dataset")
+TARGETS = ("self", "dataset", "relabel")
 DEFAULT_GEN_BATCH = 32
 DEFAULT_SHARD_SIZE = 128
 DEFAULT_CHECKPOINT_EVERY = 200
@@ -216,6 +218,16 @@ def _join_rows(cache, rows: np.ndarray, other=None, other_rows: np.ndarray | Non
     return shift, other_shift
 
 
+def _drop_columns(cache, m: int) -> None:
+    """Forget the first m cache columns (ones no live row attends to any more)."""
+    if m <= 0:
+        return
+    for layer in cache.layers:
+        layer.keys = layer.keys[:, :, m : cache.offset]
+        layer.values = layer.values[:, :, m : cache.offset]
+    cache.offset -= m
+
+
 def generate_greedy_batch(
     model,
     prompts: Sequence[Sequence[int]],
@@ -286,6 +298,10 @@ def generate_greedy_batch(
                     start = np.concatenate([start + shift, g_pad[keep] + g_shift])
                 live += [group[j] for j in going]
                 feed = mx.concatenate([feed, g_tokens[mx.array(keep)].astype(mx.int32)])
+                # Without this the cache only grows: every join right-aligns at its length.
+                first = int(start.min())
+                _drop_columns(cache, first)
+                start = start - first
         if not live:
             continue
         S = cache.offset + 1
@@ -306,17 +322,26 @@ def generate_greedy_batch(
             else:
                 tokens = mx.zeros((0,), mx.int32)
             start = start[keep]
+            if going:
+                first = int(start.min())
+                _drop_columns(cache, first)
+                start = start - first
             live = [live[j] for j in going]
         feed = tokens
     return [(responses[b], np.stack(hiddens[b])) for b in range(n)]
 
 
 def teacher_forced_hidden(
-    model, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]]
-) -> list[np.ndarray]:
+    model,
+    prompts: Sequence[Sequence[int]],
+    responses: Sequence[Sequence[int]],
+    with_labels: bool = False,
+) -> list:
     """Hidden states (len(response), h) float32 before each response token, in one pass.
 
-    Rows are right-padded, so the plain causal mask and default positions are exact.
+    Rows are right-padded, so the plain causal mask and default positions are exact. With
+    `with_labels`, each entry is (hidden, labels): labels[k] is the base model's greedy choice
+    for response[k] given the prompt and response[:k] (logits only at those rows).
     """
     seqs = [list(p) + list(r[:-1]) for p, r in zip(prompts, responses, strict=True)]
     T = max(len(s) for s in seqs)
@@ -324,10 +349,15 @@ def teacher_forced_hidden(
     for b, s in enumerate(seqs):
         tokens[b, : len(s)] = s
     hidden, _ = model(mx.array(tokens), return_logits=False)
+    spans = [(len(p) - 1, len(p) - 1 + len(r)) for p, r in zip(prompts, responses, strict=True)]
+    labels = []
+    if with_labels:
+        labels = [mx.argmax(model.logits(hidden[b, s:e]), axis=-1) for b, (s, e) in enumerate(spans)]
+        mx.eval(labels)
     hidden = np.array(hidden.astype(mx.float32))
-    out = []
-    for b, (p, r) in enumerate(zip(prompts, responses, strict=True)):
-        out.append(hidden[b, len(p) - 1 : len(p) - 1 + len(r)])
+    out = [hidden[b, s:e] for b, (s, e) in enumerate(spans)]
+    if with_labels:
+        return [(h, np.array(y.astype(mx.int32))) for h, y in zip(out, labels, strict=True)]
     return out
 
 
@@ -376,7 +406,9 @@ def _file_digest(path: Path) -> str:
 @dataclass
 class DistillData:
     """Sequences x_0..x_{T-1} (x_0 = last prompt token, then the response) with the base's
-    hidden state H_t before each of x_1..x_{T-1}, i.e. at t = 0..T-2."""
+    hidden state H_t before each of x_1..x_{T-1}, i.e. at t = 0..T-2. `labels`, if set, holds
+    per sequence y_1..y_{T-1} (y_0 = -1): the base's greedy choice after x_0..x_{j-1}, the
+    targets in place of the tokens themselves (which are then only the drafter's inputs)."""
 
     tokens: list[np.ndarray]  # per sequence (T,) int32
     hidden: np.ndarray  # (sum(T - 1), h) float16, sequences concatenated
@@ -384,6 +416,10 @@ class DistillData:
     prompt_index: np.ndarray  # (n,) index into the prompt selection
     fingerprint: dict = field(default_factory=dict)
     stats: dict = field(default_factory=dict)
+    labels: list[np.ndarray] | None = None  # per sequence (T,) int32, or None: the tokens
+
+    def targets(self, i: int) -> np.ndarray:
+        return self.tokens[i] if self.labels is None else self.labels[i]
 
     @property
     def num_sequences(self) -> int:
@@ -443,11 +479,11 @@ def build_dataset(
     if num_prompts is not None and num_prompts < 1:
         raise TrainError(f"num_prompts must be >= 1, got {num_prompts}")
     selection = _select_prompts(prompts, num_prompts)
-    if target == "dataset":
+    if target in ("dataset", "relabel"):
         missing = [int(i) for i in selection if prompts[i].answer is None]
         if missing:
             raise TrainError(
-                f"target 'dataset' needs an answer for every prompt, but {prompts_file} has none "
+                f"target {target!r} needs an answer for every prompt, but {prompts_file} has none "
                 f"for record {missing[0]} (Alpaca's 'output'); use target 'self'"
             )
 
@@ -560,8 +596,13 @@ def _make_shard(
                 _encode_plain(tokenizer, prompts[chosen[k]].answer)[: new_tokens - 1] + [eos]
                 for k in batch
             ]
-            hidden = teacher_forced_hidden(model, [encoded[k] for k in batch], answers)
-            out += list(zip(answers, hidden, strict=True))
+            forced = teacher_forced_hidden(
+                model, [encoded[k] for k in batch], answers, with_labels=target == "relabel"
+            )
+            if target == "relabel":
+                out += [(a, h, y) for a, (h, y) in zip(answers, forced, strict=True)]
+            else:
+                out += list(zip(answers, forced, strict=True))
             for a in answers:
                 on_finish(len(a))
     t_gen = time.perf_counter() - t0
@@ -571,7 +612,12 @@ def _make_shard(
     hidden = [results[k][1] for k in order]
     tok_off = np.cumsum([0] + [len(s) for s in seqs]).astype(np.int64)
     hid = np.concatenate(hidden) if hidden else np.zeros((0, model.args.hidden_size))
+    extra = {}
+    if target == "relabel":
+        labels = [np.array([-1] + list(results[k][2]), np.int32) for k in order]
+        extra["labels"] = np.concatenate(labels) if labels else np.zeros((0,), np.int32)
     return {
+        **extra,
         "tokens": np.concatenate(seqs) if seqs else np.zeros((0,), np.int32),
         "token_offsets": tok_off,
         "hidden": np.clip(hid, -65000, 65000).astype(np.float16),
@@ -582,12 +628,14 @@ def _make_shard(
 
 
 def _load_shards(data_dir: Path, ranges, fingerprint) -> DistillData:
-    tokens, hiddens, index = [], [], []
+    tokens, hiddens, index, labels = [], [], [], []
     skipped, seconds = 0, 0.0
     for start, end in ranges:
         with np.load(_shard_path(data_dir, start, end)) as z:
             flat, off = z["tokens"], z["token_offsets"]
             tokens += [flat[off[i] : off[i + 1]] for i in range(len(off) - 1)]
+            if "labels" in z:
+                labels += [z["labels"][off[i] : off[i + 1]] for i in range(len(off) - 1)]
             hiddens.append(z["hidden"])
             index.append(z["prompt_index"])
             skipped += int(z["skipped"])
@@ -600,6 +648,7 @@ def _load_shards(data_dir: Path, ranges, fingerprint) -> DistillData:
         hidden_start=starts,
         prompt_index=np.concatenate(index) if index else np.zeros((0,), np.int64),
         fingerprint=fingerprint,
+        labels=labels if fingerprint.get("target") == "relabel" else None,
     )
     data.stats = {
         "sequences": data.num_sequences,
@@ -629,7 +678,7 @@ def target_counts(data: DistillData, sequences: Sequence[int], vocab_size: int) 
     """How often each token is a training target (a response token) in `sequences`."""
     if len(sequences) == 0:
         return np.zeros(vocab_size, np.int64)
-    flat = np.concatenate([data.tokens[i][1:] for i in sequences])
+    flat = np.concatenate([data.targets(i)[1:] for i in sequences])
     return np.bincount(flat, minlength=vocab_size)[:vocab_size].astype(np.int64)
 
 
@@ -674,6 +723,7 @@ class Positions:
 
     rows: np.ndarray  # (P,) int64 rows of DistillData.hidden: H_t
     windows: np.ndarray  # (P, N+1) int32: x_{t+1} .. x_{t+N+1}, -1 past the sequence end
+    labels: np.ndarray  # (P, N+1) int32: the same window of DistillData.targets
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -681,20 +731,31 @@ class Positions:
 
 def make_positions(data: DistillData, sequences: Sequence[int], num_predict: int) -> Positions:
     """Every position t with at least one target: head i (1..N) at t reads x_{t+1..t+i} through
-    the RNN (x_{t+1} plays g0) and predicts x_{t+i+1}; H_t already fixes x_{t+1}."""
+    the RNN (x_{t+1} plays g0) and predicts x_{t+i+1} (or its label y_{t+i+1}); H_t already
+    fixes x_{t+1}."""
     N = num_predict
-    rows, windows = [], []
+    rows, windows, labels = [], [], []
+
+    def window(x: np.ndarray, n: int) -> np.ndarray:
+        padded = np.concatenate([x[1:], np.full(N + 1, -1, np.int32)]).astype(np.int32)
+        return np.lib.stride_tricks.sliding_window_view(padded, N + 1)[:n]
+
     for i in sequences:
         x = data.tokens[i]
         n = len(x) - 2  # t = 0 .. T-3 have a target for head 1
         if n <= 0:
             continue
-        padded = np.concatenate([x[1:], np.full(N + 1, -1, np.int32)]).astype(np.int32)
-        windows.append(np.lib.stride_tricks.sliding_window_view(padded, N + 1)[:n])
+        windows.append(window(x, n))
+        labels.append(windows[-1] if data.labels is None else window(data.targets(i), n))
         rows.append(data.hidden_start[i] + np.arange(n, dtype=np.int64))
     if not rows:
-        return Positions(np.zeros((0,), np.int64), np.zeros((0, N + 1), np.int32))
-    return Positions(np.concatenate(rows), np.ascontiguousarray(np.concatenate(windows)))
+        empty = np.zeros((0, N + 1), np.int32)
+        return Positions(np.zeros((0,), np.int64), empty, empty)
+    return Positions(
+        np.concatenate(rows),
+        np.ascontiguousarray(np.concatenate(windows)),
+        np.ascontiguousarray(np.concatenate(labels)),
+    )
 
 
 def head_targets(windows: np.ndarray, head_index: np.ndarray | None) -> np.ndarray:
@@ -975,8 +1036,8 @@ def fit(
     eval_pos = make_positions(data, eval_seqs, num_predict)
     if len(train_pos) == 0:
         raise TrainError("no training examples: the responses are too short (need >= 2 tokens)")
-    train_targets = head_targets(train_pos.windows, head_index)
-    eval_targets = head_targets(eval_pos.windows, head_index)
+    train_targets = head_targets(train_pos.labels, head_index)
+    eval_targets = head_targets(eval_pos.labels, head_index)
 
     bs = min(batch_size, len(train_pos))
     steps_per_epoch = len(train_pos) // bs

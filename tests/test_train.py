@@ -272,6 +272,30 @@ def test_dataset_target_uses_the_file_answers(model, prompts_file, tmp_path):
     np.testing.assert_allclose(data.sequence_hidden(i), forced, atol=2e-3, rtol=2e-3)
 
 
+def test_relabel_target_is_the_greedy_choice_after_each_answer_prefix(
+    model, prompts_file, tmp_path
+):
+    tok = TinyTokenizer()
+    kw = dict(new_tokens=9, progress=False)
+    relabel = build_dataset(model, tok, prompts_file, tmp_path / "r", target="relabel", **kw)
+    dataset = build_dataset(model, tok, prompts_file, tmp_path / "d", target="dataset", **kw)
+    assert dataset.labels is None and len(relabel.labels) == relabel.num_sequences
+    prompts = read_prompts(prompts_file)
+    selection = train._select_prompts(prompts, None)
+    for i in (0, 5, 17):
+        # The context is the file's answer, as for "dataset"; only the targets differ.
+        assert relabel.tokens[i].tolist() == dataset.tokens[i].tolist()
+        np.testing.assert_allclose(relabel.sequence_hidden(i), dataset.sequence_hidden(i))
+        ids = train.encode_chat(tok, prompts[selection[relabel.prompt_index[i]]].text)
+        x, y = relabel.tokens[i], relabel.labels[i]
+        assert len(y) == len(x) and y[0] == -1
+        for j in range(1, len(x)):
+            _, logits = model(mx.array([ids + x[1:j].tolist()]))
+            assert y[j] == int(mx.argmax(logits[0, -1])), (i, j)
+    differ = sum(int((y[1:] != x[1:]).sum()) for x, y in zip(relabel.tokens, relabel.labels))
+    assert differ > 0  # a random model does not write the file's answers
+
+
 # ---------------------------------------------------------------------------------------------
 # The training forward is the inference forward
 
@@ -287,9 +311,27 @@ def test_positions_align_heads_with_tokens():
     # t = 0, 1, 2: H_t with x_{t+1} (g0) and then x_{t+2}, x_{t+3}; -1 past the end.
     assert pos.rows.tolist() == [0, 1, 2]
     assert pos.windows.tolist() == [[11, 12, 13], [12, 13, 14], [13, 14, -1]]
+    assert pos.labels.tolist() == pos.windows.tolist()
     head_index = np.full(20, -1, np.int32)
     head_index[[12, 14]] = [0, 1]  # a draft vocabulary {12, 14}
     assert train.head_targets(pos.windows, head_index).tolist() == [[0, -1], [-1, 1], [1, -2]]
+
+
+def test_relabelled_positions_read_tokens_and_predict_labels():
+    data = train.DistillData(
+        tokens=[np.array([10, 11, 12, 13, 14], np.int32)],
+        hidden=np.zeros((4, 2), np.float16),
+        hidden_start=np.array([0, 4]),
+        prompt_index=np.array([0]),
+        labels=[np.array([-1, 21, 22, 23, 24], np.int32)],
+    )
+    pos = make_positions(data, [0], num_predict=2)
+    # The RNN still reads the tokens x; head i predicts y_{t+i+1} instead of x_{t+i+1}.
+    assert pos.windows.tolist() == [[11, 12, 13], [12, 13, 14], [13, 14, -1]]
+    assert pos.labels.tolist() == [[21, 22, 23], [22, 23, 24], [23, 24, -1]]
+    assert train.head_targets(pos.labels, None).tolist() == [[22, 23], [23, 24], [24, -2]]
+    counts = train.target_counts(data, [0], 30)
+    assert counts[21:25].tolist() == [1, 1, 1, 1] and counts[11:15].sum() == 0
 
 
 @pytest.mark.parametrize("vocab", [None, [EOS, 5, 9, 17, 23, 30, 41, 42, 57]])
