@@ -406,6 +406,19 @@ def test_training_lowers_loss_and_writes_a_loadable_drafter(model, prompts_file,
     assert saved["machine"]["blas"]
 
 
+def test_training_predicts_the_labels_not_the_tokens(model, data, tmp_path):
+    # Labels that are always one rare token: the drafter learns them whatever the tokens are.
+    counts = np.bincount(np.concatenate([x[1:] for x in data.tokens]), minlength=VOCAB)
+    rare = int(np.argmin(counts))
+    labels = [np.array([-1] + [rare] * (len(x) - 1), np.int32) for x in data.tokens]
+    relabelled = train.DistillData(
+        data.tokens, data.hidden, data.hidden_start, data.prompt_index, labels=labels
+    )
+    log = fit(model, relabelled, tmp_path / "out", work_dir=tmp_path / "w", **FIT)
+    assert min(log["final_eval"]["head_accuracy"]) > 0.95
+    assert counts[rare] / counts.sum() < 0.05
+
+
 def test_same_seed_same_curve_and_resume_is_exact(model, data, tmp_path):
     ref = fit(model, data, tmp_path / "a", work_dir=tmp_path / "wa", **FIT)
     again = fit(model, data, tmp_path / "b", work_dir=tmp_path / "wb", **FIT)
