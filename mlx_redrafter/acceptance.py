@@ -18,6 +18,8 @@ import numpy as np
 from .decode import stream_generate
 from .drafter import beam_search
 
+DEFAULT_BATCH = 32  # prompts decoded together for the references
+
 
 def reference_decode(model, tokenizer, ids: Sequence[int], max_tokens: int, lookahead: int):
     """Plain greedy tokens (max_tokens + lookahead of them, or up to EOS) and hidden states."""
@@ -31,6 +33,20 @@ def reference_decode(model, tokenizer, ids: Sequence[int], max_tokens: int, look
     seq = mx.array([list(ids) + ref], dtype=mx.int32)
     hidden, _ = model(seq, return_logits=False)
     return ref, min(limit, len(ref)), hidden[0]
+
+
+def reference_batch(model, tokenizer, prompts, max_tokens: int, lookahead: int):
+    """reference_decode for many prompts at once through batched greedy generation (the
+    training data generator: continuous batching, the hidden states kept as they come).
+    Yields (ref, limit, hidden) with hidden[k] the state before ref[k], i.e. prompt_len 1."""
+    from .train import generate_greedy_batch
+
+    stop = set(getattr(tokenizer, "eos_token_ids", None) or [])  # as stream_generate
+    out = generate_greedy_batch(model, prompts, max_tokens + lookahead, stop, DEFAULT_BATCH)
+    for ref, hidden in out:
+        ends = [i + 1 for i, t in enumerate(ref) if t in stop]
+        limit = ends[0] if ends and ends[0] <= max_tokens else max_tokens
+        yield ref, min(limit, len(ref)), mx.array(hidden)
 
 
 def replay_rounds(
@@ -61,16 +77,27 @@ def acceptance_grid(
     shapes: Sequence[tuple[int, int]],
     max_tokens: int,
     on_prompt: Callable[[], None] | None = None,
+    batched: bool = True,
 ) -> dict:
-    """Tokens per step and acceptance by depth for every (W, L) in `shapes`, over `prompts`."""
+    """Tokens per step and acceptance by depth for every (W, L) in `shapes`, over `prompts`.
+
+    batched: make the plain greedy references for all prompts together (about 4x faster on
+    a CPU; equal to one-at-a-time decoding up to float rounding in near ties)."""
     longest = max(length for _, length in shapes)
     rounds: dict[tuple[int, int], list[int]] = {s: [] for s in shapes}
     per_prompt = []
-    for ids in prompts:
-        ref, limit, hidden = reference_decode(model, tokenizer, ids, max_tokens, longest)
+    prompts = [list(p) for p in prompts]
+    if batched:
+        refs = ((1, r) for r in reference_batch(model, tokenizer, prompts, max_tokens, longest))
+    else:
+        refs = (
+            (len(ids), reference_decode(model, tokenizer, ids, max_tokens, longest))
+            for ids in prompts
+        )
+    for prompt_len, (ref, limit, hidden) in refs:
         row = {}
         for W, L in shapes:
-            acc = replay_rounds(drafter, model, hidden, len(ids), ref, limit, W, L)
+            acc = replay_rounds(drafter, model, hidden, prompt_len, ref, limit, W, L)
             rounds[(W, L)].extend(acc)
             row[f"{W}x{L}"] = float(np.mean(acc)) + 1.0 if acc else 1.0
         per_prompt.append({"num_tokens": limit, "tokens_per_step": row})

@@ -352,7 +352,9 @@ def teacher_forced_hidden(
     spans = [(len(p) - 1, len(p) - 1 + len(r)) for p, r in zip(prompts, responses, strict=True)]
     labels = []
     if with_labels:
-        labels = [mx.argmax(model.logits(hidden[b, s:e]), axis=-1) for b, (s, e) in enumerate(spans)]
+        labels = [
+            mx.argmax(model.logits(hidden[b, s:e]), axis=-1) for b, (s, e) in enumerate(spans)
+        ]
         mx.eval(labels)
     hidden = np.array(hidden.astype(mx.float32))
     out = [hidden[b, s:e] for b, (s, e) in enumerate(spans)]

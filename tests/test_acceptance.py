@@ -9,20 +9,30 @@ from mlx_redrafter.decode import stream_generate
 from mlx_redrafter.drafter import init_drafter
 
 
+@pytest.mark.parametrize("eos", [(), (5,)])
+@pytest.mark.parametrize("batched", [True, False])
 @pytest.mark.parametrize("seed", [0, 2, 4])
-def test_replay_matches_the_real_loop(seed):
+def test_replay_matches_the_real_loop(seed, batched, eos):
     # A small vocabulary so a random drafter is right often enough to accept runs.
     model = tiny_model(seed, vocab=6, hidden=32)
     drafter = init_drafter(model, seed=seed)
     shapes = [(1, 3), (2, 4), (3, 5)]
     prompts = [[1, 2, 3], [4, 0, 5, 1]]
-    grid = acceptance_grid(model, FakeTokenizer(), drafter, prompts, shapes, max_tokens=30)
+    grid = acceptance_grid(
+        model, FakeTokenizer(eos), drafter, prompts, shapes, max_tokens=30, batched=batched
+    )
     for W, L in shapes:
         accepted = []
         for ids in prompts:
             responses = list(
                 stream_generate(
-                    model, FakeTokenizer(), ids, drafter, max_tokens=30, beam_width=W, beam_length=L
+                    model,
+                    FakeTokenizer(eos),
+                    ids,
+                    drafter,
+                    max_tokens=30,
+                    beam_width=W,
+                    beam_length=L,
                 )
             )
             accepted += responses[-1].stats.accepted

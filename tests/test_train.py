@@ -292,7 +292,9 @@ def test_relabel_target_is_the_greedy_choice_after_each_answer_prefix(
         for j in range(1, len(x)):
             _, logits = model(mx.array([ids + x[1:j].tolist()]))
             assert y[j] == int(mx.argmax(logits[0, -1])), (i, j)
-    differ = sum(int((y[1:] != x[1:]).sum()) for x, y in zip(relabel.tokens, relabel.labels))
+    differ = sum(
+        int((y[1:] != x[1:]).sum()) for x, y in zip(relabel.tokens, relabel.labels, strict=True)
+    )
     assert differ > 0  # a random model does not write the file's answers
 
 
