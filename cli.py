@@ -37,6 +37,14 @@ def friendly_errors(fn):
             return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort, KeyboardInterrupt):
             raise
+        except BrokenPipeError:
+            # The reader left (`mlx-redrafter info | head`): stop quietly, as cat does, and
+            # keep Python from complaining again when it flushes stdout at exit.
+            try:
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            except (OSError, ValueError):
+                pass
+            raise typer.Exit(141) from None
         except (ValueError, OSError, KeyError) as exc:
             if os.environ.get("MLX_REDRAFTER_DEBUG"):
                 raise

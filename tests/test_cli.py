@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from helpers import invoke, run_cli, write_tiny_drafter, write_tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +82,23 @@ def _one_red_line(proc, *needles):
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
     for needle in needles:
         assert needle in lines[0], lines[0]
+
+
+def test_a_closed_pipe_is_not_an_error(tmp_path):
+    # What `mlx-redrafter info | head -1` meets once head has gone: no error line, exit 141.
+    code = (
+        "import cli\n"
+        "def closed():\n"
+        "    raise BrokenPipeError(32, 'Broken pipe')\n"
+        "try:\n"
+        "    cli.friendly_errors(closed)()\n"
+        "except cli.typer.Exit as exc:\n"  # what typer's app does with it
+        "    raise SystemExit(exc.exit_code)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
+    assert proc.returncode == 141 and proc.stderr == "", proc.stderr
 
 
 def test_missing_model_path(tmp_path):
