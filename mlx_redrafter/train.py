@@ -218,14 +218,17 @@ def _join_rows(cache, rows: np.ndarray, other=None, other_rows: np.ndarray | Non
     return shift, other_shift
 
 
-def _drop_columns(cache, m: int) -> None:
-    """Forget the first m cache columns (ones no live row attends to any more)."""
-    if m <= 0:
-        return
-    for layer in cache.layers:
-        layer.keys = layer.keys[:, :, m : cache.offset]
-        layer.values = layer.values[:, :, m : cache.offset]
-    cache.offset -= m
+def _drop_unread_columns(cache, start: np.ndarray) -> np.ndarray:
+    """Forget the cache columns before every row's first one (no row attends to them any
+    more); return the rows' first columns after the shift. Without this the cache only
+    grows: every join right-aligns at its length."""
+    m = int(start.min())
+    if m > 0:
+        for layer in cache.layers:
+            layer.keys = layer.keys[:, :, m : cache.offset]
+            layer.values = layer.values[:, :, m : cache.offset]
+        cache.offset -= m
+    return start - m
 
 
 def generate_greedy_batch(
@@ -298,10 +301,7 @@ def generate_greedy_batch(
                     start = np.concatenate([start + shift, g_pad[keep] + g_shift])
                 live += [group[j] for j in going]
                 feed = mx.concatenate([feed, g_tokens[mx.array(keep)].astype(mx.int32)])
-                # Without this the cache only grows: every join right-aligns at its length.
-                first = int(start.min())
-                _drop_columns(cache, first)
-                start = start - first
+                start = _drop_unread_columns(cache, start)
         if not live:
             continue
         S = cache.offset + 1
@@ -323,9 +323,7 @@ def generate_greedy_batch(
                 tokens = mx.zeros((0,), mx.int32)
             start = start[keep]
             if going:
-                first = int(start.min())
-                _drop_columns(cache, first)
-                start = start - first
+                start = _drop_unread_columns(cache, start)
             live = [live[j] for j in going]
         feed = tokens
     return [(responses[b], np.stack(hiddens[b])) for b in range(n)]
@@ -748,16 +746,15 @@ def make_positions(data: DistillData, sequences: Sequence[int], num_predict: int
         if n <= 0:
             continue
         windows.append(window(x, n))
-        labels.append(windows[-1] if data.labels is None else window(data.targets(i), n))
+        if data.labels is not None:
+            labels.append(window(data.labels[i], n))
         rows.append(data.hidden_start[i] + np.arange(n, dtype=np.int64))
     if not rows:
         empty = np.zeros((0, N + 1), np.int32)
         return Positions(np.zeros((0,), np.int64), empty, empty)
-    return Positions(
-        np.concatenate(rows),
-        np.ascontiguousarray(np.concatenate(windows)),
-        np.ascontiguousarray(np.concatenate(labels)),
-    )
+    windows = np.ascontiguousarray(np.concatenate(windows))
+    labels = windows if data.labels is None else np.ascontiguousarray(np.concatenate(labels))
+    return Positions(np.concatenate(rows), windows, labels)
 
 
 def head_targets(windows: np.ndarray, head_index: np.ndarray | None) -> np.ndarray:
