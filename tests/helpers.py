@@ -170,7 +170,7 @@ def invoke(args: list[str], env: dict[str, str] | None = None, input: str | None
 
     from typer.testing import CliRunner
 
-    from cli import app
+    from mlx_redrafter.cli import app
 
     extra = {"HF_HUB_OFFLINE": "1", "MLX_REDRAFTER_DEBUG": None, **(env or {})}
     # Never read or write the user's own tuned shapes.

@@ -87,7 +87,7 @@ def _one_red_line(proc, *needles):
 def test_a_closed_pipe_is_not_an_error(tmp_path):
     # What `mlx-redrafter info | head -1` meets once head has gone: no error line, exit 141.
     code = (
-        "import cli\n"
+        "from mlx_redrafter import cli\n"
         "def closed():\n"
         "    raise BrokenPipeError(32, 'Broken pipe')\n"
         "try:\n"
