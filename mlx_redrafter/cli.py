@@ -266,6 +266,96 @@ def chat(
         raise typer.Exit(code)
 
 
+@app.command()
+@friendly_errors
+def serve(
+    model: str | None = typer.Option(None, "--model", "-m", help="Model dir, HF id or GGUF."),
+    drafter: str | None = typer.Option(None, "--drafter", "-d", help="Drafter directory."),
+    no_drafter: bool = typer.Option(False, "--no-drafter", help="Plain decoding."),
+    host: str = typer.Option(
+        "127.0.0.1", "--host", help="Address to listen on (0.0.0.0 exposes it to the network)."
+    ),
+    port: int = typer.Option(8080, "--port", help="Port (0 picks a free one)."),
+    beam_width: int | None = typer.Option(None, "--beam-width", "-W"),
+    beam_length: int | None = typer.Option(None, "--beam-length", "-L"),
+    lookup: bool | None = typer.Option(
+        None, "--lookup/--no-lookup", help="Context lookup candidates (default: the library's)."
+    ),
+    lookup_max: int | None = typer.Option(None, "--lookup-max", help="Longest continuation lookup copies."),
+    temp: float = typer.Option(0.0, "--temp", help="Temperature when a request gives none."),
+    top_p: float = typer.Option(1.0, "--top-p", help="top_p when a request gives none."),
+    top_k: int = typer.Option(0, "--top-k", help="top_k when a request gives none (0 = off)."),
+    max_tokens: int = typer.Option(
+        512, "--max-tokens", "-n", help="Answer length when a chat request gives none."
+    ),
+    max_queue: int = typer.Option(64, "--max-queue", help="Requests that may wait (then 503)."),
+    prompt_cache: int = typer.Option(4, "--prompt-cache", help="KV caches of recent prompts."),
+    prompt_cache_gb: float = typer.Option(
+        2.0, "--prompt-cache-gb", help="Most memory the kept caches may hold."
+    ),
+    dtype: str | None = typer.Option(None, help="Cast the model to this dtype."),
+):
+    """A local OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models)."""
+    import logging
+
+    from mlx_redrafter.decode import SamplingConfig
+    from mlx_redrafter.drafter import load_drafter
+    from mlx_redrafter.loading import resolve_model_path
+    from mlx_redrafter.platform import device_name
+    from mlx_redrafter.server import Engine, bind, url_of
+    from mlx_redrafter.server import serve as run_server
+
+    SamplingConfig(temp, top_p, top_k).validate()
+    sock = bind(host, port)  # fail before the model loads if the port is taken
+    model_path = resolve_model_path(model)
+    base, tokenizer = _load_model(str(model_path), dtype)
+    drafter_path = _resolve_drafter(model, drafter, no_drafter)
+    draft = load_drafter(drafter_path, base=base) if drafter_path else None
+    options = {
+        "beam_width": beam_width,
+        "beam_length": beam_length,
+        "lookup": lookup,
+        "lookup_max": lookup_max,
+    }
+    engine = Engine(
+        base,
+        tokenizer,
+        draft,
+        model_name=Path(model_path).name,
+        aliases=tuple(a for a in (model, str(model_path)) if a),
+        drafter_name=Path(drafter_path).name if drafter_path else None,
+        decode_options=options,
+        max_tokens=max_tokens,
+        temperature=temp,
+        top_p=top_p,
+        top_k=top_k,
+        max_queue=max_queue,
+        cache_entries=prompt_cache,
+        cache_bytes=int(prompt_cache_gb * (1 << 30)),
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    server_log = logging.getLogger("mlx_redrafter.server")
+    server_log.addHandler(handler)
+    server_log.setLevel(logging.INFO)
+    server_log.propagate = False
+
+    if draft is None:
+        how = "plain decoding"
+    else:
+        shape = " ".join(f"{k}={v}" for k, v in engine.decode_options.items()) or "default shape"
+        how = f"ReDrafter ({Path(drafter_path).name}, {shape})"
+    url = url_of(sock)
+
+    def ready() -> None:
+        typer.echo(
+            f"mlx-redrafter serve: {url}/v1 · model {Path(model_path).name} · {how} · "
+            f"{device_name()} · Ctrl-C stops"
+        )
+
+    run_server(engine, sock, on_ready=ready)
+
+
 def _int_list(text: str, option: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
