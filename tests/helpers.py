@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 CHATML = (
@@ -176,3 +178,92 @@ def invoke(args: list[str], env: dict[str, str] | None = None, input: str | None
     # Never read or write the user's own tuned shapes.
     extra.setdefault("MLX_REDRAFTER_CONFIG_DIR", tempfile.mkdtemp(prefix="mlx-redrafter-cfg-"))
     return Invoked(CliRunner().invoke(app, args, input=input, env=extra))
+
+
+# ---------------------------------------------------------------------------------------------
+# Comparing numbers computed in different orders
+
+# The same float maths computed in another order (another BLAS or thread count, another CPU's
+# kernels, a batched or tree-shaped pass instead of one token at a time) rounds differently,
+# and the difference grows with depth: float32 logits of a 2-layer random model differ by up
+# to ~1.5e-5 of their largest magnitude across CPUs. Tolerances are relative to that scale.
+RTOL = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}
+
+
+def as_numpy(x):
+    """A float64 numpy copy of an mx.array (any dtype), numpy array or list."""
+    if hasattr(x, "astype") and type(x).__module__.startswith("mlx"):
+        import mlx.core as mx
+
+        x = x.astype(mx.float32)
+    return np.asarray(x, dtype=np.float64)
+
+
+def _dtype_name(x) -> str:
+    return str(getattr(x, "dtype", "float32")).replace("mlx.core.", "")
+
+
+def assert_close(actual, expected, rtol: float | None = None, what: str = "") -> None:
+    """|actual - expected| <= rtol x the largest magnitude of either, everywhere.
+
+    rtol defaults to RTOL of the lower-precision dtype of the two (float32 when neither is
+    an mx.array of another dtype).
+    """
+    if rtol is None:
+        rtol = max(RTOL.get(_dtype_name(actual), RTOL["float32"]),
+                   RTOL.get(_dtype_name(expected), RTOL["float32"]))  # fmt: skip
+    a, e = as_numpy(actual), as_numpy(expected)
+    assert a.shape == e.shape, f"{what}shape {a.shape} != {e.shape}"
+    scale = max(np.abs(e).max(initial=0.0), np.abs(a).max(initial=0.0), np.finfo(np.float32).tiny)
+    err = np.abs(a - e).max(initial=0.0)
+    assert err <= rtol * scale, f"{what}max |difference| {err:.3g} > {rtol:g} x scale {scale:.3g}"
+
+
+def top2_margins(logits) -> np.ndarray:
+    """Top-1 minus top-2 value along the last axis: how far each greedy choice is from a tie."""
+    values = np.sort(as_numpy(logits), axis=-1)
+    return values[..., -1] - values[..., -2]
+
+
+def assert_greedy_equal(got: list[int], expected: list[int], logits, rtol: float | None = None):
+    """Greedy tokens from two computation shapes agree, except past a near-tie.
+
+    logits: (len(expected), V), the reference's logits that chose each expected token. A
+    position whose top-2 margin is within rtol x the logits' scale may flip between shapes
+    (or machines), and everything after it may then differ; up to the first such position the
+    tokens must be equal. At least half of the tokens must come before any near-tie, or the
+    case tests too little and should use other inputs.
+    """
+    rtol = RTOL.get(_dtype_name(logits), RTOL["float32"]) if rtol is None else rtol
+    logits = as_numpy(logits)
+    assert logits.shape[0] >= len(expected), (logits.shape, len(expected))
+    tol = rtol * max(np.abs(logits).max(initial=0.0), 1e-30)
+    margins = top2_margins(logits[: len(expected)])
+    ties = np.flatnonzero(margins <= tol)
+    checked = int(ties[0]) if len(ties) else len(expected)
+    assert checked >= (len(expected) + 1) // 2, (
+        f"near-tie at position {checked} of {len(expected)} (margin {margins[checked]:.3g}): "
+        "the case checks too little"
+    )
+    n = min(len(got), len(expected))
+    first = next((i for i in range(n) if got[i] != expected[i]), None)
+    if first is None and len(got) != len(expected):
+        first = n  # one stopped earlier
+    if first is not None and (first < checked or not len(ties)):
+        margin = f"{margins[first]:.3g}" if first < len(margins) else "n/a"
+        raise AssertionError(
+            f"tokens differ at position {first} (reference margin {margin}, tolerance "
+            f"{tol:.3g}): {got[first : first + 4]} != {expected[first : first + 4]}"
+        )
+
+
+def reference_logits(model, prompt: list[int], tokens: list[int]):
+    """The logits (len(tokens), V) that chose each of `tokens` after `prompt`, from one full
+    forward of prompt + tokens (our Model returns (hidden, logits); mlx-lm's returns logits)."""
+    import mlx.core as mx
+
+    seq = mx.array([list(prompt) + list(tokens)], dtype=mx.int32)
+    out = model(seq)
+    logits = out[1] if isinstance(out, tuple) else out
+    start = len(prompt) - 1
+    return logits[0, start : start + len(tokens)].astype(mx.float32)

@@ -13,6 +13,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from helpers import assert_close
 
 from mlx_redrafter.convert import ConvertError, convert_drafter, convert_model, drafter_key
 from mlx_redrafter.drafter import beam_search, load_drafter
@@ -245,13 +246,13 @@ def test_drafter_matches_torch_reference(case, base, base_dir, tmp_path):
     tokens = [3, 17, 17, 39, 0]
     expected = reference_logits(ref, E, context, tokens)
     got = mlx_logits(drafter, base, context.numpy(), tokens)
-    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
+    assert_close(got, expected)
 
     for width in (2, 3):
         want_beams, want_scores = torch_beam_search(ref, E, context, 5, width, 4)
         beams, scores = beam_search(drafter, base, mx.array(context.numpy()), 5, width, 4)
         np.testing.assert_array_equal(np.array(beams), want_beams)
-        np.testing.assert_allclose(np.array(scores), want_scores, atol=1e-4)
+        assert_close(scores, want_scores)
 
 
 def rename_state(state: dict, variant: str) -> dict:
@@ -539,8 +540,8 @@ def test_hf_llama_converts(layout, hf_llama, tmp_path):
     ours, tokenizer = load(dst)
     theirs, _ = mlx_lm.load(str(dst))
     _, logits = ours(mx.array([TOKENS]))
-    np.testing.assert_allclose(np.array(logits[0]), expected, atol=1e-4, rtol=0)
-    np.testing.assert_allclose(np.array(theirs(mx.array([TOKENS]))[0]), expected, atol=1e-4, rtol=0)
+    assert_close(logits[0], expected)
+    assert_close(theirs(mx.array([TOKENS]))[0], expected)
     assert (
         tokenizer.apply_chat_template(
             [{"role": "user", "content": "w5 w6"}], tokenize=False
@@ -562,9 +563,7 @@ def test_hf_llama_quantized_and_dtype(hf_llama, tmp_path):
     ours, _ = load(dst)
     theirs, _ = mlx_lm.load(str(dst))
     _, logits = ours(mx.array([TOKENS]))
-    np.testing.assert_allclose(
-        np.array(logits[0]), np.array(theirs(mx.array([TOKENS]))[0]), atol=1e-4, rtol=0
-    )
+    assert_close(logits[0], theirs(mx.array([TOKENS]))[0])
     assert "scales" in ours.model.layers[0].self_attn.q_proj
 
     half = convert_model(src, tmp_path / "bf16", dtype="bfloat16")
@@ -589,7 +588,7 @@ def test_hugging_face_id_from_the_cache(hf_llama, tmp_path, monkeypatch):
     dst = convert_model("tiny-org/tiny-llama", tmp_path / "out")
     model, _ = load(dst)
     _, logits = model(mx.array([TOKENS]))
-    np.testing.assert_allclose(np.array(logits[0]), torch_logits(ref, TOKENS), atol=1e-4, rtol=0)
+    assert_close(logits[0], torch_logits(ref, TOKENS))
     missing = tmp_path / "missing"
     assert_fails_cleanly(
         lambda: convert_model("tiny-org/absent", missing), missing, "tiny-org/absent", "offline"
@@ -653,14 +652,14 @@ def test_gguf_converts_quantized(tiny_llama_dir, tiny_gguf, tmp_path):
     _, expected = load(src)[0](tokens)
     dense = convert_model(gguf, tmp_path / "dense")
     _, logits = load(dense)[0](tokens)
-    np.testing.assert_allclose(np.array(logits), np.array(expected), atol=1e-4, rtol=0)
+    assert_close(logits, expected)
 
     q4 = convert_model(gguf, tmp_path / "q4", quantize=True, q_bits=4, q_group_size=32)
     assert json.loads((q4 / "config.json").read_text())["quantization"]["bits"] == 4
     ours, _ = load(q4)
     theirs, _ = mlx_lm.load(str(q4))
     _, logits = ours(tokens)
-    np.testing.assert_allclose(np.array(logits), np.array(theirs(tokens)), atol=1e-4, rtol=0)
+    assert_close(logits, theirs(tokens))
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 

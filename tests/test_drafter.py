@@ -11,6 +11,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from helpers import RTOL, assert_close
 from mlx.utils import tree_flatten
 
 from mlx_redrafter.drafter import (
@@ -159,7 +160,7 @@ def test_forward_matches_numpy_equations(base, variant):
         ours = np.array(drafter.head(context, state)[0])
         ref = numpy_logits(p, drafter.args, table, c, tokens)
         assert ours.shape == (drafter.head_size,)
-        np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4)
+        assert_close(ours, ref)
 
 
 def test_module_layout_matches_apple_names(base):
@@ -190,7 +191,7 @@ def test_head_broadcasts_context_over_beams(base):
     batched = drafter.head(context, state)
     for i in range(3):
         single = drafter.head(context[None], state[i : i + 1])
-        np.testing.assert_allclose(np.array(batched[i]), np.array(single[0]), atol=1e-5)
+        assert_close(batched[i], single[0])
 
 
 def test_vocabulary_maps(base):
@@ -246,7 +247,7 @@ def test_beam_search_matches_reference(base, variant, width, length):
     assert scores.dtype == mx.float32 and scores.shape == (width,)
     ref_beams, ref_scores = reference_beam_search(drafter, base, context, 9, width, length)
     assert np.array(beams).tolist() == ref_beams
-    np.testing.assert_allclose(np.array(scores), ref_scores, rtol=1e-5, atol=1e-4)
+    assert_close(scores, ref_scores)
 
 
 @pytest.mark.parametrize("variant", ["rnn", "draft-vocab"])
@@ -274,7 +275,7 @@ def test_beam_search_is_exhaustive_without_pruning(base, variant):
         got = [tuple(r) for r in np.array(beams).tolist()]
         assert set(got) == {seqs[i] for i in order}
         assert got == [seqs[i] for i in order]
-        np.testing.assert_allclose(np.array(scores), np.array(seq_scores)[order], atol=1e-4)
+        assert_close(scores, np.array(seq_scores)[order])
 
 
 def test_scores_are_summed_log_probs(base):
@@ -284,7 +285,7 @@ def test_scores_are_summed_log_probs(base):
     beams = np.array(beams).tolist()
     for beam, score in zip(beams, np.array(scores), strict=True):
         log_q = drafter_log_probs(drafter, base, context, [beam[:t] for t in range(1, 5)])
-        assert score == pytest.approx(sum(log_q[t, beam[t + 1]] for t in range(4)), abs=1e-4)
+        assert_close(score, sum(log_q[t, beam[t + 1]] for t in range(4)))
     assert all(b[0] == 30 for b in beams)
     assert len({tuple(b) for b in beams}) == 5
     assert np.all(np.diff(np.array(scores)) <= 0)
@@ -322,7 +323,7 @@ def test_ties_go_to_the_lower_index(base):
         to_id = head_ids(drafter)
         expected = [[8, to_id[0], to_id[0], to_id[j]] for j in range(4)]
         assert np.array(beams).tolist() == expected
-        np.testing.assert_allclose(np.array(scores), np.full(4, 3 * -np.log(drafter.head_size)))
+        assert_close(scores, np.full(4, 3 * -np.log(drafter.head_size)))
 
 
 def test_top_k_warp(base):
@@ -331,13 +332,13 @@ def test_top_k_warp(base):
     beams, scores = beam_search(drafter, base, context, 9, 3, 4, top_k=5)
     ref_beams, ref_scores = reference_beam_search(drafter, base, context, 9, 3, 4, top_k=5)
     assert np.array(beams).tolist() == ref_beams
-    np.testing.assert_allclose(np.array(scores), ref_scores, atol=1e-4)
+    assert_close(scores, ref_scores)
     # Warping renormalises over the top k, so scores rise; top_k >= V is no warp at all.
     plain_beams, plain_scores = beam_search(drafter, base, context, 9, 3, 4)
     assert np.all(np.array(scores) > np.array(plain_scores))
     same_beams, same_scores = beam_search(drafter, base, context, 9, 3, 4, top_k=V)
     assert np.array_equal(np.array(same_beams), np.array(plain_beams))
-    np.testing.assert_allclose(np.array(same_scores), np.array(plain_scores), atol=1e-5)
+    assert_close(same_scores, plain_scores)
 
 
 @pytest.mark.parametrize("variant", ["rnn", "draft-vocab-input-proj"])
@@ -348,7 +349,7 @@ def test_compiled_step_matches(base, variant):
         a = beam_search(drafter, base, context, 9, 4, 5, top_k=top_k)
         b = beam_search(drafter, base, context, 9, 4, 5, top_k=top_k, compiled=True)
         assert np.array_equal(np.array(a[0]), np.array(b[0]))
-        np.testing.assert_allclose(np.array(a[1]), np.array(b[1]), atol=1e-5)
+        assert_close(a[1], b[1])
     # The compiled step sees weight updates.
     final = drafter.lm_head[-1]
     final.weight = mx.zeros_like(final.weight)
@@ -448,7 +449,7 @@ def test_load_with_dtype(base, tmp_path):
     save_drafter(drafter, tmp_path / "d")
     half = load_drafter(tmp_path / "d", dtype=mx.float16)
     assert half.dtype == mx.float16
-    np.testing.assert_allclose(logits_of(half, base), logits_of(drafter, base), atol=0.05)
+    assert_close(logits_of(half, base), logits_of(drafter, base), rtol=RTOL["float16"])
 
 
 def write_apple_checkpoint(path, base, emb_norm=False, config_extra=None, drop=(), add=None):
@@ -501,7 +502,7 @@ def test_apple_checkpoint_loads_unchanged(base, tmp_path):
     table = np.array(base.model.embed_tokens.weight, dtype=np.float64)
     c = np.array(context_vector(), dtype=np.float64)
     ref = np.stack([numpy_logits(weights, drafter.args, table, c, [t]) for t in (4, 50)])
-    np.testing.assert_allclose(logits_of(drafter, base), ref, rtol=1e-4, atol=1e-4)
+    assert_close(logits_of(drafter, base), ref)
 
 
 def test_emb_norm_checkpoint(base, tmp_path):

@@ -12,6 +12,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
+from helpers import assert_close
 from mlx.utils import tree_flatten
 
 from mlx_redrafter import loading
@@ -72,7 +73,7 @@ def test_tiny_checkpoint_loads_like_mlx_lm(tiny_llama_dir, family):
     path = tiny_llama_dir(**family)
     model, tokenizer = load(path)
     _, logits = model(IDS)
-    assert mx.abs(logits - mlx_lm_logits(path)).max().item() < 1e-5
+    assert_close(logits, mlx_lm_logits(path))
     assert tokenizer.decode(tokenizer.encode("the theme")) == "the theme"
     assert tokenizer.eos_token_ids == {2}
 
@@ -100,7 +101,7 @@ def test_quantized_checkpoint(tiny_llama_dir):
     ours = load_model(path)
     assert isinstance(ours.model.layers[0].self_attn.q_proj, nn.QuantizedLinear)
     _, logits = ours(IDS)
-    assert mx.abs(logits - mlx_lm_logits(path)).max().item() < 1e-5
+    assert_close(logits, mlx_lm_logits(path))
 
 
 def test_lazy_load(tiny_llama_dir):
@@ -290,7 +291,7 @@ def test_gguf_file_converts_once_into_cache(tiny_llama_dir, tiny_gguf, tmp_path,
     assert (first / "model.safetensors").stat().st_mtime_ns == stamp
     model, tokenizer = load(gguf)
     _, logits = model(IDS)
-    assert mx.abs(logits - mlx_lm_logits(tmp_path / "tiny")).max().item() < 1e-5
+    assert_close(logits, mlx_lm_logits(tmp_path / "tiny"))
 
 
 def test_unsupported_gguf_through_load(tiny_llama_dir, tiny_gguf, tmp_path, monkeypatch):

@@ -6,6 +6,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from helpers import assert_close
 from mlx.utils import tree_flatten
 
 from mlx_redrafter.model import Model, ModelArgs, UnsupportedModelError
@@ -70,9 +71,9 @@ def test_logits_match_mlx_lm(family):
     hidden, logits = ours(tokens)
     expected = ref(tokens)
     assert hidden.shape == (2, 24, cfg["hidden_size"])
-    assert mx.abs(logits - expected).max().item() < 1e-4
+    assert_close(logits, expected)
     # The hidden state is the post-norm one mlx-lm's inner model returns.
-    assert mx.abs(hidden - ref.model(tokens)).max().item() < 1e-4
+    assert_close(hidden, ref.model(tokens))
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -82,7 +83,7 @@ def test_quantized_logits_match_mlx_lm(bits):
     nn.quantize(ours, group_size=32, bits=bits)
     ours.load_weights(tree_flatten(ref.parameters()), strict=True)
     tokens = mx.random.randint(0, cfg["vocab_size"], (1, 16))
-    assert mx.abs(ours(tokens)[1] - ref(tokens)).max().item() < 1e-4
+    assert_close(ours(tokens)[1], ref(tokens))
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
@@ -96,7 +97,7 @@ def test_cached_chunks_match_full_forward(family):
         parts.append(ours(tokens[:, a:b], cache)[1])
         cache.commit()
     assert cache.offset == 30
-    assert mx.abs(mx.concatenate(parts, axis=1) - full).max().item() < 1e-4
+    assert_close(mx.concatenate(parts, axis=1), full)
 
 
 def test_cache_grows_past_its_step():
@@ -109,14 +110,12 @@ def test_cache_grows_past_its_step():
     for t in range(40):
         outs.append(ours(tokens[:, t : t + 1], cache)[1])
         cache.commit()
-    assert mx.abs(mx.concatenate(outs, axis=1) - full).max().item() < 1e-4
+    assert_close(mx.concatenate(outs, axis=1), full)
 
 
 def close(a, b):
     # Random weights give logits in the tens: compare relative to their scale.
-    np.testing.assert_allclose(
-        np.array(a), np.array(b), rtol=1e-5, atol=2e-5 * max(1.0, np.abs(np.array(b)).max())
-    )
+    assert_close(a, b)
 
 
 def _tree_inputs(prefix_len: int):
