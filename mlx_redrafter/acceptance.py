@@ -25,7 +25,9 @@ def reference_decode(model, tokenizer, ids: Sequence[int], max_tokens: int, look
     """Plain greedy tokens (max_tokens + lookahead of them, or up to EOS) and hidden states."""
     ref = []
     finish = None
-    for r in stream_generate(model, tokenizer, list(ids), None, max_tokens=max_tokens + lookahead):
+    for r in stream_generate(
+        model, tokenizer, list(ids), None, max_tokens=max_tokens + lookahead, lookup=False
+    ):
         ref.append(r.token)
         if r.finish_reason == "stop" and len(ref) <= max_tokens:
             finish = len(ref)

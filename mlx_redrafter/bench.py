@@ -19,14 +19,18 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from .acceptance import reference_batch
 from .decode import stream_generate
 
-METHODS = ("mlx-lm", "ar", "redrafter")
+METHODS = ("mlx-lm", "ar", "redrafter", "lookup", "redrafter+lookup")
 MT_BENCH = "mt-bench"
+MT_BENCH_2 = "mt-bench-2"  # second turns, after the model's own greedy first answer
+DOC_PROMPTS = "doc-prompts"  # prompts that carry a document (Alpaca items with an input)
 DEFAULT_WIDTHS = (1, 2, 3, 4)
 DEFAULT_LENGTHS = (2, 3, 4, 5, 6)
 WARMUP_TOKENS = 16
 MT_BENCH_FILE = Path(__file__).resolve().parent / "data" / "mt_bench" / "question.jsonl"
+DOC_PROMPTS_FILE = Path(__file__).resolve().parent / "data" / "doc_prompts" / "prompts.jsonl"
 
 
 class BenchError(ValueError):
@@ -42,15 +46,34 @@ class Prompt:
     id: str
     text: str
     category: str | None = None
+    before: tuple[str, ...] = ()  # earlier user turns, each answered by the model first
 
 
 def load_prompts(source: str = MT_BENCH, num_prompts: int | None = None) -> list[Prompt]:
-    """First turns of MT-Bench (`mt-bench`) or of a JSONL file.
+    """Prompts from one or more comma-separated sources: `mt-bench` (first turns),
+    `mt-bench-2` (second turns, the model's greedy first answer in context), `doc-prompts`
+    (document-carrying prompts shipped beside MT-Bench) or a JSONL file. `num_prompts`
+    applies to each source.
 
     A line may hold `turns` (the first is used, as MT-Bench's `question.jsonl`), `prompt`,
     `text` or `instruction` (+ `input`, as Alpaca).
     """
+    if "," in source:
+        return [
+            p for part in source.split(",") if part for p in load_prompts(part, num_prompts)
+        ]
+    if source == MT_BENCH_2:
+        return [
+            Prompt(f"{p.id}-2", p.text, "mt-bench-2", p.before)
+            for p in _read_prompts(MT_BENCH_FILE, num_prompts, second_turn=True)
+        ]
+    if source == DOC_PROMPTS:
+        return _read_prompts(DOC_PROMPTS_FILE, num_prompts)
     path = MT_BENCH_FILE if source == MT_BENCH else Path(source).expanduser()
+    return _read_prompts(path, num_prompts)
+
+
+def _read_prompts(path: Path, num_prompts: int | None, second_turn: bool = False) -> list[Prompt]:
     if not path.is_file():
         raise BenchError(f"{path}: no such prompt file (use a .jsonl file or `mt-bench`)")
     prompts = []
@@ -74,7 +97,13 @@ def load_prompts(source: str = MT_BENCH, num_prompts: int | None = None) -> list
                 else lineno
             )
             category = item.get("category") if isinstance(item, dict) else None
-            prompts.append(Prompt(str(pid), text, category))
+            if second_turn:
+                turns = item.get("turns") if isinstance(item, dict) else None
+                if not (isinstance(turns, list) and len(turns) >= 2):
+                    raise BenchError(f"{path}:{lineno}: no second turn")
+                prompts.append(Prompt(str(pid), turns[1], category, (turns[0],)))
+            else:
+                prompts.append(Prompt(str(pid), text, category))
             if num_prompts is not None and len(prompts) >= num_prompts:
                 break
     if not prompts:
@@ -101,18 +130,28 @@ def _prompt_text(item) -> str | None:
 
 def encode_chat(tokenizer, text: str) -> list[int]:
     """The prompt's ids with the model's chat template (first turn, generation prompt)."""
+    return encode_messages(tokenizer, [{"role": "user", "content": text}])
+
+
+def encode_messages(tokenizer, messages: list[dict]) -> list[int]:
+    """A conversation's ids with the model's chat template and the generation prompt
+    (without a template: the turns' text, one after the other)."""
     if getattr(tokenizer, "chat_template", None) is None:
-        return list(tokenizer.encode(text))
-    messages = [{"role": "user", "content": text}]
+        return [t for m in messages for t in tokenizer.encode(m["content"])]
     return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
 
 
 @dataclass(frozen=True)
 class Method:
     name: str
-    kind: str  # "mlx-lm", "ar" or "redrafter"
+    kind: str  # "mlx-lm", "ar", "redrafter" (drafter, maybe with lookup) or "lookup"
     beam_width: int | None = None
     beam_length: int | None = None
+    lookup: bool = False  # context lookup candidates (with the cost-aware tree)
+
+    @property
+    def speculative(self) -> bool:
+        return self.kind in ("redrafter", "lookup")
 
 
 def make_methods(
@@ -123,14 +162,14 @@ def make_methods(
     for name in names:
         if name not in METHODS:
             raise BenchError(f"unknown method {name!r} (choose from {', '.join(METHODS)})")
-        if name != "redrafter":
-            out.append(Method(name, name))
+        if name not in ("redrafter", "redrafter+lookup"):
+            out.append(Method(name, name, lookup=name == "lookup"))
             continue
         for w, length in shapes:
             if w < 1 or length < 2:
                 raise BenchError(f"beam shape W={w}, L={length}: need W >= 1 and L >= 2")
-            label = f"redrafter-W{w}-L{length}" if sweep else "redrafter"
-            out.append(Method(label, "redrafter", w, length))
+            label = f"{name}-W{w}-L{length}" if sweep else name
+            out.append(Method(label, "redrafter", w, length, lookup=name != "redrafter"))
     if len({m.name for m in out}) != len(out):
         raise BenchError(f"a method is listed twice: {', '.join(names)}")
     return out
@@ -218,8 +257,9 @@ class Bench:
             ids,
             drafter,
             max_tokens=max_tokens,
-            beam_width=method.beam_width or 1,
-            beam_length=method.beam_length or 2,
+            beam_width=method.beam_width,
+            beam_length=method.beam_length,
+            lookup=method.lookup,
             profile=self.profile,
         ):
             yield r.token, r.stats
@@ -272,18 +312,42 @@ class Bench:
             "peak_memory_gb": (self._weights_of(method) + max(0, peak - active)) / 1e9,
             "tokens": tokens,
         }
-        rounds = list(stats.accepted) if stats is not None and method.kind == "redrafter" else []
+        rounds = list(stats.accepted) if stats is not None and method.speculative else []
         out["rounds"] = len(rounds)
         out["accepted"] = rounds
         out["tokens_per_step"] = (sum(rounds) + len(rounds)) / len(rounds) if rounds else 1.0
-        if method.kind == "redrafter":
+        if method.speculative:
             out["beam_width"] = method.beam_width
             out["beam_length"] = method.beam_length
+            out["accepted_from"] = dict(stats.accepted_from) if stats is not None else {}
+            out["drafter_rounds"] = stats.drafter_rounds if stats is not None else 0
             out["accept_by_depth"] = stats.accept_by_depth if stats is not None else []
             out["draft_time_s"] = stats.draft_time if stats is not None else 0.0
             out["verify_time_s"] = stats.verify_time if stats is not None else 0.0
             out["accept_time_s"] = stats.accept_time if stats is not None else 0.0
             out["mean_tree_nodes"] = stats.tree_nodes / max(1, len(rounds)) if stats else 0.0
+        return out
+
+    def encode(self, prompts: Sequence[Prompt]) -> list[list[int]]:
+        """Chat-template ids per prompt; earlier turns are answered first by the model's own
+        greedy plain decoding (all prompts in one batched generation per turn)."""
+        history = [[] for _ in prompts]  # messages so far
+        depth = max((len(p.before) for p in prompts), default=0)
+        for turn in range(depth):
+            rows = [i for i, p in enumerate(prompts) if len(p.before) > turn]
+            asks = []
+            for i in rows:
+                history[i].append({"role": "user", "content": prompts[i].before[turn]})
+                asks.append(encode_messages(self.tokenizer, history[i]))
+            for i, (ref, limit, _) in zip(
+                rows, reference_batch(self.model, self.tokenizer, asks, self.max_tokens, 0),
+                strict=True,
+            ):
+                answer = [t for t in ref[:limit] if t not in self.eos]
+                history[i].append({"role": "assistant", "content": self.tokenizer.decode(answer)})
+        out = []
+        for p, messages in zip(prompts, history, strict=True):
+            out.append(encode_messages(self.tokenizer, messages + [{"role": "user", "content": p.text}]))
         return out
 
     def run(
@@ -295,7 +359,7 @@ class Bench:
     ) -> list[dict]:
         """Every method on every prompt; per-prompt records (tokens included)."""
         self.check(methods)
-        encoded = [encode_chat(self.tokenizer, p.text) for p in prompts]
+        encoded = self.encode(prompts)
         if warmup:
             for method in methods:
                 self.run_one(method, encoded[0], min(WARMUP_TOKENS, self.max_tokens))
@@ -374,10 +438,17 @@ def summarize(records: list[dict], methods: Sequence[Method]) -> dict:
             "generated_tokens": tokens,
             "mismatches_vs_" + ref.replace("-", "_"): sum(not r[match_key] for r in runs),
         }
-        if m.kind == "redrafter":
-            L = m.beam_length
+        if m.speculative:
+            L = max(accepted, default=0) + 1 if m.beam_length is None else m.beam_length
             entry["beam_width"] = m.beam_width
-            entry["beam_length"] = L
+            entry["beam_length"] = m.beam_length
+            entry["accepted_from"] = {}
+            for r in runs:
+                for source, n in r.get("accepted_from", {}).items():
+                    entry["accepted_from"][source] = entry["accepted_from"].get(source, 0) + n
+            entry["drafter_round_fraction"] = (
+                sum(r.get("drafter_rounds", 0) for r in runs) / rounds if rounds else 0.0
+            )
             entry["accept_by_depth"] = [
                 sum(a >= d for a in accepted) / len(accepted) if accepted else 0.0
                 for d in range(1, L)
@@ -450,8 +521,8 @@ def format_table(result: BenchResult) -> str:
     for m in result.methods:
         s = result.summary[m.name]
         name = m.name
-        if m.kind == "redrafter" and m.name == "redrafter":
-            name = f"redrafter (W={m.beam_width}, L={m.beam_length})"
+        if m.kind == "redrafter" and m.name in ("redrafter", "redrafter+lookup"):
+            name = f"{m.name} (W={m.beam_width}, L={m.beam_length})"
         lines.append(
             f"| {name} | {_fmt(s['decode_tps_mean'], '.1f')} | "
             f"{_fmt(s['decode_tps_median'], '.1f')} | {_fmt(s['e2e_tps'], '.1f')} | "
@@ -470,7 +541,7 @@ def format_table(result: BenchResult) -> str:
         else:
             detail = ", ".join(f"{name} differs on {k}/{n}" for name, k in bad.items() if k)
             lines.append(f"\ngreedy outputs vs {ref}: {detail}")
-    profiled = [m for m in result.methods if m.kind == "redrafter" and h.get("profile")]
+    profiled = [m for m in result.methods if m.speculative and h.get("profile")]
     if profiled:
         lines += [
             "",

@@ -17,6 +17,9 @@ from .decode import (
     GenerationError,
     GenerationResponse,
     SamplingConfig,
+    lookahead_tokens,
+    resolve_beam,
+    resolve_lookup,
     stream_generate,
 )
 
@@ -57,8 +60,10 @@ class ChatSession:
     top_p: float = 1.0
     top_k: int = 0
     seed: int | None = None
-    beam_width: int = 2
-    beam_length: int = 4
+    beam_width: int | None = None  # None: the tuned shape, else the default (as the CLI)
+    beam_length: int | None = None
+    lookup: bool | None = None  # context lookup candidates (None: the default, on)
+    lookup_max: int | None = None
     messages: list[dict] = field(default_factory=list)
     ids: list[int] = field(default_factory=list)
     turns: list[TurnRecord] = field(default_factory=list)
@@ -67,6 +72,10 @@ class ChatSession:
         SamplingConfig(self.temperature, self.top_p, self.top_k).validate()
         if self.max_tokens < 1:
             raise GenerationError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        self.beam_width, self.beam_length = resolve_beam(
+            self.model, self.beam_width, self.beam_length
+        )
+        resolve_lookup(self.lookup, self.lookup_max)  # validates
         self.cache = self.model.make_cache()
         self.cache.tokens = []
         self._templated = getattr(self.tokenizer, "chat_template", None) is not None
@@ -134,7 +143,9 @@ class ChatSession:
         )
 
     def _extra_tokens(self) -> int:
-        return self.beam_length if self.drafter is not None else 1
+        return lookahead_tokens(
+            self.drafter is not None, self.beam_length, resolve_lookup(self.lookup, self.lookup_max)
+        )
 
     def room(self, ids: list[int]) -> int | None:
         """How many tokens an answer to `ids` may have; None = unlimited."""
@@ -179,6 +190,8 @@ class ChatSession:
             seed=seed,
             beam_width=self.beam_width,
             beam_length=self.beam_length,
+            lookup=self.lookup,
+            lookup_max=self.lookup_max,
             cache=self.cache,
         )
         tokens: list[int] = []

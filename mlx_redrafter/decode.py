@@ -18,7 +18,23 @@ import numpy as np
 from .accept import greedy_accept, sample_accept, sample_token
 from .cache import KVCache
 from .drafter import beam_search
-from .tree import Tree, pack_beams
+from .lookup import ContextIndex
+from .sizing import (
+    DRAFTER,
+    TreePolicy,
+    credit_sources,
+    default_cost_curve,
+    drafter_candidates,
+    lookup_candidate,
+)
+from .tree import Tree, pack_beams, pack_sequences
+from .tuning import DEFAULT_BEAM, tuned_beam
+
+DEFAULT_LOOKUP = True
+
+
+def load_cost_curve(model_path):  # replaced by tuning.load_cost_curve once `tune` stores one
+    return None
 
 PREFILL_CHUNK = 512
 
@@ -61,6 +77,8 @@ class DecodeStats:
     verify_time: float = 0.0
     accept_time: float = 0.0
     tree_nodes: int = 0
+    drafter_rounds: int = 0  # rounds in which the drafter ran
+    accepted_from: dict[str, int] = field(default_factory=dict)  # accepted tokens per source
 
     @property
     def prefill_tps(self) -> float:
@@ -99,6 +117,8 @@ class DecodeStats:
             "verify_time": self.verify_time,
             "accept_time": self.accept_time,
             "mean_tree_nodes": self.tree_nodes / max(1, len(self.accepted)),
+            "drafter_rounds": self.drafter_rounds,
+            "accepted_from": dict(self.accepted_from),
         }
 
 
@@ -168,17 +188,29 @@ def plain_steps(
 def draft_tree(
     model, drafter, context: mx.array, g0: int, beam_width: int, beam_length: int
 ) -> Tree:
-    """Beam-search drafts from `g0` and pack them into a prefix tree (one host sync).
+    """Beam-search drafts from `g0` and pack them into a prefix tree (one host sync)."""
+    beams, _ = draft_beams(model, drafter, context, g0, beam_width, beam_length)
+    return pack_beams(beams)
+
+
+def draft_beams(
+    model, drafter, context: mx.array, g0: int, beam_width: int, beam_length: int
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The drafter's beams (W, L) and their prefix log-probs (W, L) or None, on the host.
 
     A drafter object may bring its own `propose(model, context, g0, W, L) -> (beams, scores)`
-    (tests use oracle drafters); otherwise the RNN drafter's beam search runs.
+    (tests use oracle drafters; they give no per-node estimates); otherwise the RNN drafter's
+    beam search runs.
     """
     propose = getattr(drafter, "propose", None)
     if propose is None:
-        beams, _ = beam_search(drafter, model, context, g0, beam_width, beam_length)
-    else:
-        beams, _ = propose(model, context, g0, beam_width, beam_length)
-    return pack_beams(np.array(beams))
+        beams, _, prefix = beam_search(
+            drafter, model, context, g0, beam_width, beam_length, prefix_scores=True
+        )
+        mx.eval(beams, prefix)
+        return np.array(beams), np.array(prefix)
+    beams, _ = propose(model, context, g0, beam_width, beam_length)
+    return np.array(beams), None
 
 
 def verify_tree(model, cache: KVCache, tree: Tree) -> tuple[mx.array, mx.array]:
@@ -193,6 +225,103 @@ def verify_tree(model, cache: KVCache, tree: Tree) -> tuple[mx.array, mx.array]:
     return hidden[0], logits[0].astype(mx.float32)
 
 
+@dataclass
+class LookupConfig:
+    """Context lookup: continuations of the longest earlier match of the context's suffix."""
+
+    max_tokens: int = 8  # longest copied continuation
+    min_match: int = 2
+    max_match: int = 8
+    max_candidates: int = 2
+
+    def validate(self) -> None:
+        if self.max_tokens < 1:
+            raise GenerationError(f"lookup max tokens must be >= 1, got {self.max_tokens}")
+        if not 1 <= self.min_match <= self.max_match:
+            raise GenerationError(
+                f"lookup match lengths must satisfy 1 <= min <= max, got "
+                f"{self.min_match} and {self.max_match}"
+            )
+
+
+class _RoundState:
+    """What a speculative generation carries between rounds."""
+
+    def __init__(self, drafter, beam, lookup: LookupConfig | None, policy, history, profile):
+        self.profile = profile  # evaluate the verify forward on its own (exact time split)
+        self.drafter = drafter
+        self.beam = beam  # (W, L) for the drafter
+        self.lookup = lookup
+        self.policy = policy  # TreePolicy, or None: verify every drafter beam as drafted
+        self.index = None
+        if lookup is not None:
+            self.index = ContextIndex(lookup.min_match, lookup.max_match)
+            self.index.extend(history)
+
+
+def speculative_round(model, cache: KVCache, state: _RoundState, context, g0, sampling, stats):
+    """draft -> lookup -> select -> pack -> verify -> accept -> commit; returns (tokens, new
+    context). The tree holds the nodes worth their verify cost on this device (all drafter
+    beams when there is no sizing policy)."""
+    t0 = time.perf_counter()
+    policy = state.policy
+    candidates = lookup_candidates(state, g0)  # lookup
+    with_drafter = state.drafter is not None and (
+        policy is None or policy.want_drafter(policy.select(candidates, False))
+    )
+    if with_drafter:  # draft
+        beams, prefix = draft_beams(model, state.drafter, context, g0, *state.beam)
+        candidates = drafter_candidates(beams, prefix) + candidates
+    t_draft = time.perf_counter()
+    if policy is None:  # select
+        choice = None
+        sequences = [c.tokens for c in candidates]
+    else:
+        choice = policy.select(candidates, with_drafter) if candidates else None
+        sequences = choice.sequences if choice else [(g0,)]
+    tree = pack_sequences(sequences)  # pack
+    hidden, logits = verify_tree(model, cache, tree)  # verify
+    if state.profile:
+        mx.eval(hidden, logits)
+    t_verify = time.perf_counter()
+    if sampling.greedy:  # accept
+        result = greedy_accept(tree, logits)
+    else:
+        result = sample_accept(tree, logits, sampling.temperature, sampling.top_k, sampling.top_p)
+    path = np.asarray(result.path)
+    cache.commit(path)  # commit
+    t_end = time.perf_counter()
+
+    accepted = [tuple(int(t) for t in tree.tokens[path[: k + 1]]) for k in range(1, len(path))]
+    if policy is not None and choice is not None:
+        policy.observe(choice, accepted, with_drafter)
+        if with_drafter:
+            policy.observe_times(t_draft - t0, t_end - t_draft, tree.num_nodes)
+    credit = credit_sources(choice, accepted) if choice else {DRAFTER: len(accepted)}
+    for source, n in credit.items():
+        if n:
+            stats.accepted_from[source] = stats.accepted_from.get(source, 0) + n
+    if state.index is not None:
+        state.index.extend(result.tokens)
+    stats.draft_time += t_draft - t0
+    # Unless profiling, the forward runs lazily inside accept's host sync.
+    stats.verify_time += t_verify - t_draft
+    stats.accept_time += t_end - t_verify
+    stats.steps += 1
+    stats.drafter_rounds += int(with_drafter)
+    stats.tree_nodes += tree.num_nodes
+    stats.accepted.append(len(path) - 1)
+    return [int(t) for t in result.tokens], hidden[int(path[-1])]
+
+
+def lookup_candidates(state: _RoundState, g0: int) -> list:
+    """Continuations copied from the context (which ends with g0), as sizing candidates."""
+    if state.index is None:
+        return []
+    found = state.index.propose(state.lookup.max_tokens, state.lookup.max_candidates)
+    return [lookup_candidate(g0, c.tokens, c.match_len) for c in found]
+
+
 def redrafter_steps(
     model,
     drafter,
@@ -203,13 +332,19 @@ def redrafter_steps(
     beam_width: int,
     beam_length: int,
     profile: bool = False,
+    lookup: LookupConfig | None = None,
+    policy: TreePolicy | None = None,
+    history: Sequence[int] | None = None,
 ) -> Iterator[list[int]]:
-    """ReDrafter: prefill, then rounds of draft -> pack -> verify -> accept -> commit.
+    """Speculative decoding: prefill, then rounds (`speculative_round`) until closed.
 
-    Each round yields the accepted drafted tokens followed by the target's own next token.
-    State between rounds: `g0`, emitted but not yet in the cache, and `context`, the
-    post-norm hidden state of the last committed token. With profile=True the verify forward
-    is evaluated on its own so the time split is exact (one more sync per round).
+    Candidates come from the drafter (if any) and from context lookup (if `lookup`); with a
+    `policy` each round verifies the nodes worth their cost. Each round yields the accepted
+    drafted tokens followed by the target's own next token. State between rounds: `g0`,
+    emitted but not yet in the cache, and `context`, the post-norm hidden state of the last
+    committed token. `history` is the whole context before `prompt` + `prompt` (for lookup;
+    default `prompt`). With profile=True the verify forward is evaluated on its own so the
+    time split is exact (one more sync per round).
     """
     stats.beam_length = beam_length
     t0 = time.perf_counter()
@@ -220,33 +355,12 @@ def redrafter_steps(
     stats.prefill_time = time.perf_counter() - t0
     yield [g0]
 
+    history = list(prompt if history is None else history) + [g0]
+    state = _RoundState(drafter, (beam_width, beam_length), lookup, policy, history, profile)
     while True:
-        t_draft = time.perf_counter()
-        tree = draft_tree(model, drafter, context, g0, beam_width, beam_length)
-        t_verify = time.perf_counter()
-        stats.draft_time += t_verify - t_draft
-
-        hidden, logits = verify_tree(model, cache, tree)
-        if profile:
-            mx.eval(hidden, logits)
-        t_accept = time.perf_counter()
-        stats.verify_time += t_accept - t_verify
-
-        if sampling.greedy:
-            result = greedy_accept(tree, logits)
-        else:
-            result = sample_accept(
-                tree, logits, sampling.temperature, sampling.top_k, sampling.top_p
-            )
-        path = np.asarray(result.path)
-        cache.commit(path)
-        context = hidden[int(path[-1])]
-        g0 = int(result.tokens[-1])
-        stats.accept_time += time.perf_counter() - t_accept
-        stats.steps += 1
-        stats.tree_nodes += tree.num_nodes
-        stats.accepted.append(len(path) - 1)
-        yield [int(t) for t in result.tokens]
+        tokens, context = speculative_round(model, cache, state, context, g0, sampling, stats)
+        g0 = tokens[-1]
+        yield tokens
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,16 +423,22 @@ def stream_generate(
     top_p: float = 1.0,
     top_k: int = 0,
     seed: int | None = None,
-    beam_width: int = 2,
-    beam_length: int = 4,
+    beam_width: int | None = None,
+    beam_length: int | None = None,
+    lookup: bool | None = None,
+    lookup_max: int | None = None,
     stop: Sequence[str] = (),
     cache: KVCache | None = None,
     profile: bool = False,
 ) -> Iterator[GenerationResponse]:
     """Generate from `prompt` (text or token ids), yielding one response per token.
 
-    With `drafter`, ReDrafter speculative decoding (exact: greedy output is identical to
-    plain greedy decoding, and sampled output has the same distribution). Pass a `cache`
+    Speculative decoding (exact: greedy output is identical to plain greedy decoding, and
+    sampled output has the same distribution) with candidates from `drafter` (ReDrafter beams
+    of `beam_width` x `beam_length`, default: the tuned shape, else 1 x 3) and from context
+    lookup (`lookup`, default on; continuations of up to `lookup_max` tokens copied from
+    earlier in the context). With both sources, or lookup alone, each round verifies the
+    nodes worth their cost on this device; with neither, plain decoding. Pass a `cache`
     (from `model.make_cache()`) to keep the KV cache across calls; it must then hold a
     prefix of `prompt` (its `tokens` attribute records what it holds).
     """
@@ -326,12 +446,10 @@ def stream_generate(
     sampling.validate()
     if max_tokens < 1:
         raise GenerationError(f"max_tokens must be >= 1, got {max_tokens}")
-    if drafter is not None and (beam_width < 1 or beam_length < 2):
-        raise GenerationError(
-            f"beam width must be >= 1 and beam length >= 2, got {beam_width} and {beam_length}"
-        )
+    beam_width, beam_length = resolve_beam(model, beam_width, beam_length)
+    look = resolve_lookup(lookup, lookup_max)
     ids = encode_prompt(tokenizer, prompt)
-    extra = beam_length if drafter is not None else 1
+    extra = lookahead_tokens(drafter is not None, beam_length, look)
     limit = model.context_length
     if limit and len(ids) + max_tokens + extra > limit:
         raise GenerationError(
@@ -347,11 +465,13 @@ def stream_generate(
     new_ids = _reuse_cache(cache, ids)
 
     stats = DecodeStats(prompt_tokens=len(new_ids))
-    if drafter is None:
+    if drafter is None and look is None:
         steps = plain_steps(model, cache, new_ids, sampling, stats)
     else:
+        policy = tree_policy(model) if look is not None else None
         steps = redrafter_steps(
-            model, drafter, cache, new_ids, sampling, stats, beam_width, beam_length, profile
+            model, drafter, cache, new_ids, sampling, stats, beam_width, beam_length, profile,
+            lookup=look, policy=policy, history=ids,
         )
 
     eos = set(getattr(tokenizer, "eos_token_ids", None) or [])
@@ -405,6 +525,50 @@ def stream_generate(
         # if a prefill was interrupted (Ctrl-C) before all of it was committed.
         cache.tokens = (list(ids) + emitted[:-1])[: cache.offset]
         cache.trim(cache.offset - len(cache.tokens))
+
+
+def resolve_beam(model, beam_width: int | None, beam_length: int | None) -> tuple[int, int]:
+    """The drafter's beam shape: what is given, else the shape `tune` stored for this
+    model on this device, else DEFAULT_BEAM."""
+    tuned = tuned_beam(getattr(model, "source_path", None)) if None in (beam_width, beam_length) else None
+    width, length = tuned or DEFAULT_BEAM
+    width = width if beam_width is None else beam_width
+    length = length if beam_length is None else beam_length
+    if width < 1:
+        raise GenerationError(f"beam width must be >= 1, got {width}")
+    if length < 2:
+        raise GenerationError(f"beam length counts the root token and must be >= 2, got {length}")
+    return width, length
+
+
+def lookahead_tokens(with_drafter: bool, beam_length: int, lookup: LookupConfig | None) -> int:
+    """Cache room a round may write past the context: the deepest tree it can verify."""
+    extra = 1
+    if with_drafter:
+        extra = max(extra, beam_length)
+    if lookup is not None:
+        extra = max(extra, lookup.max_tokens + 1)
+    return extra
+
+
+def resolve_lookup(lookup: bool | None, lookup_max: int | None) -> LookupConfig | None:
+    """Context lookup settings, or None when it is off (default: on)."""
+    if lookup is None:
+        lookup = DEFAULT_LOOKUP
+    if not lookup:
+        return None
+    config = LookupConfig() if lookup_max is None else LookupConfig(max_tokens=lookup_max)
+    config.validate()
+    return config
+
+
+def tree_policy(model) -> TreePolicy:
+    """Tree sizing for this model on this device: the verify-cost curve `tune` stored for it,
+    else the default curve of the device type."""
+    curve = load_cost_curve(getattr(model, "source_path", None))
+    if curve is None:
+        curve = default_cost_curve("gpu" if mx.default_device().type == mx.gpu else "cpu")
+    return TreePolicy(curve)
 
 
 def _reuse_cache(cache: KVCache, ids: list[int]) -> list[int]:

@@ -294,8 +294,12 @@ def beam_search(
     beam_length: int,
     top_k: int | None = None,
     compiled: bool = False,
-) -> tuple[mx.array, mx.array]:
+    prefix_scores: bool = False,
+) -> tuple[mx.array, ...]:
     """Deterministic beam search over the drafter: -> (beams int32 (W, L), scores float32 (W,)).
+
+    prefix_scores=True adds a third output, float32 (W, L): the draft log-prob of each beam's
+    prefix up to each position (0 at the root), which the tree sizing reads per node.
 
     context: the base model's post-norm hidden state of the last committed token, (h,) or
     (1, h). g0: the token the base model produced after it. beams[:, 0] == g0 and L counts
@@ -337,10 +341,15 @@ def beam_search(
     state = drafter.initial_state(1)  # (n, h), n = 1 live beam, then W
     scores = mx.zeros((1,), dtype=mx.float32)  # (n,)
     beams = tokens[:, None]  # (n, t)
+    prefix = scores[:, None]  # (n, t)
     for _ in range(beam_length - 1):
         state, scores, parent, index = step(context, state, base_model.embed(tokens), scores)
         tokens = drafter.full_vocab_ids(index)  # (W,)
         beams = mx.concatenate([beams[parent], tokens[:, None]], axis=1)  # (W, t+1)
+        if prefix_scores:
+            prefix = mx.concatenate([prefix[parent], scores[:, None]], axis=1)  # (W, t+1)
+    if prefix_scores:
+        return beams, scores, prefix
     return beams, scores
 
 

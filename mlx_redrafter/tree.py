@@ -1,4 +1,4 @@
-"""Beams -> deduplicated prefix tree: packed tokens, depths, parents, children and the mask.
+"""Candidate sequences -> deduplicated prefix tree: packed tokens, depths, parents, children and the mask.
 
 Host-side numpy: W and L are tiny and the drafter's beams come to the host once per round.
 The node order is Apple's (`tree_attention.py:pack`); docs/tree-attention.md has the worked
@@ -7,6 +7,7 @@ example.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -15,12 +16,14 @@ import numpy as np
 
 @dataclass(frozen=True, eq=False)
 class Tree:
-    """A prefix tree over W beams of length L; node 0 is the root g0.
+    """A prefix tree over S candidate sequences (drafter beams, lookup continuations); node 0
+    is the root g0.
 
     tokens   int32 (N,)    token of each node
     depths   int32 (N,)    0 for the root
     parents  int32 (N,)    -1 for the root
-    paths    int32 (W, L)  packed node index of each beam position: tokens[paths] == beams
+    paths    int32 (S, L)  packed node index of each sequence position (L = the longest
+                           sequence; -1 past a shorter one's end): tokens[paths] == sequences
     children int32 (N, C)  children of each node in node order, padded with -1; C >= 1
     """
 
@@ -38,17 +41,20 @@ class Tree:
         """Sequence positions of the nodes when the root sits at `offset`. int32 (N,)"""
         return (offset + self.depths).astype(np.int32)
 
+    @property
+    def max_depth(self) -> int:
+        return int(self.depths.max(initial=0))
+
     def ancestor_mask(self) -> np.ndarray:
         """bool (N, N): [i, j] is True iff node j is node i or one of its ancestors."""
         n = self.num_nodes
-        _, length = self.paths.shape
-        # Every node lies on some beam, and along a beam the ancestors of position k are the
-        # positions j <= k, so the (row, col) pairs of all beams cover the relation exactly.
-        rows = np.broadcast_to(self.paths[:, :, None], (*self.paths.shape, length))
-        cols = np.broadcast_to(self.paths[:, None, :], (*self.paths.shape, length))
-        lower = np.tril(np.ones((length, length), dtype=bool))  # (L, L), j <= k
         mask = np.zeros((n, n), dtype=bool)
-        mask[rows[:, lower], cols[:, lower]] = True
+        # Parents precede their children in node order, so each row extends its parent's.
+        for i in range(n):
+            p = self.parents[i]
+            if p >= 0:
+                mask[i] = mask[p]
+            mask[i, i] = True
         return mask
 
     def attention_mask(self, offset: int) -> mx.array:
@@ -72,41 +78,59 @@ def pack_beams(beams: np.ndarray) -> Tree:
         raise ValueError(f"beams must be a non-empty (W, L) array, got shape {beams.shape}")
     if not np.issubdtype(beams.dtype, np.integer):
         raise ValueError(f"beams must hold integer token ids, got dtype {beams.dtype}")
-    if np.any(beams[:, 0] != beams[0, 0]):
-        raise ValueError(f"all beams must share the root token, got {beams[:, 0].tolist()}")
-    width, length = beams.shape
+    return pack_sequences(beams.tolist())
 
-    # same[i, j, k]: beams i and j agree on positions 0..k.
-    same = np.cumprod(beams[:, None, :] == beams[None, :, :], axis=-1).astype(bool)  # (W, W, L)
-    owner = np.argmax(same, axis=1)  # (W, L): first beam holding the same prefix
-    is_new = owner == np.arange(width)[:, None]  # (W, L): this beam emits the node
-    # np.nonzero walks row by row, position by position: Apple's node order.
-    node_rows, node_cols = np.nonzero(is_new)
-    num_nodes = node_rows.shape[0]
-    node_of = np.full((width, length), -1, dtype=np.int64)
-    node_of[node_rows, node_cols] = np.arange(num_nodes)
-    # An owner emits its own prefix (a beam matching the owner's prefix matches ours too).
-    paths = node_of[owner, np.arange(length)[None, :]]  # (W, L)
 
-    tokens = beams[node_rows, node_cols]
-    depths = node_cols
-    parents = np.full(num_nodes, -1, dtype=np.int64)
-    deep = node_cols > 0
-    parents[deep] = paths[node_rows[deep], node_cols[deep] - 1]
+def pack_sequences(sequences: Sequence[Sequence[int]]) -> Tree:
+    """Deduplicate shared prefixes of token sequences of any lengths into a prefix tree.
+
+    Every sequence starts with the root token. Nodes are numbered in the order their prefix
+    is first seen walking the sequences one by one, position by position (Apple's order for
+    equal-length beams). `paths` is (S, max length), padded with -1 after a short sequence.
+    """
+    if len(sequences) < 1 or any(len(s) < 1 for s in sequences):
+        raise ValueError("sequences must be a non-empty list of non-empty token sequences")
+    root = int(sequences[0][0])
+    if any(int(s[0]) != root for s in sequences):
+        raise ValueError(
+            f"all sequences must share the root token, got {[int(s[0]) for s in sequences]}"
+        )
+    length = max(len(s) for s in sequences)
+    paths = np.full((len(sequences), length), -1, dtype=np.int32)
+    node_of: dict[tuple[int, ...], int] = {}
+    tokens: list[int] = []
+    depths: list[int] = []
+    parents: list[int] = []
+    for row, seq in enumerate(sequences):
+        prefix: tuple[int, ...] = ()
+        parent = -1
+        for depth, token in enumerate(seq):
+            prefix = (*prefix, int(token))
+            node = node_of.get(prefix)
+            if node is None:
+                node = node_of[prefix] = len(tokens)
+                tokens.append(int(token))
+                depths.append(depth)
+                parents.append(parent)
+            paths[row, depth] = node
+            parent = node
+    tokens_np = np.array(tokens, dtype=np.int32)
+    parents_np = np.array(parents, dtype=np.int32)
+    num_nodes = len(tokens)
 
     # Children in node order: a stable sort by parent keeps node order within each parent.
-    kids = np.flatnonzero(parents >= 0)
-    kids = kids[np.argsort(parents[kids], kind="stable")]
-    counts = np.bincount(parents[kids], minlength=num_nodes)
+    kids = np.flatnonzero(parents_np >= 0)
+    kids = kids[np.argsort(parents_np[kids], kind="stable")]
+    counts = np.bincount(parents_np[kids], minlength=num_nodes)
     first = np.cumsum(counts) - counts  # (N,) start of each parent's run in `kids`
-    slot = np.arange(kids.shape[0]) - first[parents[kids]]
+    slot = np.arange(kids.shape[0]) - first[parents_np[kids]]
     children = np.full((num_nodes, max(1, int(counts.max(initial=0)))), -1, dtype=np.int32)
-    children[parents[kids], slot] = kids
+    children[parents_np[kids], slot] = kids
 
     return Tree(
-        tokens=tokens.astype(np.int32),
-        depths=depths.astype(np.int32),
-        parents=parents.astype(np.int32),
-        paths=paths.astype(np.int32),
+        tokens=tokens_np,
+        depths=np.array(depths, dtype=np.int32),
+        parents=parents_np,
+        paths=paths,
         children=children,
     )

@@ -33,6 +33,7 @@ def test_replay_matches_the_real_loop(seed, batched, eos):
                     max_tokens=30,
                     beam_width=W,
                     beam_length=L,
+                    lookup=False,  # the replay covers the drafter's beams
                 )
             )
             accepted += responses[-1].stats.accepted

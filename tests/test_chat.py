@@ -32,7 +32,12 @@ def loaded(tiny):
 
 def fresh(model, tokenizer, ids, drafter=None, max_tokens=12):
     """Tokens of a run on a new cache: what a turn must produce whatever the cache held."""
-    return [r.token for r in stream_generate(model, tokenizer, ids, drafter, max_tokens=max_tokens)]
+    return [
+        r.token
+        for r in stream_generate(
+            model, tokenizer, ids, drafter, max_tokens=max_tokens, lookup=drafter is not None
+        )
+    ]
 
 
 @pytest.mark.parametrize("use_drafter", [False, True])
@@ -119,7 +124,7 @@ def test_reset_forgets_the_conversation(loaded):
 
 def test_turn_that_overflows_the_context_keeps_the_conversation(loaded, monkeypatch):
     model, tokenizer, _ = loaded
-    session = ChatSession(model, tokenizer, max_tokens=8)
+    session = ChatSession(model, tokenizer, max_tokens=8, lookup=False)  # plain: 1 token of room
     list(session.send("hello world"))
     before = (list(session.ids), list(session.messages), len(session.turns))
     monkeypatch.setattr(model.args, "max_position_embeddings", len(session.ids) + 20)

@@ -8,6 +8,7 @@ import math
 import mlx.core as mx
 import numpy as np
 import pytest
+from helpers import assert_greedy_equal, reference_logits
 
 from mlx_redrafter.accept import process_logits, sample_accept_batch, sample_token
 from mlx_redrafter.decode import (
@@ -77,6 +78,8 @@ def tiny_model(seed: int, vocab: int = 64, layers: int = 2, hidden: int = 48) ->
 
 
 def tokens_of(model, prompt, drafter=None, **kw):
+    if drafter is None:
+        kw.setdefault("lookup", False)  # plain decoding, the reference
     return [
         r.token
         for r in stream_generate(model, FakeTokenizer(kw.pop("eos", ())), prompt, drafter, **kw)
@@ -149,8 +152,13 @@ def test_greedy_redrafter_equals_plain(seed, W, L):
     prompt = rng.integers(0, 64, size=int(rng.integers(1, 12))).tolist()
     max_tokens = int(rng.integers(5, 40))
     plain = tokens_of(model, prompt, max_tokens=max_tokens)
-    spec = tokens_of(model, prompt, drafter, max_tokens=max_tokens, beam_width=W, beam_length=L)
-    assert spec == plain
+    logits = reference_logits(model, prompt, plain)  # a verify pass may flip only near-ties
+    for lookup in (False, True):
+        spec = tokens_of(
+            model, prompt, drafter, max_tokens=max_tokens, beam_width=W, beam_length=L,
+            lookup=lookup,
+        )
+        assert_greedy_equal(spec, plain, logits)
     assert len(spec) == max_tokens
     noisy = NoisyOracle(plain, 64, seed)
     responses = list(
@@ -162,9 +170,10 @@ def test_greedy_redrafter_equals_plain(seed, W, L):
             max_tokens=max_tokens,
             beam_width=W,
             beam_length=L,
+            lookup=False,  # the oracle counts on seeing every round
         )
     )
-    assert [r.token for r in responses] == plain
+    assert_greedy_equal([r.token for r in responses], plain, logits)
 
 
 @pytest.mark.parametrize("W,L", [(1, 2), (2, 4), (3, 5)])
@@ -184,6 +193,7 @@ def test_oracle_drafter_accepts_everything(W, L):
             max_tokens=max_tokens,
             beam_width=W,
             beam_length=L,
+            lookup=False,
         )
     )
     assert [r.token for r in responses] == plain[:max_tokens]
@@ -201,7 +211,8 @@ def test_always_wrong_drafter_gives_one_token_per_step(W, L):
     wrong = OracleDrafter(plain + [0] * 10, 64, wrong=True)
     responses = list(
         stream_generate(
-            model, FakeTokenizer(), prompt, wrong, max_tokens=30, beam_width=W, beam_length=L
+            model, FakeTokenizer(), prompt, wrong, max_tokens=30, beam_width=W, beam_length=L,
+            lookup=False,
         )
     )
     assert [r.token for r in responses] == plain
@@ -220,7 +231,8 @@ def test_eos_inside_an_accepted_run_stops_there():
     oracle = OracleDrafter(plain, 64)
     spec = list(
         stream_generate(
-            model, FakeTokenizer([eos]), prompt, oracle, max_tokens=40, beam_width=2, beam_length=L
+            model, FakeTokenizer([eos]), prompt, oracle, max_tokens=40, beam_width=2, beam_length=L,
+            lookup=False,
         )
     )
     assert [r.token for r in spec] == plain[: k + 1]
@@ -235,7 +247,8 @@ def test_max_tokens_inside_an_accepted_run():
     oracle = OracleDrafter(plain, 64)
     spec = list(
         stream_generate(
-            model, FakeTokenizer(), prompt, oracle, max_tokens=3, beam_width=1, beam_length=5
+            model, FakeTokenizer(), prompt, oracle, max_tokens=3, beam_width=1, beam_length=5,
+            lookup=False,
         )
     )
     assert [r.token for r in spec] == plain[:3]

@@ -28,6 +28,8 @@ def default(default_model_dir):
 
 
 def ours(model, tokenizer, ids, drafter=None, n=32, **kw):
+    if drafter is None:
+        kw.setdefault("lookup", False)  # plain decoding
     return [r.token for r in stream_generate(model, tokenizer, ids, drafter, max_tokens=n, **kw)]
 
 

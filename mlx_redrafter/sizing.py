@@ -1,0 +1,239 @@
+"""Tree sizing: which candidate nodes a round verifies, by expected gain over verify cost.
+
+Every candidate (a drafter beam, a context-lookup continuation) carries, per token, an
+estimate of P(token accepted | its parent accepted): the drafter's own conditional
+probability, or a rate per lookup match length, each scaled by a calibration learnt online
+from the acceptance seen so far in this generation. A node's estimate P(node accepted) is the
+product along its path (the largest over the candidates through it), so it never exceeds its
+parent's. With the device's verify-cost curve c(n) = t(n)/t(1) and the drafter's cost d (both
+in plain steps), a round of n nodes is worth
+
+    E(n) / (c(n) + d),   E(n) = 1 + sum of P over the n - 1 non-root nodes
+
+tokens per plain step, and the tree keeps the n most likely nodes that maximise it.
+docs/tree-attention.md has a worked example.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+DRAFTER = "drafter"
+LOOKUP = "lookup"
+
+# t(n)/t(1) measured on a 2-core x86 CPU (SmolLM2-135M, float32) for n = 1, 2, 3, ... 8, then
+# 16 and 32; used when `tune` has stored no curve for the device and model.
+CPU_COST_POINTS = {1: 1.0, 2: 1.19, 3: 1.33, 4: 1.54, 8: 1.71, 16: 2.0, 32: 2.8}
+# A GPU verifies a few dozen tokens at nearly the cost of one (Apple measured a knee between
+# 12 and 16 candidates for a 7B model on M-series GPUs).
+GPU_COST_POINTS = {1: 1.0, 2: 1.03, 8: 1.08, 12: 1.12, 16: 1.45, 32: 2.0}
+
+LOOKUP_PRIOR = {1: 0.3, 2: 0.45, 3: 0.6, 4: 0.7}  # P(next copied token accepted) by match length
+UNKNOWN_PRIOR = 0.5  # for candidates that bring no estimate (e.g. test oracles)
+MAX_COND = 0.98
+PRIOR_WEIGHT = 4.0  # pseudo-observations behind each calibration's initial scale of 1
+DEFAULT_MAX_NODES = 32
+REPROBE_EVERY = 16  # rounds between two drafter runs when lookup keeps winning
+
+
+def cost_curve_from_points(points: dict[int, float], max_nodes: int) -> np.ndarray:
+    """t(n)/t(1) for n = 1..max_nodes, linear between the given points and past the last."""
+    ns = np.array(sorted(points), dtype=np.float64)
+    ts = np.array([points[int(n)] for n in ns], dtype=np.float64)
+    grid = np.arange(1, max_nodes + 1, dtype=np.float64)
+    curve = np.interp(grid, ns, ts)
+    if ns.size >= 2 and grid[-1] > ns[-1]:
+        slope = (ts[-1] - ts[-2]) / (ns[-1] - ns[-2])
+        past = grid > ns[-1]
+        curve[past] = ts[-1] + slope * (grid[past] - ns[-1])
+    return curve
+
+
+def default_cost_curve(device: str = "cpu", max_nodes: int = DEFAULT_MAX_NODES) -> np.ndarray:
+    points = CPU_COST_POINTS if device == "cpu" else GPU_COST_POINTS
+    return cost_curve_from_points(points, max_nodes)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One candidate sequence: tokens[0] is the root g0; raw[k] and bucket[k] belong to
+    tokens[k + 1] (the source's own P(token accepted | parent accepted) and the calibration
+    it is corrected by)."""
+
+    source: str
+    tokens: tuple[int, ...]
+    raw: tuple[float, ...]
+    buckets: tuple[tuple[str, int], ...]
+
+
+def drafter_candidates(beams: np.ndarray, prefix_scores: np.ndarray | None) -> list[Candidate]:
+    """Beams (W, L) and their prefix log-probs (W, L) -> candidates, one per beam."""
+    out = []
+    for w in range(beams.shape[0]):
+        if prefix_scores is None:
+            raw = [UNKNOWN_PRIOR] * (beams.shape[1] - 1)
+        else:
+            raw = np.exp(np.diff(prefix_scores[w].astype(np.float64))).tolist()
+        buckets = tuple((DRAFTER, d) for d in range(1, beams.shape[1]))
+        out.append(Candidate(DRAFTER, tuple(int(t) for t in beams[w]), tuple(raw), buckets))
+    return out
+
+
+def lookup_candidate(root: int, continuation: Sequence[int], match_len: int) -> Candidate:
+    m = max(1, min(match_len, max(LOOKUP_PRIOR)))
+    n = len(continuation)
+    return Candidate(
+        LOOKUP, (int(root), *map(int, continuation)), (LOOKUP_PRIOR[m],) * n, ((LOOKUP, m),) * n
+    )
+
+
+@dataclass
+class Choice:
+    """The nodes a round verifies: the sequences to pack (in candidate order), and for each
+    kept prefix its estimate and the (source, bucket, raw) contributions that predicted it."""
+
+    sequences: list[tuple[int, ...]]
+    estimate: dict[tuple[int, ...], float]
+    sources: dict[tuple[int, ...], list[tuple[str, tuple[str, int], float]]]
+    expected_tokens: float
+    cost: float
+
+    @property
+    def value(self) -> float:
+        return self.expected_tokens / self.cost
+
+
+@dataclass
+class Calibration:
+    """Per bucket: sum of raw estimates and hits over the nodes whose parent was accepted."""
+
+    predicted: dict[tuple[str, int], float] = field(default_factory=dict)
+    hits: dict[tuple[str, int], float] = field(default_factory=dict)
+
+    def scale(self, bucket: tuple[str, int]) -> float:
+        pred = self.predicted.get(bucket, 0.0)
+        return (self.hits.get(bucket, 0.0) + PRIOR_WEIGHT) / (pred + PRIOR_WEIGHT)
+
+    def corrected(self, raw: float, bucket: tuple[str, int]) -> float:
+        return float(min(MAX_COND, raw * self.scale(bucket)))
+
+    def observe(self, bucket: tuple[str, int], raw: float, hit: bool) -> None:
+        self.predicted[bucket] = self.predicted.get(bucket, 0.0) + raw
+        self.hits[bucket] = self.hits.get(bucket, 0.0) + float(hit)
+
+
+class TreePolicy:
+    """Chooses each round's nodes from all candidates and learns from the outcome.
+
+    cost_curve: t(n)/t(1) for n = 1..len (in plain steps); draft_cost: the drafter's time in
+    plain steps (updated online by `observe_times`).
+    """
+
+    def __init__(
+        self,
+        cost_curve: Sequence[float],
+        max_nodes: int = DEFAULT_MAX_NODES,
+        draft_cost: float = 0.1,
+    ):
+        curve = np.asarray(cost_curve, dtype=np.float64)
+        if curve.ndim != 1 or curve.size < 1 or not np.all(np.isfinite(curve)) or curve[0] <= 0:
+            raise ValueError(f"cost curve must be positive t(n)/t(1) values, got {cost_curve}")
+        if curve.size < max_nodes:
+            points = {i + 1: float(t) for i, t in enumerate(curve)}
+            curve = cost_curve_from_points(points, max_nodes)
+        self.curve = curve[:max_nodes] / curve[0]
+        self.max_nodes = max_nodes
+        self.draft_cost = draft_cost
+        self.calibration = Calibration()
+        self.drafter_value: float | None = None  # EMA of a drafter round's predicted value
+        self.rounds_without_drafter = 0
+
+    # -- choosing ---------------------------------------------------------------------------
+
+    def select(self, candidates: Sequence[Candidate], with_drafter: bool) -> Choice:
+        """The n most likely nodes (ancestors first) that maximise E(n) / (c(n) + d)."""
+        estimate: dict[tuple[int, ...], float] = {}
+        sources: dict[tuple[int, ...], list] = {}
+        order: dict[tuple[int, ...], int] = {}
+        for cand in candidates:
+            p = 1.0
+            for k in range(1, len(cand.tokens)):
+                prefix = cand.tokens[: k + 1]
+                p *= self.calibration.corrected(cand.raw[k - 1], cand.buckets[k - 1])
+                order.setdefault(prefix, len(order))
+                estimate[prefix] = max(estimate.get(prefix, 0.0), p)
+                sources.setdefault(prefix, []).append(
+                    (cand.source, cand.buckets[k - 1], cand.raw[k - 1])
+                )
+        # Ties go to the shallower, then earlier node, so every kept node's parent is kept.
+        ranked = sorted(estimate, key=lambda q: (-estimate[q], len(q), order[q]))
+        ranked = ranked[: self.max_nodes - 1]
+        probs = np.array([estimate[q] for q in ranked], dtype=np.float64)
+        expected = 1.0 + np.concatenate([[0.0], np.cumsum(probs)])  # E(n), n = 1..len+1
+        draft = self.draft_cost if with_drafter else 0.0
+        cost = self.curve[: expected.size] + draft
+        n = int(np.argmax(expected / cost)) + 1
+        kept = set(ranked[: n - 1])
+        root = candidates[0].tokens[:1] if candidates else ()
+        sequences = []
+        for cand in candidates:
+            k = 1
+            while k < len(cand.tokens) and cand.tokens[: k + 1] in kept:
+                k += 1
+            if k > 1:
+                sequences.append(cand.tokens[:k])
+        if not sequences:
+            sequences = [root]
+        return Choice(
+            sequences=sequences,
+            estimate={q: estimate[q] for q in kept},
+            sources={q: sources[q] for q in kept},
+            expected_tokens=float(expected[n - 1]),
+            cost=float(cost[n - 1]),
+        )
+
+    def want_drafter(self, lookup_choice: Choice) -> bool:
+        """Run the drafter unless lookup alone is expected to do at least as well; re-probe
+        the drafter every REPROBE_EVERY rounds so its estimate does not go stale."""
+        if self.drafter_value is None or self.rounds_without_drafter >= REPROBE_EVERY:
+            return True
+        return lookup_choice.value < self.drafter_value
+
+    # -- learning ---------------------------------------------------------------------------
+
+    def observe(self, choice: Choice, accepted: Sequence[tuple[int, ...]], with_drafter: bool):
+        """Update the calibration from the round's accepted prefixes (root excluded)."""
+        accepted_set = set(accepted)
+        for prefix, contributions in choice.sources.items():
+            parent = prefix[:-1]
+            if len(parent) > 1 and parent not in accepted_set:
+                continue  # never tested: its parent was rejected
+            hit = prefix in accepted_set
+            for _, bucket, raw in contributions:
+                self.calibration.observe(bucket, raw, hit)
+        if with_drafter:
+            v = choice.value
+            self.drafter_value = v if self.drafter_value is None else 0.8 * self.drafter_value + 0.2 * v
+            self.rounds_without_drafter = 0
+        else:
+            self.rounds_without_drafter += 1
+
+    def observe_times(self, draft_time: float, verify_time: float, num_nodes: int) -> None:
+        """Learn the drafter's cost in plain steps from one round's timings."""
+        if draft_time <= 0 or verify_time <= 0:
+            return
+        step = verify_time / self.curve[min(num_nodes, self.max_nodes) - 1]
+        self.draft_cost = 0.8 * self.draft_cost + 0.2 * (draft_time / step)
+
+
+def credit_sources(choice: Choice, accepted: Sequence[tuple[int, ...]]) -> dict[str, int]:
+    """Accepted drafted tokens by the source(s) that proposed them: drafter, lookup or both."""
+    out: dict[str, int] = {}
+    for prefix in accepted:
+        names = {s for s, _, _ in choice.sources.get(prefix, [])}
+        key = "both" if len(names) > 1 else (names.pop() if names else DRAFTER)
+        out[key] = out.get(key, 0) + 1
+    return out
