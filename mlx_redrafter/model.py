@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,6 +98,139 @@ def _llama3_freqs(head_dim: int, base: float, scaling: dict[str, Any]) -> mx.arr
     return mx.where(is_medium, smoothed, periods)
 
 
+def fuse_linears(linears: list[nn.Module]) -> nn.Module | None:
+    """One layer computing the given layers' outputs concatenated along the last axis.
+
+    Works for `nn.Linear` and for `nn.QuantizedLinear` with one quantization (the packed
+    rows of a quantized weight are independent, so stacking rows stays exact); returns None
+    for anything else. The result is bit-identical per output row up to the matmul's own
+    blocking, which is why the fused model is tested against the unfused one.
+    """
+    first = linears[0]
+    kind = type(first)
+    if kind not in (nn.Linear, nn.QuantizedLinear) or any(type(m) is not kind for m in linears):
+        return None
+    has_bias = "bias" in first
+    if any(("bias" in m) != has_bias for m in linears):
+        return None
+    fused = kind.__new__(kind)
+    nn.Module.__init__(fused)
+    if kind is nn.QuantizedLinear:
+        settings = {(m.group_size, m.bits, m.mode, "biases" in m) for m in linears}
+        if len(settings) != 1:
+            return None
+        fused.group_size, fused.bits, fused.mode = first.group_size, first.bits, first.mode
+        fused.scales = mx.concatenate([m.scales for m in linears], axis=0)
+        if "biases" in first:
+            fused.biases = mx.concatenate([m.biases for m in linears], axis=0)
+        else:
+            fused.biases = None
+    fused.weight = mx.concatenate([m.weight for m in linears], axis=0)
+    if has_bias:
+        fused.bias = mx.concatenate([m.bias for m in linears], axis=0)
+    if kind is nn.QuantizedLinear:
+        fused.freeze()
+    return fused
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU kernels. MLX's CPU `exp` costs ~25 ns an element on x86 (numpy's ~3 ns), and the
+# softmax over the cache and the SiLU are the work that grows with the number of verified
+# tokens. A compiled polynomial exp runs ~5x faster: exp(x) = 2**k * e**r with
+# k = round(x / ln 2), r = x - k ln 2 (in two parts, Cody-Waite, so r is exact to float32)
+# and e**r from its degree-7 Taylor polynomial (|r| <= ln(2)/2: truncation error < 6e-9).
+# Used only on the CPU and for float32.
+
+_LOG2E = 1.4426950408889634
+_LN2_HI = 0.693359375  # few mantissa bits: k * _LN2_HI is exact for |k| <= 127
+_LN2_LO = -2.12194440e-4
+_EXP_COEFFS = [1.0 / math.factorial(i) for i in range(8)]
+
+
+def _exp_parts(x: mx.array) -> tuple[mx.array, mx.array]:
+    """exp(x) = mantissa * 2**k: the mantissa e**r (float32) and 2**k's float32 bits (int32).
+    2**-127 and below flush to exactly 0 (bits 0), so exp(-inf) is 0."""
+    k = mx.floor(mx.clip(x * _LOG2E, -127.0, 127.0) + 0.5)
+    r = (mx.clip(x, -200.0, 200.0) - k * _LN2_HI) - k * _LN2_LO
+    mantissa = _EXP_COEFFS[-1]
+    for c in reversed(_EXP_COEFFS[:-1]):
+        mantissa = mantissa * r + c
+    return mantissa, (k.astype(mx.int32) + 127) << 23
+
+
+def _shifted_exp_parts(x: mx.array, shift: mx.array) -> tuple[mx.array, mx.array]:
+    return _exp_parts(x - shift)
+
+
+def _silu_mul_finish(gate, up, mantissa, power):
+    return gate / (1.0 + mantissa * power) * up
+
+
+_kernels: dict[str, Any] = {}
+
+
+def _kernel(name: str):
+    if not _kernels:
+        # Bit views cannot be traced shapeless, so they stay outside the compiled parts.
+        _kernels["exp"] = mx.compile(_exp_parts, shapeless=True)
+        _kernels["shifted_exp"] = mx.compile(_shifted_exp_parts, shapeless=True)
+        _kernels["silu_mul"] = mx.compile(_silu_mul_finish, shapeless=True)
+    return _kernels[name]
+
+
+def fast_kernels_available() -> bool:
+    """Whether the compiled CPU kernels run here (they need a C++ compiler at run time)."""
+    if "ok" not in _kernels:
+        try:
+            mantissa, bits = _kernel("exp")(mx.array([0.0, -1.0, float("-inf")]))
+            got = mantissa * mx.view(bits, mx.float32)
+            _kernels["ok"] = bool(mx.allclose(got, mx.exp(mx.array([0.0, -1.0, -1e9]))).item())
+        except Exception:  # no compiler, or a backend without compile support
+            _kernels["ok"] = False
+    return _kernels["ok"]
+
+
+def fast_exp(x: mx.array) -> mx.array:
+    """float32 exp through the compiled polynomial (see above)."""
+    mantissa, bits = _kernel("exp")(x)
+    return mantissa * mx.view(bits, mx.float32)
+
+
+def fast_silu_mul(gate: mx.array, up: mx.array) -> mx.array:
+    """silu(gate) * up = gate / (1 + exp(-gate)) * up."""
+    mantissa, bits = _kernel("exp")(-gate)
+    return _kernel("silu_mul")(gate, up, mantissa, mx.view(bits, mx.float32))
+
+
+def fast_attention(q, k, v, scale: float, mask) -> mx.array:
+    """Softmax attention as `mx.fast.scaled_dot_product_attention` computes it, with the
+    query heads of each KV head folded into one matmul and the compiled exp.
+
+    q (B, H, T, D); k, v (B, H_kv, S, D); mask None, "causal", bool (.., T, S) with
+    True = attend, or additive (.., T, S). Returns (B, H, T, D).
+    """
+    B, H, T, D = q.shape
+    n_kv, S = k.shape[1], k.shape[2]
+    rep = H // n_kv
+    scores = (q * scale).reshape(B, n_kv, rep * T, D) @ k.swapaxes(-1, -2)  # (B, H_kv, rT, S)
+    if isinstance(mask, str):
+        # Lower-right aligned, as SDPA's "causal": query i sits at key S - T + i.
+        mask = mx.arange(S)[None] <= (S - T + mx.arange(T))[:, None]  # (T, S)
+    if mask is not None:
+        mask = mask.reshape((-1, 1, 1, T, S)) if mask.ndim == 4 else mask
+        scores = scores.reshape(B, n_kv, rep, T, S)
+        if mask.dtype == mx.bool_:
+            scores = mx.where(mask, scores, mx.array(-mx.inf, scores.dtype))
+        else:
+            scores = scores + mask
+        scores = scores.reshape(B, n_kv, rep * T, S)
+    mantissa, bits = _kernel("shifted_exp")(scores, mx.max(scores, axis=-1, keepdims=True))
+    weights = mantissa * mx.view(bits, mx.float32)
+    weights = weights / weights.sum(axis=-1, keepdims=True)
+    out = weights.astype(v.dtype) @ v  # (B, H_kv, rep * T, D)
+    return out.reshape(B, H, T, D)
+
+
 class RoPE(nn.Module):
     """Rotary embedding that takes a scalar offset or one position per token."""
 
@@ -129,13 +263,16 @@ class RoPE(nn.Module):
         )
 
     def __call__(self, x: mx.array, offset: int = 0, positions: mx.array | None = None):
+        """x (B, T, H, D), the projection's own layout -> rotated (B, H, T, D).
+
+        With positions (B, T), each token gets its own: mx.fast.rope takes one offset per
+        batch row, and (B, T, H, D) is already (B*T, H, 1, D) in memory, so the tokens sit
+        on the batch axis without a copy and only the result is transposed (once).
+        """
+        B, T, H, D = x.shape
         if positions is None:
-            return self._rope(x, offset)
-        # x: (B, H, T, D); positions: (B, T). mx.fast.rope takes one offset per batch row, so
-        # move tokens into the batch axis: (B*T, H, 1, D) with offsets (B*T,).
-        B, H, T, D = x.shape
-        y = x.transpose(0, 2, 1, 3).reshape(B * T, H, 1, D)
-        y = self._rope(y, positions.reshape(-1))
+            return self._rope(x.transpose(0, 2, 1, 3), offset)
+        y = self._rope(x.reshape(B * T, H, 1, D), positions.reshape(-1))
         return y.reshape(B, T, H, D).transpose(0, 2, 1, 3)
 
 
@@ -157,19 +294,44 @@ class Attention(nn.Module):
             self.k_norm = nn.RMSNorm(self.head_dim, eps=args.rms_norm_eps)
         self.rope = RoPE(args)
 
-    def __call__(self, x, mask, cache: LayerCache | None, offset: int, positions):
+    def fuse(self) -> bool:
+        """Replace q/k/v_proj by one `qkv_proj` (rows stacked q, k, v); False if they differ."""
+        fused = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
+        if fused is None:
+            return False
+        self.qkv_proj = fused
+        del self.q_proj, self.k_proj, self.v_proj
+        return True
+
+    def project(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """x (B, T, dim) -> q (B, T, H, D), k and v (B, T, H_kv, D)."""
         B, T, _ = x.shape
-        q = self.q_proj(x).reshape(B, T, self.n_heads, self.head_dim)
-        k = self.k_proj(x).reshape(B, T, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(B, T, self.n_kv_heads, self.head_dim)
+        D = self.head_dim
+        if "qkv_proj" in self:
+            qkv = self.qkv_proj(x)
+            split = [self.n_heads * D, (self.n_heads + self.n_kv_heads) * D]
+            q, k, v = mx.split(qkv, split, axis=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.reshape(B, T, self.n_heads, D)
+        k = k.reshape(B, T, self.n_kv_heads, D)
+        v = v.reshape(B, T, self.n_kv_heads, D)
         if "q_norm" in self:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))  # (B, H, T, D)
-        q = self.rope(q, offset, positions)
+        return q, k, v
+
+    def __call__(self, x, mask, cache: LayerCache | None, offset: int, positions, fast=False):
+        B, T, _ = x.shape
+        q, k, v = self.project(x)
+        q = self.rope(q, offset, positions)  # (B, H, T, D)
         k = self.rope(k, offset, positions)
+        v = v.transpose(0, 2, 1, 3)
         if cache is not None:
             k, v = cache.update(k, v)
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        if fast:
+            out = fast_attention(q, k, v, self.scale, mask)
+        else:
+            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, T, -1))
 
 
@@ -181,8 +343,21 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(dim, hidden, bias=args.mlp_bias)
         self.down_proj = nn.Linear(hidden, dim, bias=args.mlp_bias)
 
-    def __call__(self, x):
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+    def fuse(self) -> bool:
+        """Replace gate/up_proj by one `gate_up_proj` (rows stacked gate, up)."""
+        fused = fuse_linears([self.gate_proj, self.up_proj])
+        if fused is None:
+            return False
+        self.gate_up_proj = fused
+        del self.gate_proj, self.up_proj
+        return True
+
+    def __call__(self, x, fast=False):
+        if "gate_up_proj" in self:
+            gate, up = mx.split(self.gate_up_proj(x), 2, axis=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(fast_silu_mul(gate, up) if fast else nn.silu(gate) * up)
 
 
 class TransformerBlock(nn.Module):
@@ -193,9 +368,9 @@ class TransformerBlock(nn.Module):
         self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
-    def __call__(self, x, mask, cache, offset, positions):
-        h = x + self.self_attn(self.input_layernorm(x), mask, cache, offset, positions)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def __call__(self, x, mask, cache, offset, positions, fast=False):
+        h = x + self.self_attn(self.input_layernorm(x), mask, cache, offset, positions, fast)
+        return h + self.mlp(self.post_attention_layernorm(h), fast)
 
 
 class LlamaModel(nn.Module):
@@ -214,6 +389,32 @@ class Model(nn.Module):
         self.model = LlamaModel(args)
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        # CPU float32: attention softmax and SiLU through the compiled exp (see `optimize`).
+        self.fast_kernels = False
+
+    def optimize(self, fuse: bool = True, fast_kernels: bool | None = None) -> Model:
+        """Speed up inference in place; the weights on disk keep mlx-lm's names.
+
+        fuse: q/k/v and gate/up projections become one matmul each (where their layers
+        have the same type and quantization). fast_kernels: the compiled CPU exp for the
+        attention softmax and the SiLU; None = on when the default device is the CPU and the
+        compiled kernels run. MLX_REDRAFTER_FAST=0 in the environment turns both off (the
+        escape hatch, and the "before" of the benchmarks).
+        """
+        if os.environ.get("MLX_REDRAFTER_FAST", "1") == "0":
+            return self
+        if fuse:
+            for layer in self.model.layers:
+                layer.self_attn.fuse()
+                layer.mlp.fuse()
+        if fast_kernels is None:
+            fast_kernels = mx.default_device() == mx.cpu and fast_kernels_available()
+        self.fast_kernels = bool(fast_kernels)
+        return self
+
+    @property
+    def fused(self) -> bool:
+        return "qkv_proj" in self.model.layers[0].self_attn
 
     def __call__(
         self,
@@ -237,8 +438,10 @@ class Model(nn.Module):
         if positions is not None:
             positions = positions.astype(mx.int32)
         h = self.model.embed_tokens(tokens)
+        fast = self.fast_kernels and h.dtype == mx.float32
         for i, layer in enumerate(self.model.layers):
-            h = layer(h, mask, cache.layers[i] if cache is not None else None, offset, positions)
+            layer_cache = cache.layers[i] if cache is not None else None
+            h = layer(h, mask, layer_cache, offset, positions, fast)
         if cache is not None:
             cache.written(T)
         hidden = self.model.norm(h)
