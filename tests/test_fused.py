@@ -104,8 +104,9 @@ def test_fused_model_equals_unfused(family, bits):
     assert isinstance(attn.qkv_proj, nn.QuantizedLinear if bits else nn.Linear)
     prompt = mx.random.randint(0, BASE["vocab_size"], (1, 12))
     nodes = mx.random.randint(0, BASE["vocab_size"], (1, 6))
-    for got, expected in zip(run_all(fused, prompt, nodes), run_all(plain, prompt, nodes)):
-        assert_close(got, expected)
+    expected = run_all(plain, prompt, nodes)
+    for got, want in zip(run_all(fused, prompt, nodes), expected, strict=True):
+        assert_close(got, want)
 
 
 @needs_kernels
@@ -117,8 +118,9 @@ def test_fast_kernels_equal_library_ops(family, bits):
     assert fast.fast_kernels
     prompt = mx.random.randint(0, BASE["vocab_size"], (1, 12))
     nodes = mx.random.randint(0, BASE["vocab_size"], (1, 6))
-    for got, expected in zip(run_all(fast, prompt, nodes), run_all(plain, prompt, nodes)):
-        assert_close(got, expected)
+    expected = run_all(plain, prompt, nodes)
+    for got, want in zip(run_all(fast, prompt, nodes), expected, strict=True):
+        assert_close(got, want)
 
 
 def test_fusion_keeps_mixed_layers_apart():
