@@ -344,6 +344,7 @@ def load_model(path: str | Path, dtype: str | None = None, lazy: bool = False):
             )
         )
     model.eval()
+    model.optimize()  # fused projections, CPU kernels; MLX_REDRAFTER_FAST=0 turns them off
     if not lazy:
         mx.eval(model.parameters())
     return model
