@@ -371,6 +371,7 @@ class Engine:
         self.max_queue = max_queue
         self.caches = PromptCaches(model, cache_entries, cache_bytes)
         self.recent: deque[Outcome] = deque(maxlen=64)  # newest last
+        self.finished = 0  # requests done (answered, failed or cancelled) since the start
         self.started = int(time.time())
         self._jobs: queue.Queue = queue.Queue()
         self._waiting = 0
@@ -481,6 +482,7 @@ class Engine:
 
     def _finish(self, job: Job, outcome: Outcome) -> None:
         self.recent.append(outcome)
+        self.finished += 1
         log.info(outcome.log_line())
         job.post(("done", outcome))
 
