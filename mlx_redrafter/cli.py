@@ -133,6 +133,12 @@ def generate(
     seed: int | None = typer.Option(None, "--seed"),
     beam_width: int | None = typer.Option(None, "--beam-width", "-W"),
     beam_length: int | None = typer.Option(None, "--beam-length", "-L"),
+    lookup: bool = typer.Option(
+        True, "--lookup/--no-lookup", help="Also draft from the context (prompt lookup)."
+    ),
+    lookup_max: int | None = typer.Option(
+        None, "--lookup-max", help="Longest continuation copied from the context (default 8)."
+    ),
     system: str | None = typer.Option(None, "--system", help="System prompt."),
     raw: bool = typer.Option(False, "--raw", help="Do not apply the chat template."),
     stop: list[str] | None = typer.Option(None, "--stop", help="Stop string (repeatable)."),
@@ -178,6 +184,8 @@ def generate(
         seed=seed,
         beam_width=W,
         beam_length=L,
+        lookup=lookup,
+        lookup_max=lookup_max,
         stop=stop or (),
     ):
         tokens.append(response.token)
@@ -204,6 +212,10 @@ def generate(
             "drafter": drafter_path,
             "beam_width": W if draft else None,
             "beam_length": L if draft else None,
+            "lookup": lookup,
+            "accepted_from": dict(stats.accepted_from),
+            "drafter_rounds": stats.drafter_rounds,
+            "mean_tree_nodes": stats.tree_nodes / max(1, len(stats.accepted)),
         }
         typer.echo(json.dumps(out))
     else:
@@ -212,8 +224,11 @@ def generate(
             f"prompt: {stats.prompt_tokens} tokens, {stats.prefill_tps:.1f} tok/s | "
             f"generation: {stats.num_tokens} tokens, {stats.decode_tps:.1f} tok/s"
         )
-        if draft is not None:
-            line += f" | {stats.tokens_per_step:.2f} tokens/step (W={W}, L={L})"
+        if draft is not None or lookup:
+            sources = ", ".join(f"{k} {v}" for k, v in sorted(stats.accepted_from.items()))
+            line += f" | {stats.tokens_per_step:.2f} tokens/step"
+            line += f" (W={W}, L={L}" if draft is not None else " (lookup"
+            line += f"; accepted: {sources})" if sources else ")"
         typer.secho(line, dim=True, err=True)
 
 
@@ -225,6 +240,12 @@ def chat(
     no_drafter: bool = typer.Option(False, "--no-drafter", help="Plain decoding."),
     beam_width: int | None = typer.Option(None, "--beam-width", "-W"),
     beam_length: int | None = typer.Option(None, "--beam-length", "-L"),
+    lookup: bool = typer.Option(
+        True, "--lookup/--no-lookup", help="Also draft from the context (prompt lookup)."
+    ),
+    lookup_max: int | None = typer.Option(
+        None, "--lookup-max", help="Longest continuation copied from the context (default 8)."
+    ),
     temp: float = typer.Option(0.0, "--temp", help="Sampling temperature (0 = greedy)."),
     top_p: float = typer.Option(1.0, "--top-p"),
     top_k: int = typer.Option(0, "--top-k", help="0 = no top-k."),
@@ -258,8 +279,12 @@ def chat(
         seed=seed,
         beam_width=W,
         beam_length=L,
+        lookup=lookup,
+        lookup_max=lookup_max,
     )
     how = f"ReDrafter W={W} L={L} ({Path(drafter_path).name})" if draft else "plain decoding"
+    if lookup:
+        how = ("context lookup + " + how) if draft else "context lookup"
     title = f"mlx-redrafter chat · {Path(model_path).name} · {how} · {device_name()}"
     code = run_chat(session, title=title)
     if code:
@@ -281,7 +306,9 @@ def serve(
     lookup: bool | None = typer.Option(
         None, "--lookup/--no-lookup", help="Context lookup candidates (default: the library's)."
     ),
-    lookup_max: int | None = typer.Option(None, "--lookup-max", help="Longest continuation lookup copies."),
+    lookup_max: int | None = typer.Option(
+        None, "--lookup-max", help="Longest continuation lookup copies."
+    ),
     temp: float = typer.Option(0.0, "--temp", help="Temperature when a request gives none."),
     top_p: float = typer.Option(1.0, "--top-p", help="top_p when a request gives none."),
     top_k: int = typer.Option(0, "--top-k", help="top_k when a request gives none (0 = off)."),
@@ -340,11 +367,7 @@ def serve(
     server_log.setLevel(logging.INFO)
     server_log.propagate = False
 
-    if draft is None:
-        how = "plain decoding"
-    else:
-        shape = " ".join(f"{k}={v}" for k, v in engine.decode_options.items()) or "default shape"
-        how = f"ReDrafter ({Path(drafter_path).name}, {shape})"
+    how = _decoding_summary(base, draft, drafter_path, beam_width, beam_length, lookup, lookup_max)
     url = url_of(sock)
 
     def ready() -> None:
@@ -354,6 +377,26 @@ def serve(
         )
 
     run_server(engine, sock, on_ready=ready)
+
+
+def _decoding_summary(base, draft, drafter_path, beam_width, beam_length, lookup, lookup_max):
+    """'ReDrafter W=1 L=3 (drafter) + lookup (8 tokens)' as stream_generate will resolve it."""
+    from mlx_redrafter import decode
+
+    parts = []
+    if draft is not None:
+        resolve_beam = getattr(decode, "resolve_beam", None)
+        shape = ""
+        if resolve_beam is not None:
+            w, length = resolve_beam(base, beam_width, beam_length)
+            shape = f" W={w} L={length}"
+        parts.append(f"ReDrafter{shape} ({Path(drafter_path).name})")
+    resolve_lookup = getattr(decode, "resolve_lookup", None)
+    if resolve_lookup is not None:
+        look = resolve_lookup(lookup, lookup_max)
+        if look is not None:
+            parts.append(f"lookup (up to {look.max_tokens} tokens)")
+    return " + ".join(parts) or "plain decoding"
 
 
 def _int_list(text: str, option: str) -> list[int]:
@@ -385,12 +428,19 @@ def bench(
     model: str | None = typer.Option(None, "--model", "-m", help="Model dir, HF id or GGUF."),
     drafter: str | None = typer.Option(None, "--drafter", "-d", help="Drafter directory."),
     prompts: str = typer.Option(
-        "mt-bench", "--prompts", help="A .jsonl file (first of `turns`, or `prompt`) or mt-bench."
+        "mt-bench",
+        "--prompts",
+        help="Comma-separated sources: mt-bench (first turns), mt-bench-2 (second turns after "
+        "the model's own first answer), doc-prompts (prompts carrying a document), or a .jsonl "
+        "file (first of `turns`, or `prompt`).",
     ),
     num_prompts: int | None = typer.Option(None, "--num-prompts", "-N", help="First N only."),
     max_tokens: int = typer.Option(128, "--max-tokens", "-n", help="New tokens per prompt."),
     methods: str = typer.Option(
-        "mlx-lm,ar,redrafter", "--methods", help="Comma-separated: mlx-lm, ar, redrafter."
+        "mlx-lm,ar,redrafter",
+        "--methods",
+        help="Comma-separated: mlx-lm, ar, redrafter (drafter alone), lookup (context lookup "
+        "alone), redrafter+lookup (both, cost-aware tree).",
     ),
     beam_width: int | None = typer.Option(None, "--beam-width", "-W"),
     beam_length: int | None = typer.Option(None, "--beam-length", "-L"),
@@ -428,7 +478,11 @@ def bench(
 
     model_path = resolve_model_path(model)
     base, tokenizer = _load_model(str(model_path), dtype)
-    drafter_path = _resolve_drafter(model, drafter, False) if "redrafter" in names else None
+    drafter_path = (
+        _resolve_drafter(model, drafter, False)
+        if {"redrafter", "redrafter+lookup"} & set(names)
+        else None
+    )
     draft = load_drafter(drafter_path, base=base) if drafter_path else None
     if acceptance:
         if draft is None:

@@ -432,7 +432,9 @@ class Engine:
                 with self._count_lock:
                     self._waiting -= 1
                 if job.cancelled.is_set():
-                    self._finish(job, Outcome(job.kind, len(job.ids), finish_reason="cancelled"))
+                    outcome = Outcome(job.kind, len(job.ids), finish_reason="cancelled")
+                    outcome.seconds = time.perf_counter() - job.created
+                    self._finish(job, outcome)
                     continue
                 self._current = job
                 try:
@@ -466,7 +468,7 @@ class Engine:
                 job.post(("text", response.text, response.finish_reason))
         except GenerationError as e:  # raised before any token: the request stays a 400
             outcome.finish_reason = "error"
-            job.post(("error", APIError(400, str(e), _error_param(str(e), job.options))))
+            job.post(("error", APIError(400, str(e), _error_param(str(e)))))
         except Exception:
             healthy = False  # the cache may be half-written: drop it
             raise
@@ -487,7 +489,7 @@ class Engine:
         job.post(("done", outcome))
 
 
-def _error_param(message: str, options: dict) -> str | None:
+def _error_param(message: str) -> str | None:
     if "max_tokens" in message:
         return "max_tokens"
     for name in ("temperature", "top_p", "top_k"):
@@ -516,7 +518,7 @@ def _fill_outcome(outcome: Outcome, last, with_drafter: bool) -> None:
 # Requests -> token ids and generation options
 
 
-def _message_text(message: ChatMessage, index: int) -> str:
+def _message_text(message: ChatMessage) -> str:
     content = message.content
     if content is None:
         return ""
@@ -530,9 +532,9 @@ def chat_ids(tokenizer, messages: list[ChatMessage]) -> list[int]:
     turns = [
         {
             "role": "system" if m.role == "developer" else m.role,
-            "content": _message_text(m, i),
+            "content": _message_text(m),
         }
-        for i, m in enumerate(messages)
+        for m in messages
     ]
     if getattr(tokenizer, "chat_template", None) is None:  # a base model: plain lines
         return list(tokenizer.encode("\n".join(t["content"] for t in turns) + "\n"))
