@@ -133,12 +133,6 @@ def generate(
     seed: int | None = typer.Option(None, "--seed"),
     beam_width: int | None = typer.Option(None, "--beam-width", "-W"),
     beam_length: int | None = typer.Option(None, "--beam-length", "-L"),
-    lookup: bool = typer.Option(
-        True, "--lookup/--no-lookup", help="Also draft from the context (prompt lookup)."
-    ),
-    lookup_max: int | None = typer.Option(
-        None, "--lookup-max", help="Longest continuation copied from the context (default 8)."
-    ),
     system: str | None = typer.Option(None, "--system", help="System prompt."),
     raw: bool = typer.Option(False, "--raw", help="Do not apply the chat template."),
     stop: list[str] | None = typer.Option(None, "--stop", help="Stop string (repeatable)."),
@@ -184,8 +178,6 @@ def generate(
         seed=seed,
         beam_width=W,
         beam_length=L,
-        lookup=lookup,
-        lookup_max=lookup_max,
         stop=stop or (),
     ):
         tokens.append(response.token)
@@ -212,10 +204,6 @@ def generate(
             "drafter": drafter_path,
             "beam_width": W if draft else None,
             "beam_length": L if draft else None,
-            "lookup": lookup,
-            "accepted_from": dict(stats.accepted_from),
-            "drafter_rounds": stats.drafter_rounds,
-            "mean_tree_nodes": stats.tree_nodes / max(1, len(stats.accepted)),
         }
         typer.echo(json.dumps(out))
     else:
@@ -224,11 +212,8 @@ def generate(
             f"prompt: {stats.prompt_tokens} tokens, {stats.prefill_tps:.1f} tok/s | "
             f"generation: {stats.num_tokens} tokens, {stats.decode_tps:.1f} tok/s"
         )
-        if draft is not None or lookup:
-            sources = ", ".join(f"{k} {v}" for k, v in sorted(stats.accepted_from.items()))
-            line += f" | {stats.tokens_per_step:.2f} tokens/step"
-            line += f" (W={W}, L={L}" if draft is not None else " (lookup"
-            line += f"; accepted: {sources})" if sources else ")"
+        if draft is not None:
+            line += f" | {stats.tokens_per_step:.2f} tokens/step (W={W}, L={L})"
         typer.secho(line, dim=True, err=True)
 
 
@@ -240,12 +225,6 @@ def chat(
     no_drafter: bool = typer.Option(False, "--no-drafter", help="Plain decoding."),
     beam_width: int | None = typer.Option(None, "--beam-width", "-W"),
     beam_length: int | None = typer.Option(None, "--beam-length", "-L"),
-    lookup: bool = typer.Option(
-        True, "--lookup/--no-lookup", help="Also draft from the context (prompt lookup)."
-    ),
-    lookup_max: int | None = typer.Option(
-        None, "--lookup-max", help="Longest continuation copied from the context (default 8)."
-    ),
     temp: float = typer.Option(0.0, "--temp", help="Sampling temperature (0 = greedy)."),
     top_p: float = typer.Option(1.0, "--top-p"),
     top_k: int = typer.Option(0, "--top-k", help="0 = no top-k."),
@@ -279,12 +258,8 @@ def chat(
         seed=seed,
         beam_width=W,
         beam_length=L,
-        lookup=lookup,
-        lookup_max=lookup_max,
     )
     how = f"ReDrafter W={W} L={L} ({Path(drafter_path).name})" if draft else "plain decoding"
-    if lookup:
-        how = ("context lookup + " + how) if draft else "context lookup"
     title = f"mlx-redrafter chat · {Path(model_path).name} · {how} · {device_name()}"
     code = run_chat(session, title=title)
     if code:
@@ -428,19 +403,12 @@ def bench(
     model: str | None = typer.Option(None, "--model", "-m", help="Model dir, HF id or GGUF."),
     drafter: str | None = typer.Option(None, "--drafter", "-d", help="Drafter directory."),
     prompts: str = typer.Option(
-        "mt-bench",
-        "--prompts",
-        help="Comma-separated sources: mt-bench (first turns), mt-bench-2 (second turns after "
-        "the model's own first answer), doc-prompts (prompts carrying a document), or a .jsonl "
-        "file (first of `turns`, or `prompt`).",
+        "mt-bench", "--prompts", help="A .jsonl file (first of `turns`, or `prompt`) or mt-bench."
     ),
     num_prompts: int | None = typer.Option(None, "--num-prompts", "-N", help="First N only."),
     max_tokens: int = typer.Option(128, "--max-tokens", "-n", help="New tokens per prompt."),
     methods: str = typer.Option(
-        "mlx-lm,ar,redrafter",
-        "--methods",
-        help="Comma-separated: mlx-lm, ar, redrafter (drafter alone), lookup (context lookup "
-        "alone), redrafter+lookup (both, cost-aware tree).",
+        "mlx-lm,ar,redrafter", "--methods", help="Comma-separated: mlx-lm, ar, redrafter."
     ),
     beam_width: int | None = typer.Option(None, "--beam-width", "-W"),
     beam_length: int | None = typer.Option(None, "--beam-length", "-L"),
@@ -478,11 +446,7 @@ def bench(
 
     model_path = resolve_model_path(model)
     base, tokenizer = _load_model(str(model_path), dtype)
-    drafter_path = (
-        _resolve_drafter(model, drafter, False)
-        if {"redrafter", "redrafter+lookup"} & set(names)
-        else None
-    )
+    drafter_path = _resolve_drafter(model, drafter, False) if "redrafter" in names else None
     draft = load_drafter(drafter_path, base=base) if drafter_path else None
     if acceptance:
         if draft is None:
