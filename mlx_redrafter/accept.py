@@ -79,13 +79,69 @@ def process_logits(
         logits = mx.put_along_axis(logits, drop, mx.array(_NEG_INF, mx.float32), axis=-1)
     logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
     if top_p < 1.0:
-        order = mx.argsort(-logprobs, axis=-1)
-        sorted_probs = mx.exp(mx.take_along_axis(logprobs, order, axis=-1))
-        mass_before = mx.cumsum(sorted_probs, axis=-1) - sorted_probs
-        keep = mx.put_along_axis(mx.zeros(logprobs.shape, mx.bool_), order, mass_before < top_p, -1)
-        logprobs = mx.where(keep, logprobs, mx.array(_NEG_INF, mx.float32))
+        ranked = -mx.sort(-logprobs, axis=-1)  # (..., V) descending
+        threshold, _ = _top_p_cut(ranked, top_p)
+        logprobs = mx.where(logprobs >= threshold, logprobs, mx.array(_NEG_INF, mx.float32))
         logprobs = logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
     return logprobs
+
+
+def _top_p_cut(ranked: mx.array, top_p: float) -> tuple[mx.array, mx.array]:
+    """ranked (..., K): log-probabilities sorted descending (a prefix of the vocabulary's).
+
+    Returns (threshold (..., 1), decided (...)): top-p keeps every token whose
+    log-probability is >= threshold, the last of the smallest most-likely run whose mass
+    reaches top_p (ties with it included, so the set does not depend on the sort order).
+    `decided` is False where the K values hold less than top_p mass and nothing after them is
+    known to be dropped: the cut may then lie beyond the prefix.
+    """
+    probs = mx.exp(ranked)
+    mass_before = mx.cumsum(probs, axis=-1) - probs
+    num_kept = mx.sum(mass_before < top_p, axis=-1, keepdims=True)  # >= 1: mass_before[0] = 0
+    threshold = mx.take_along_axis(ranked, num_kept - 1, axis=-1)
+    decided = (num_kept[..., 0] < ranked.shape[-1]) & (ranked[..., -1] < threshold[..., 0])
+    return threshold, decided
+
+
+# Candidates kept per node when top-p alone truncates the distribution: top-p needs only the
+# most likely tokens, ordered, whenever they hold top_p of the mass; a round falls back to the
+# full sort when they do not.
+TOP_P_CANDIDATES = 256
+
+
+def warp_candidates(
+    logits: mx.array, temperature: float, top_k: int = 0, top_p: float = 1.0
+) -> tuple[mx.array, mx.array, mx.array]:
+    """`process_logits` restricted to the tokens it can keep, for top-k and/or top-p.
+
+    logits (N, V) -> (ids int32 (N, K), logprobs float32 (N, K) with -inf for dropped
+    candidates, decided bool (N,)). Where decided, exp(logprobs) at ids is exactly the
+    distribution `process_logits` gives (every other token has probability 0); elsewhere
+    (top-p mass beyond the K candidates) use `process_logits`. A partial selection
+    (argpartition) and a sort of K values replace the sort of the whole vocabulary.
+    """
+    logits = logits.astype(mx.float32) / temperature
+    vocab = logits.shape[-1]
+    truncated = 0 < top_k < vocab
+    k = top_k if truncated else min(vocab, TOP_P_CANDIDATES)
+    if k < vocab:
+        ids = mx.argpartition(-logits, kth=k - 1, axis=-1)[..., :k]
+    else:
+        ids = mx.broadcast_to(mx.arange(vocab), logits.shape)
+    values = mx.take_along_axis(logits, ids, axis=-1)
+    order = mx.argsort(-values, axis=-1)
+    ids = mx.take_along_axis(ids, order, axis=-1).astype(mx.int32)
+    values = mx.take_along_axis(values, order, axis=-1)  # (N, K) descending
+    # The normaliser is over what survives top-k: the candidates themselves, or everything.
+    norm = values if truncated or k == vocab else logits
+    logprobs = values - mx.logsumexp(norm, axis=-1, keepdims=True)
+    decided = mx.ones(logprobs.shape[:-1], mx.bool_)
+    if top_p < 1.0:
+        threshold, decided = _top_p_cut(logprobs, top_p)
+        decided = decided | truncated | (k == vocab)
+        logprobs = mx.where(logprobs >= threshold, logprobs, mx.array(_NEG_INF, mx.float32))
+        logprobs = logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
+    return ids, logprobs, decided
 
 
 def sample_token(
@@ -182,19 +238,42 @@ def sample_accept_batch(
             f"uniforms must have shape (S, {expected[1]}, {expected[2]}), "
             f"got {tuple(uniforms.shape)}"
         )
+    uniforms = uniforms.astype(mx.float32)
+    vocab = logits.shape[-1]
+    if temperature > 0 and top_k != 1 and (0 < top_k < vocab or top_p < 1.0):
+        # Only the candidates top-k/top-p can keep: no sort or cumsum over the vocabulary.
+        ids, logprobs, decided = warp_candidates(logits, temperature, top_k, top_p)
+        outcome = mx.stack(_node_outcomes(tree, logprobs, uniforms, ids))
+        decided = mx.all(decided)
+        mx.eval(outcome, decided)  # the one host sync
+        if decided.item():
+            outcome = np.array(outcome)
+            return _walk_batch(tree, outcome[0], outcome[1])
+        # Some node's top-p mass lies beyond its candidates: the whole-vocabulary path.
     logprobs = process_logits(logits, temperature, top_k, top_p)
-    chosen, fallback = _node_outcomes(tree, logprobs, uniforms.astype(mx.float32))
+    chosen, fallback = _node_outcomes(tree, logprobs, uniforms)
     outcome = np.array(mx.stack([chosen, fallback]))  # (2, S, N), the one host sync
     return _walk_batch(tree, outcome[0], outcome[1])
 
 
-def _node_outcomes(tree: Tree, logprobs: mx.array, uniforms: mx.array) -> tuple[mx.array, mx.array]:
+def _node_outcomes(
+    tree: Tree, logprobs: mx.array, uniforms: mx.array, ids: mx.array | None = None
+) -> tuple[mx.array, mx.array]:
     """Per sample and node: the accepted child (node index, -1 if none) and the token to emit
-    if no child is accepted. logprobs (N, V) float32, uniforms (S, N, C + 1)."""
-    n, vocab = logprobs.shape
+    if no child is accepted. logprobs (N, V) float32, uniforms (S, N, C + 1).
+
+    With ids (N, K), logprobs (N, K) covers only those tokens (`warp_candidates`; every other
+    token has probability 0) and the work is over K columns instead of V.
+    """
+    n, vocab = logprobs.shape  # vocab: the columns, V or K
     num_slots = tree.children.shape[1]
     child_tokens = mx.array(_child_tokens(tree))  # (N, C), -1 padding
     valid = child_tokens >= 0
+    if ids is not None:
+        # Column of each child's token among the node's candidates (none: probability 0).
+        hit = (child_tokens[:, :, None] == ids[:, None, :]) & valid[:, :, None]  # (N, C, K)
+        valid = mx.any(hit, axis=-1)
+        child_tokens = mx.argmax(hit.astype(mx.int32), axis=-1)
     # Padding points at an extra -inf column so gathers and scatters through it are harmless.
     padded = mx.concatenate([logprobs, mx.full((n, 1), _NEG_INF, mx.float32)], axis=1)
     index = mx.where(valid, child_tokens, vocab)  # (N, C)
@@ -232,7 +311,9 @@ def _node_outcomes(tree: Tree, logprobs: mx.array, uniforms: mx.array) -> tuple[
     token = mx.sum(cdf <= target[..., None], axis=-1)  # first index with cdf > target
     # u * total can round up to total; never step past the last token with mass.
     last = vocab - 1 - mx.argmax((shifted > 0)[:, ::-1].astype(mx.int32), axis=1)
-    fallback = mx.minimum(token, last).astype(mx.int32)
+    fallback = mx.minimum(token, last).astype(mx.int32)  # (S, N), a column
+    if ids is not None:
+        fallback = mx.take_along_axis(ids, fallback.T, axis=1).T  # the column's token
     return chosen, fallback
 
 

@@ -506,3 +506,60 @@ def test_seeded_determinism_and_single_equals_batch():
         assert single.path.tolist() == batch[s].path.tolist()
         assert single.tokens == batch[s].tokens
         assert len(single.tokens) == len(single.path) == single.num_accepted + 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Top-k / top-p from candidates (a partial selection instead of a sort of the vocabulary)
+
+
+@pytest.mark.parametrize(
+    "temperature, top_k, top_p, candidates",
+    [(1.0, 5, 1.0, 256), (0.8, 0, 0.9, 256), (1.3, 0, 0.6, 4), (0.9, 6, 0.8, 3), (0.5, 0, 0.95, 3)],
+)
+def test_candidates_give_process_logits_where_decided(
+    monkeypatch, temperature, top_k, top_p, candidates
+):
+    import mlx_redrafter.accept as accept
+
+    monkeypatch.setattr(accept, "TOP_P_CANDIDATES", candidates)
+    logits = np.random.default_rng(4).normal(size=(40, 30)).astype(np.float32) * 2
+    logits[0, :4] = 5.0  # a tie at the top
+    ids, logprobs, decided = accept.warp_candidates(mx.array(logits), temperature, top_k, top_p)
+    full = np.exp(np.array(process_logits(mx.array(logits), temperature, top_k, top_p)))
+    ids, probs, decided = np.array(ids), np.exp(np.array(logprobs)), np.array(decided)
+    for row in np.flatnonzero(decided):
+        dense = np.zeros(30)
+        dense[ids[row]] = probs[row]
+        assert np.array_equal(dense > 0, full[row] > 0)  # the same kept set, exactly
+        assert_close(dense, full[row], rtol=1e-5)
+    if top_k or candidates >= 30:
+        assert decided.all()  # top-k bounds the support: never a fallback
+    else:
+        assert 0 < decided.sum() < decided.size  # both paths occur: the test has teeth
+
+
+@pytest.mark.parametrize("candidates", [4, 8])
+def test_sampling_is_lossless_with_few_candidates(monkeypatch, candidates):
+    # 8 candidates decide every node of this case; with 4, half the nodes need the fallback.
+    import mlx_redrafter.accept as accept
+
+    monkeypatch.setattr(accept, "TOP_P_CANDIDATES", candidates)
+    _, tree, logits = random_case(23, 3, 3, 10)
+    _, _, decided = accept.warp_candidates(mx.array(logits), 1.0, 0, 0.85)
+    samples = 40_000
+    batch = run_batch(tree, logits, 1.0, 0, 0.85, samples, seed=5)
+    observed = count_outcomes(batch.tokens, batch.num_accepted)
+    assert chi2_pvalue(observed, expected_for(tree, logits, 1.0, 0, 0.85), samples) > ACCEPT_P
+    assert np.array(decided).all() == (candidates == 8)
+    # A single round (no batch) goes through the same path.
+    result = sample_accept(tree, mx.array(logits), 1.0, 0, 0.85)
+    assert result.tokens[:-1] == [int(t) for t in tree.tokens[result.path[1:]]]
+
+
+def test_candidate_rounds_reject_a_wrong_target():
+    # Control: the same machinery, asked about a different top-p, fails the chi-square test.
+    _, tree, logits = random_case(23, 3, 3, 10)
+    samples = 40_000
+    batch = run_batch(tree, logits, 1.0, 0, 0.5, samples, seed=5)
+    observed = count_outcomes(batch.tokens, batch.num_accepted)
+    assert chi2_pvalue(observed, expected_for(tree, logits, 1.0, 0, 0.85), samples) < REJECT_P
