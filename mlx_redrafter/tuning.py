@@ -14,6 +14,8 @@ __all__ = [
     "config_path",
     "tuned_beam",
     "save_tuned_beam",
+    "save_cost_curve",
+    "load_cost_curve",
     "verify_cost_curve",
     "run_tune",
 ]
@@ -33,6 +35,50 @@ def _key(model_path) -> str:
 
 
 def tuned_beam(model_path) -> tuple[int, int] | None:
+    entry = _entry(model_path)
+    if not entry or "beam_width" not in entry or "beam_length" not in entry:
+        return None  # nothing stored, or only a verify-cost curve
+    return int(entry["beam_width"]), int(entry["beam_length"])
+
+
+def save_tuned_beam(model_path, beam_width: int, beam_length: int, extra: dict | None = None):
+    return _store(
+        model_path, {"beam_width": beam_width, "beam_length": beam_length, **(extra or {})}
+    )
+
+
+def _fast_path() -> bool:
+    """Whether models load with the fast path (`Model.optimize`); curves are stored per path."""
+    return os.environ.get("MLX_REDRAFTER_FAST", "1") != "0"
+
+
+def save_cost_curve(model_path, curve: list[dict]):
+    """Store a `verify_cost_curve` result (its t(n)/t(1) ratios) for this device and model,
+    keeping the entry's other fields (the tuned beam)."""
+    ratios = [round(float(c["ratio"]), 4) for c in sorted(curve, key=lambda c: c["n"])]
+    if [c["n"] for c in sorted(curve, key=lambda c: c["n"])] != list(range(1, len(ratios) + 1)):
+        raise ValueError("a verify-cost curve must cover n = 1, 2, ... without gaps")
+    return _store(model_path, {"verify_cost": ratios, "fast_path": _fast_path()}, merge=True)
+
+
+def load_cost_curve(model_path) -> list[float] | None:
+    """t(n)/t(1) for n = 1..N as `tune` measured it for this device and model, or None.
+
+    A curve measured with the other setting of MLX_REDRAFTER_FAST (fused, compiled path on or
+    off) is not this run's cost, and gives None too.
+    """
+    entry = _entry(model_path)
+    curve = entry.get("verify_cost") if entry else None
+    if not curve or entry.get("fast_path", False) != _fast_path():
+        return None
+    try:
+        ratios = [float(r) for r in curve]
+    except (TypeError, ValueError):
+        return None
+    return ratios if all(r > 0 for r in ratios) else None
+
+
+def _entry(model_path) -> dict | None:
     path = config_path()
     if model_path is None or not path.exists():
         return None
@@ -40,12 +86,10 @@ def tuned_beam(model_path) -> tuple[int, int] | None:
         entry = json.loads(path.read_text()).get(_key(model_path))
     except (OSError, ValueError):
         return None
-    if not entry:
-        return None
-    return int(entry["beam_width"]), int(entry["beam_length"])
+    return entry if isinstance(entry, dict) else None
 
 
-def save_tuned_beam(model_path, beam_width: int, beam_length: int, extra: dict | None = None):
+def _store(model_path, fields: dict, merge: bool = False):
     path = config_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     data = {}
@@ -54,7 +98,8 @@ def save_tuned_beam(model_path, beam_width: int, beam_length: int, extra: dict |
             data = json.loads(path.read_text())
         except ValueError:
             data = {}
-    data[_key(model_path)] = {"beam_width": beam_width, "beam_length": beam_length, **(extra or {})}
+    key = _key(model_path)
+    data[key] = {**(data.get(key, {}) if merge else {}), **fields}
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2))
     tmp.replace(path)
@@ -180,9 +225,12 @@ def run_tune(
             "drafter": str(drafter_path) if drafter_path else None,
             "num_prompts": len(prompts),
             "max_tokens": max_tokens,
-            "verify_cost": [round(c["ratio"], 3) for c in curve],
+            "verify_cost": [round(c["ratio"], 4) for c in curve],
+            "fast_path": _fast_path(),
             "mlx": mx.__version__,
             "tuned_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
         saved_to = save_tuned_beam(model_path, best["beam_width"], best["beam_length"], extra)
+    elif save and curve:
+        saved_to = save_cost_curve(model_path, curve)
     return {"verify_cost": curve, "result": result, "best": best, "saved_to": saved_to}
