@@ -22,7 +22,7 @@ from helpers import REPO_ROOT, cli_env, write_tiny_drafter, write_tiny_model
 from mlx_redrafter.decode import stream_generate
 from mlx_redrafter.drafter import load_drafter
 from mlx_redrafter.loading import load
-from mlx_redrafter.server import Engine, bind, make_server, url_of
+from mlx_redrafter.server import Engine, PromptCaches, bind, make_server, url_of
 
 TINY_CONTEXT = 512
 PROMPTS = [
@@ -236,6 +236,29 @@ def test_second_turn_prefills_only_the_new_tokens(url, tiny):
     # And the answer is what a fresh run on the whole conversation gives.
     fresh = plain_tokens(model, tokenizer, ids2, 6)
     assert r2.usage.completion_tokens == len(fresh)
+
+
+def test_prompt_caches_lend_the_longest_prefix_and_stay_bounded(tiny):
+    _, model, _, _ = tiny
+    caches = PromptCaches(model, max_entries=2)
+
+    def filled(tokens):
+        cache = caches.take(tokens)
+        list(stream_generate(model, tiny[2], tokens, None, max_tokens=1, cache=cache))
+        caches.give_back(cache)
+        return cache
+
+    a = filled([5, 6, 7, 8, 9])
+    b = filled([20, 21, 22])
+    assert caches.take([5, 6, 7, 30]) is a  # longest common prefix
+    caches.give_back(a)
+    c = filled([40, 41])  # nothing shared and no room: replaces the least recent (b)
+    assert c is b and caches.entries == [a, c]
+    assert caches.take([5, 6, 99]) is a
+    caches.give_back(a)
+    caches.max_bytes = 1  # over the byte bound only the most recent is kept
+    caches.give_back(caches.take([77]))
+    assert len(caches.entries) == 1
 
 
 BAD_REQUESTS = [
