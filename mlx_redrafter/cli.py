@@ -76,11 +76,58 @@ def _resolve_drafter(model_arg: str | None, drafter: str | None, no_drafter: boo
 
 
 def _beam_shape(beam_width: int | None, beam_length: int | None, model_path) -> tuple:
-    from mlx_redrafter.tuning import DEFAULT_BEAM, tuned_beam
+    from mlx_redrafter.defaults import resolve_beam
 
-    tuned = tuned_beam(model_path)
-    w, length = tuned if tuned else DEFAULT_BEAM
-    return (beam_width or w, beam_length or length)
+    return resolve_beam(model_path, beam_width, beam_length)
+
+
+def _check_options(**options) -> None:
+    """Out-of-range numbers as one clear error before anything loads. Keys are option names
+    with `_` for `-`; values (value, least allowed); None values are not checked."""
+    for name, (value, low) in options.items():
+        if value is not None and value < low:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag} must be >= {low}, got {value}")
+
+
+def _check_beam(beam_width: int | None, beam_length: int | None) -> None:
+    from mlx_redrafter.defaults import check_beam
+
+    check_beam(1 if beam_width is None else beam_width, 2 if beam_length is None else beam_length)
+
+
+def _text_option(value: str | None, flag: str) -> str | None:
+    """A command-line string that is UTF-8 text (undecodable bytes arrive as surrogates)."""
+    from mlx_redrafter.chat import check_text
+
+    return None if value is None else check_text(value, flag)
+
+
+def _read_stdin() -> str:
+    data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read()
+    if isinstance(data, str):
+        return data
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ValueError(
+            f"stdin is not UTF-8 text (byte 0x{data[e.start]:02x} on line {line})"
+        ) from None
+
+
+# Commands that write outputs: SIGTERM runs the same clean-up as Ctrl-C (temporary outputs
+# removed, training checkpointed) instead of killing the process where it stands.
+_CLEAN_ON_SIGTERM = ("setup", "convert", "train")
+
+
+def _terminate_as_interrupt() -> None:
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 @app.command()
@@ -133,6 +180,12 @@ def generate(
     seed: int | None = typer.Option(None, "--seed"),
     beam_width: int | None = typer.Option(None, "--beam-width", "-W"),
     beam_length: int | None = typer.Option(None, "--beam-length", "-L"),
+    lookup: bool = typer.Option(
+        True, "--lookup/--no-lookup", help="Also draft from the context (prompt lookup)."
+    ),
+    lookup_max: int | None = typer.Option(
+        None, "--lookup-max", help="Longest continuation copied from the context (default 8)."
+    ),
     system: str | None = typer.Option(None, "--system", help="System prompt."),
     raw: bool = typer.Option(False, "--raw", help="Do not apply the chat template."),
     stop: list[str] | None = typer.Option(None, "--stop", help="Stop string (repeatable)."),
@@ -147,16 +200,18 @@ def generate(
     from mlx_redrafter.loading import resolve_model_path
     from mlx_redrafter.platform import device_name
 
-    if prompt == "-":
-        prompt = sys.stdin.read()
+    prompt = _read_stdin() if prompt == "-" else _text_option(prompt, "--prompt")
+    system, stop = _text_option(system, "--system"), [_text_option(s, "--stop") for s in stop or ()]
+    if not prompt.strip():
+        _fail("the prompt is empty")
+    _check_options(max_tokens=(max_tokens, 1), top_k=(top_k, 0), temp=(temp, 0))
+    _check_beam(beam_width, beam_length)
     model_path = resolve_model_path(model)
     base, tokenizer = _load_model(str(model_path), dtype)
     drafter_path = _resolve_drafter(model, drafter, no_drafter)
     draft = load_drafter(drafter_path, base=base) if drafter_path else None
     W, L = _beam_shape(beam_width, beam_length, model_path)
 
-    if not prompt.strip():
-        _fail("the prompt is empty")
     if raw or getattr(tokenizer, "chat_template", None) is None:
         ids = tokenizer.encode(prompt)
     else:
@@ -178,6 +233,8 @@ def generate(
         seed=seed,
         beam_width=W,
         beam_length=L,
+        lookup=lookup,
+        lookup_max=lookup_max,
         stop=stop or (),
     ):
         tokens.append(response.token)
@@ -204,6 +261,10 @@ def generate(
             "drafter": drafter_path,
             "beam_width": W if draft else None,
             "beam_length": L if draft else None,
+            "lookup": lookup,
+            "accepted_from": dict(stats.accepted_from),
+            "drafter_rounds": stats.drafter_rounds,
+            "mean_tree_nodes": stats.tree_nodes / max(1, len(stats.accepted)),
         }
         typer.echo(json.dumps(out))
     else:
@@ -212,8 +273,11 @@ def generate(
             f"prompt: {stats.prompt_tokens} tokens, {stats.prefill_tps:.1f} tok/s | "
             f"generation: {stats.num_tokens} tokens, {stats.decode_tps:.1f} tok/s"
         )
-        if draft is not None:
-            line += f" | {stats.tokens_per_step:.2f} tokens/step (W={W}, L={L})"
+        if draft is not None or lookup:
+            sources = ", ".join(f"{k} {v}" for k, v in sorted(stats.accepted_from.items()))
+            line += f" | {stats.tokens_per_step:.2f} tokens/step"
+            line += f" (W={W}, L={L}" if draft is not None else " (lookup"
+            line += f"; accepted: {sources})" if sources else ")"
         typer.secho(line, dim=True, err=True)
 
 
@@ -225,6 +289,12 @@ def chat(
     no_drafter: bool = typer.Option(False, "--no-drafter", help="Plain decoding."),
     beam_width: int | None = typer.Option(None, "--beam-width", "-W"),
     beam_length: int | None = typer.Option(None, "--beam-length", "-L"),
+    lookup: bool = typer.Option(
+        True, "--lookup/--no-lookup", help="Also draft from the context (prompt lookup)."
+    ),
+    lookup_max: int | None = typer.Option(
+        None, "--lookup-max", help="Longest continuation copied from the context (default 8)."
+    ),
     temp: float = typer.Option(0.0, "--temp", help="Sampling temperature (0 = greedy)."),
     top_p: float = typer.Option(1.0, "--top-p"),
     top_k: int = typer.Option(0, "--top-k", help="0 = no top-k."),
@@ -241,6 +311,9 @@ def chat(
     from mlx_redrafter.loading import resolve_model_path
     from mlx_redrafter.platform import device_name
 
+    system = _text_option(system, "--system")
+    _check_options(max_tokens=(max_tokens, 1), top_k=(top_k, 0), temp=(temp, 0))
+    _check_beam(beam_width, beam_length)
     model_path = resolve_model_path(model)
     base, tokenizer = _load_model(str(model_path), dtype)
     drafter_path = _resolve_drafter(model, drafter, no_drafter)
@@ -258,8 +331,12 @@ def chat(
         seed=seed,
         beam_width=W,
         beam_length=L,
+        lookup=lookup,
+        lookup_max=lookup_max,
     )
     how = f"ReDrafter W={W} L={L} ({Path(drafter_path).name})" if draft else "plain decoding"
+    if lookup:
+        how = ("context lookup + " + how) if draft else "context lookup"
     title = f"mlx-redrafter chat · {Path(model_path).name} · {how} · {device_name()}"
     code = run_chat(session, title=title)
     if code:
@@ -403,12 +480,19 @@ def bench(
     model: str | None = typer.Option(None, "--model", "-m", help="Model dir, HF id or GGUF."),
     drafter: str | None = typer.Option(None, "--drafter", "-d", help="Drafter directory."),
     prompts: str = typer.Option(
-        "mt-bench", "--prompts", help="A .jsonl file (first of `turns`, or `prompt`) or mt-bench."
+        "mt-bench",
+        "--prompts",
+        help="Comma-separated sources: mt-bench (first turns), mt-bench-2 (second turns after "
+        "the model's own first answer), doc-prompts (prompts carrying a document), or a .jsonl "
+        "file (first of `turns`, or `prompt`).",
     ),
     num_prompts: int | None = typer.Option(None, "--num-prompts", "-N", help="First N only."),
     max_tokens: int = typer.Option(128, "--max-tokens", "-n", help="New tokens per prompt."),
     methods: str = typer.Option(
-        "mlx-lm,ar,redrafter", "--methods", help="Comma-separated: mlx-lm, ar, redrafter."
+        "mlx-lm,ar,redrafter",
+        "--methods",
+        help="Comma-separated: mlx-lm, ar, redrafter (drafter alone), lookup (context lookup "
+        "alone), redrafter+lookup (both, cost-aware tree).",
     ),
     beam_width: int | None = typer.Option(None, "--beam-width", "-W"),
     beam_length: int | None = typer.Option(None, "--beam-length", "-L"),
@@ -440,13 +524,17 @@ def bench(
         raise ValueError("--sweep takes --widths/--lengths, not --beam-width/--beam-length")
     if plot and not sweep:
         raise ValueError("--plot draws the heatmap of a --sweep; add --sweep")
-    if num_prompts is not None and num_prompts < 1:
-        raise ValueError(f"--num-prompts must be >= 1, got {num_prompts}")
+    _check_options(num_prompts=(num_prompts, 1), max_tokens=(max_tokens, 1))
+    _check_beam(beam_width, beam_length)
     prompt_list = bench_lib.load_prompts(prompts, num_prompts)
 
     model_path = resolve_model_path(model)
     base, tokenizer = _load_model(str(model_path), dtype)
-    drafter_path = _resolve_drafter(model, drafter, False) if "redrafter" in names else None
+    drafter_path = (
+        _resolve_drafter(model, drafter, False)
+        if {"redrafter", "redrafter+lookup"} & set(names)
+        else None
+    )
     draft = load_drafter(drafter_path, base=base) if drafter_path else None
     if acceptance:
         if draft is None:
@@ -552,6 +640,12 @@ def tune(
     from mlx_redrafter.loading import resolve_model_path
     from mlx_redrafter.tuning import run_tune, verify_cost_curve
 
+    _check_options(
+        num_prompts=(num_prompts, 1),
+        max_tokens=(max_tokens, 1),
+        curve_nodes=(curve_nodes, 1),
+        repeats=(repeats, 1),
+    )
     model_path = resolve_model_path(model)
     base, tokenizer = _load_model(str(model_path), dtype)
     if curve_only:
@@ -674,6 +768,8 @@ def train(
     Resumable: Ctrl-C saves a checkpoint, and running the same command again continues.
     """
     from mlx_redrafter.train import TrainInterrupted, train_drafter
+
+    _check_options(num_prompts=(num_prompts, 0), epochs=(epochs, 1))
 
     try:
         log = train_drafter(
@@ -800,6 +896,8 @@ def convert_model_command(
 
 
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] in _CLEAN_ON_SIGTERM:
+        _terminate_as_interrupt()
     app()
 
 

@@ -371,7 +371,9 @@ def exact_first_three(model, prompt, temperature, top_k, top_p, V):
     return p1[:, None, None] * p2[:, :, None] * p3
 
 
-def redrafter_first_three(model, drafter, prompt, W, L, temperature, top_k, top_p, S, V):
+def redrafter_first_three(
+    model, drafter, prompt, W, L, temperature, top_k, top_p, S, V, make_tree=None
+):
     """S draws of the first three tokens, through the engine's own draft/verify/accept steps.
 
     Only the uniforms differ between draws, so draws that reach the same state share one
@@ -392,7 +394,10 @@ def redrafter_first_three(model, drafter, prompt, W, L, temperature, top_k, top_
             return
         cache = model.make_cache()
         context = prefill(model, cache, prompt + committed)
-        tree = draft_tree(model, drafter, context, g0, W, L)
+        if make_tree is None:
+            tree = draft_tree(model, drafter, context, g0, W, L)
+        else:
+            tree = make_tree(model, drafter, context, g0, W, L, prompt + committed)
         _, logits = verify_tree(model, cache, tree)
         u = mx.random.uniform(shape=(n, tree.num_nodes, tree.children.shape[1] + 1))
         batch = sample_accept_batch(tree, logits, temperature, top_k, top_p, u)
@@ -459,3 +464,127 @@ def test_sampling_through_stream_generate_is_seeded_and_valid():
     a = tokens_of(model, [3, 1], drafter, max_tokens=15, temperature=0.9, top_p=0.9, seed=7)
     b = tokens_of(model, [3, 1], drafter, max_tokens=15, temperature=0.9, top_p=0.9, seed=7)
     assert a == b and len(a) == 15
+
+
+# --------------------------------------------------------------------------------------------
+# Context lookup and mixed trees (drafter beams + copied continuations)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_greedy_with_lookup_equals_plain_on_repeating_prompts(seed):
+    model = tiny_model(30 + seed % 4)
+    rng = np.random.default_rng(seed)
+    piece = rng.integers(0, 64, size=int(rng.integers(3, 9))).tolist()
+    prompt = piece * int(rng.integers(2, 4)) + rng.integers(0, 64, size=2).tolist()
+    plain = tokens_of(model, prompt, max_tokens=40)
+    drafter = init_drafter(model, seed=seed) if seed % 2 else None
+    responses = list(
+        stream_generate(
+            model, FakeTokenizer(), prompt, drafter, max_tokens=40, lookup=True,
+            lookup_max=int(rng.integers(1, 12)),
+        )
+    )
+    assert [r.token for r in responses] == plain
+    stats = responses[-1].stats
+    assert sum(stats.accepted) == sum(stats.accepted_from.values())
+
+
+class OracleIndex:
+    """Stands in for ContextIndex: proposes the true continuation (and a wrong one)."""
+
+    def __init__(self, reference: list[int], prompt_len: int):
+        self.ref, self.prompt_len, self.tokens = reference, prompt_len, []
+
+    def __call__(self, min_match, max_match):
+        return self
+
+    def extend(self, tokens):
+        self.tokens += list(tokens)
+
+    def propose(self, max_tokens, max_candidates=2):
+        from mlx_redrafter.lookup import LookupCandidate
+
+        pos = len(self.tokens) - self.prompt_len  # index in ref of the next token
+        true = tuple(self.ref[pos : pos + max_tokens])
+        wrong = tuple((t + 1) % 64 for t in true)
+        return [LookupCandidate(c, 4, 1) for c in (true, wrong) if c]
+
+
+def test_oracle_lookup_runs_are_accepted_whole(monkeypatch):
+    import mlx_redrafter.decode as decode
+
+    model = tiny_model(40)
+    prompt = [2, 7, 1, 8]
+    plain = tokens_of(model, prompt, max_tokens=60)
+    monkeypatch.setattr(decode, "ContextIndex", OracleIndex(plain, len(prompt)))
+    responses = list(
+        stream_generate(model, FakeTokenizer(), prompt, None, max_tokens=41, lookup_max=7)
+    )
+    assert [r.token for r in responses] == plain[:41]
+    stats = responses[-1].stats
+    # Each round keeps the true chain once its estimate is learnt; every kept copy is accepted.
+    assert stats.accepted_from.get("lookup", 0) >= 20
+    assert max(stats.accepted) == 7
+
+
+def test_eos_inside_an_accepted_lookup_run_stops_there(monkeypatch):
+    import mlx_redrafter.decode as decode
+
+    prompt = [3, 3, 9]
+    for seed in range(41, 60):  # a model whose answer has a fresh token early on
+        model = tiny_model(seed)
+        plain = tokens_of(model, prompt, max_tokens=40)
+        fresh = [i for i in (2, 3) if plain[i] not in plain[:i]]
+        if fresh:
+            break
+    k = fresh[0]  # inside the first copied run, which starts after plain[0]
+    eos = plain[k]
+    monkeypatch.setattr(decode, "ContextIndex", OracleIndex(plain, len(prompt)))
+    spec = list(
+        stream_generate(model, FakeTokenizer([eos]), prompt, None, max_tokens=40, lookup_max=8)
+    )
+    assert [r.token for r in spec] == plain[: k + 1]
+    assert spec[-1].finish_reason == "stop"
+    assert spec[-1].stats.accepted_from.get("lookup", 0) >= 1  # the stop came inside a copy
+
+
+def mixed_tree(model, drafter, context, g0, W, L, history):
+    """The drafter's beams and the context-lookup continuations of `history` + g0, merged."""
+    from mlx_redrafter.lookup import ContextIndex
+    from mlx_redrafter.tree import pack_sequences
+
+    from mlx_redrafter.decode import draft_beams
+
+    beams, _ = draft_beams(model, drafter, context, g0, W, L)
+    index = ContextIndex(1, 4)
+    index.extend(history + [g0])
+    copies = [(g0, *c.tokens) for c in index.propose(4, 2)]
+    return pack_sequences([tuple(int(t) for t in b) for b in beams] + copies)
+
+
+@pytest.mark.parametrize("W,L,temperature,top_k,top_p", [(1, 3, 1.0, 0, 1.0), (2, 2, 0.8, 0, 0.9)])
+def test_sampling_is_lossless_with_mixed_trees(W, L, temperature, top_k, top_p):
+    V = 12
+    model = tiny_model(21, vocab=V, hidden=32)
+    drafter = init_drafter(model, seed=5)
+    prompt = [1, 5, 3, 1, 5, 3, 1]  # lookup always has something to copy
+    mx.random.seed(4321)
+    exact = exact_first_three(model, prompt, temperature, top_k, top_p, V).reshape(-1)
+    counts = redrafter_first_three(
+        model, drafter, prompt, W, L, temperature, top_k, top_p, 20000, V, make_tree=mixed_tree
+    )
+    assert counts.sum() == 20000
+    assert chi2_pvalue(counts.reshape(-1), exact) > 1e-4
+
+
+def test_the_chi_square_check_can_fail_with_mixed_trees():
+    V = 12
+    model = tiny_model(21, vocab=V, hidden=32)
+    drafter = init_drafter(model, seed=5)
+    prompt = [1, 5, 3, 1, 5, 3, 1]
+    mx.random.seed(77)
+    exact = exact_first_three(model, prompt, 0.8, 0, 1.0, V).reshape(-1)
+    counts = redrafter_first_three(
+        model, drafter, prompt, 2, 3, 1.0, 0, 1.0, 20000, V, make_tree=mixed_tree
+    )
+    assert chi2_pvalue(counts.reshape(-1), exact) < 1e-6

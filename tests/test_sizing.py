@@ -1,0 +1,189 @@
+"""Multi-source trees: packing ragged candidates, per-node estimates and the cost-aware choice."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mlx_redrafter.sizing import (
+    DRAFTER,
+    LOOKUP,
+    Candidate,
+    TreePolicy,
+    cost_curve_from_points,
+    credit_sources,
+    default_cost_curve,
+    drafter_candidates,
+    lookup_candidate,
+)
+from mlx_redrafter.tree import pack_beams, pack_sequences
+
+
+def test_lookup_chain_sharing_a_beam_prefix_is_deduplicated():
+    # root 7; beams 7-1-2, 7-1-3; a lookup chain 7-1-2-5-6 shares 7-1-2 with beam 0.
+    tree = pack_sequences([(7, 1, 2), (7, 1, 3), (7, 1, 2, 5, 6)])
+    assert tree.tokens.tolist() == [7, 1, 2, 3, 5, 6]
+    assert tree.depths.tolist() == [0, 1, 2, 2, 3, 4]
+    assert tree.parents.tolist() == [-1, 0, 1, 1, 2, 4]
+    assert tree.paths.tolist() == [[0, 1, 2, -1, -1], [0, 1, 3, -1, -1], [0, 1, 2, 4, 5]]
+    assert tree.children.tolist() == [[1, -1], [2, 3], [4, -1], [-1, -1], [5, -1], [-1, -1]]
+    assert tree.positions(10).tolist() == [10, 11, 12, 12, 13, 14]
+    expected = np.array(
+        [
+            [1, 0, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0, 0],
+            [1, 1, 1, 0, 0, 0],
+            [1, 1, 0, 1, 0, 0],
+            [1, 1, 1, 0, 1, 0],
+            [1, 1, 1, 0, 1, 1],
+        ],
+        dtype=bool,
+    )
+    assert np.array_equal(tree.ancestor_mask(), expected)
+    mask = np.array(tree.attention_mask(3))
+    assert mask.shape == (1, 1, 6, 9)
+    assert mask[0, 0, :, :3].all() and np.array_equal(mask[0, 0, :, 3:], expected)
+
+
+def test_pack_sequences_equals_pack_beams_on_equal_lengths():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        beams = rng.integers(0, 3, size=(int(rng.integers(1, 5)), int(rng.integers(1, 6))))
+        beams[:, 0] = 9
+        a, b = pack_beams(beams), pack_sequences(beams.tolist())
+        for name in ("tokens", "depths", "parents", "paths", "children"):
+            assert np.array_equal(getattr(a, name), getattr(b, name)), name
+        # tokens along every path give the beams back
+        assert np.array_equal(a.tokens[a.paths], beams)
+
+
+def test_pack_sequences_rejects_bad_input():
+    with pytest.raises(ValueError, match="root"):
+        pack_sequences([(1, 2), (3, 4)])
+    with pytest.raises(ValueError, match="non-empty"):
+        pack_sequences([])
+
+
+def _beams():
+    beams = np.array([[5, 1, 2, 3], [5, 1, 4, 6]])
+    prefix = np.log(np.array([[1.0, 0.9, 0.72, 0.36], [1.0, 0.9, 0.09, 0.009]]))
+    return drafter_candidates(beams, prefix)
+
+
+def test_drafter_estimates_are_the_conditional_probabilities():
+    cands = _beams()
+    assert cands[0].source == DRAFTER
+    assert np.allclose(cands[0].raw, [0.9, 0.8, 0.5])
+    assert np.allclose(cands[1].raw, [0.9, 0.1, 0.1])
+    assert cands[0].buckets == ((DRAFTER, 1), (DRAFTER, 2), (DRAFTER, 3))
+
+
+def test_flat_cost_keeps_more_nodes_than_steep():
+    cands = _beams() + [lookup_candidate(5, [1, 2, 7, 8, 9, 10], match_len=3)]
+    flat = TreePolicy(np.ones(32)).select(cands, with_drafter=True)
+    steep = TreePolicy(1.0 + 0.3 * np.arange(32)).select(cands, with_drafter=True)
+    n_flat = len(flat.estimate) + 1
+    n_steep = len(steep.estimate) + 1
+    assert n_flat > n_steep >= 1
+    # A flat curve verifies every candidate node: the 9 distinct non-root prefixes.
+    assert n_flat == 10
+    assert flat.value >= steep.expected_tokens / (1.0 + 0.3 * (n_flat - 1) + 0.1)
+
+
+def test_kept_nodes_are_ancestor_closed_and_within_budget():
+    rng = np.random.default_rng(1)
+    for trial in range(200):
+        cands = []
+        for _ in range(int(rng.integers(1, 5))):
+            n = int(rng.integers(1, 7))
+            toks = (0, *rng.integers(0, 3, size=n).tolist())
+            raw = tuple(rng.uniform(0.01, 0.99, size=n).tolist())
+            src = DRAFTER if rng.random() < 0.5 else LOOKUP
+            cands.append(Candidate(src, toks, raw, tuple((src, 1) for _ in range(n))))
+        budget = int(rng.integers(1, 8))
+        slope = float(rng.uniform(0.0, 0.5))
+        policy = TreePolicy(1.0 + slope * np.arange(32), max_nodes=budget)
+        choice = policy.select(cands, with_drafter=bool(trial % 2))
+        kept = set(choice.estimate)
+        assert len(kept) + 1 <= budget
+        for prefix in kept:
+            assert len(prefix) == 2 or prefix[:-1] in kept
+        tree = pack_sequences(choice.sequences)
+        assert tree.num_nodes == len(kept) + 1
+        # the estimate never rises along a path
+        for prefix in kept:
+            if len(prefix) > 2:
+                assert choice.estimate[prefix] <= choice.estimate[prefix[:-1]] + 1e-12
+
+
+def test_the_chosen_size_maximises_expected_tokens_per_cost():
+    cands = _beams()
+    curve = 1.0 + 0.17 * np.arange(32)
+    policy = TreePolicy(curve, draft_cost=0.1)
+    choice = policy.select(cands, with_drafter=True)
+    probs = sorted(
+        [0.9, 0.9 * 0.8, 0.9 * 0.8 * 0.5, 0.9 * 0.1, 0.9 * 0.1 * 0.1], reverse=True
+    )
+    values = [(1 + sum(probs[: n - 1])) / (curve[n - 1] + 0.1) for n in range(1, 7)]
+    assert len(choice.estimate) + 1 == int(np.argmax(values)) + 1
+    assert choice.value == pytest.approx(max(values))
+
+
+def test_calibration_learns_from_outcomes():
+    policy = TreePolicy(1.0 + 0.1 * np.arange(32))
+    cand = lookup_candidate(0, [1, 2, 3], match_len=2)
+    before = policy.select([cand], with_drafter=False)
+    # Every copied token is accepted for a while: the lookup estimate rises.
+    for _ in range(20):
+        choice = policy.select([cand], with_drafter=False)
+        accepted = [cand.tokens[: k + 1] for k in range(1, len(choice.sequences[0]))]
+        policy.observe(choice, accepted, with_drafter=False)
+    after = policy.select([cand], with_drafter=False)
+    assert after.estimate[(0, 1)] > before.estimate[(0, 1)]
+    # ... and never rejected: it falls below where it started.
+    policy = TreePolicy(1.0 + 0.1 * np.arange(32))
+    for _ in range(20):
+        choice = policy.select([cand], with_drafter=False)
+        policy.observe(choice, [], with_drafter=False)
+    assert policy.select([cand], with_drafter=False).estimate.get((0, 1), 0.0) < before.estimate[
+        (0, 1)
+    ]
+
+
+def test_nodes_whose_parent_was_rejected_teach_nothing():
+    policy = TreePolicy(np.ones(32))
+    cand = lookup_candidate(0, [1, 2, 3], match_len=3)
+    choice = policy.select([cand], with_drafter=False)
+    policy.observe(choice, [], with_drafter=False)  # the first copied token was rejected
+    assert policy.calibration.predicted == {(LOOKUP, 3): pytest.approx(cand.raw[0])}
+    assert policy.calibration.hits == {(LOOKUP, 3): 0.0}
+
+
+def test_drafter_is_skipped_when_lookup_alone_is_better_and_reprobed():
+    policy = TreePolicy(1.0 + 0.17 * np.arange(32))
+    look = policy.select([lookup_candidate(0, [1, 2, 3, 4], match_len=4)], with_drafter=False)
+    assert policy.want_drafter(look)  # no drafter estimate yet
+    weak = policy.select(_beams()[1:], with_drafter=True)
+    policy.observe(weak, [], with_drafter=True)
+    assert weak.value < look.value
+    assert not policy.want_drafter(look)
+    for _ in range(16):
+        policy.observe(look, [], with_drafter=False)
+    assert policy.want_drafter(look)  # re-probed after a while
+
+
+def test_credit_by_source():
+    cands = _beams() + [lookup_candidate(5, [1, 2, 9], match_len=2)]
+    choice = TreePolicy(np.ones(32)).select(cands, with_drafter=True)
+    credit = credit_sources(choice, [(5, 1), (5, 1, 2), (5, 1, 2, 9)])
+    assert credit == {"both": 2, LOOKUP: 1}
+
+
+def test_cost_curves():
+    curve = cost_curve_from_points({1: 1.0, 2: 1.2, 4: 1.6}, 6)
+    assert np.allclose(curve, [1.0, 1.2, 1.4, 1.6, 1.8, 2.0])
+    cpu, gpu = default_cost_curve("cpu"), default_cost_curve("gpu")
+    assert cpu.shape == gpu.shape == (32,)
+    assert np.all(np.diff(cpu) >= 0) and gpu[7] < cpu[7]
+    with pytest.raises(ValueError, match="cost curve"):
+        TreePolicy([0.0, 1.0])
