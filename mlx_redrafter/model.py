@@ -16,6 +16,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from .cache import KVCache, LayerCache
 
@@ -166,6 +167,16 @@ def _silu_mul_finish(gate, up, mantissa, power):
     return gate / (1.0 + mantissa * power) * up
 
 
+def _rotate_half(x, cos, sin):
+    """Half-split RoPE: x (..., D), cos and sin broadcastable to (..., D / 2)."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return mx.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+_ROPE_TABLES: dict[tuple, tuple[mx.array, mx.array]] = {}
+
+
 _kernels: dict[str, Any] = {}
 
 
@@ -175,6 +186,7 @@ def _kernel(name: str):
         _kernels["exp"] = mx.compile(_exp_parts, shapeless=True)
         _kernels["shifted_exp"] = mx.compile(_shifted_exp_parts, shapeless=True)
         _kernels["silu_mul"] = mx.compile(_silu_mul_finish, shapeless=True)
+        _kernels["rope"] = mx.compile(_rotate_half)  # traced once per token count
     return _kernels[name]
 
 
@@ -250,6 +262,26 @@ class RoPE(nn.Module):
             self.base = None
         elif rope_type not in ("default", None):
             raise UnsupportedModelError(f"unsupported rope_scaling type {rope_type!r}")
+        freqs = None if self._freqs is None else tuple(np.array(self._freqs).tolist())
+        self._table_key = (self.dims, self.base, self.scale, freqs)
+
+    def table(self, size: int) -> tuple[mx.array, mx.array]:
+        """cos and sin of every position's angles, float32 (P, dims / 2) with P >= size.
+
+        The angles are those of mx.fast.rope (position * scale / period), computed in
+        float64; the table is shared by all layers and grows by doubling.
+        """
+        cached = _ROPE_TABLES.get(self._table_key)
+        if cached is None or cached[0].shape[0] < size:
+            rows = max(1024, 1 << max(0, size - 1).bit_length())
+            if self._freqs is None:
+                periods = self.base ** (np.arange(0, self.dims, 2, dtype=np.float64) / self.dims)
+            else:
+                periods = np.array(self._freqs, dtype=np.float64)
+            angles = np.arange(rows, dtype=np.float64)[:, None] * self.scale / periods[None]
+            cached = (mx.array(np.cos(angles), mx.float32), mx.array(np.sin(angles), mx.float32))
+            _ROPE_TABLES[self._table_key] = cached
+        return cached
 
     def _rope(self, x: mx.array, offset) -> mx.array:
         return mx.fast.rope(
@@ -262,14 +294,24 @@ class RoPE(nn.Module):
             freqs=self._freqs,
         )
 
-    def __call__(self, x: mx.array, offset: int = 0, positions: mx.array | None = None):
+    def __call__(self, x: mx.array, offset: int = 0, positions: mx.array | None = None, fast=False):
         """x (B, T, H, D), the projection's own layout -> rotated (B, H, T, D).
 
         With positions (B, T), each token gets its own: mx.fast.rope takes one offset per
         batch row, and (B, T, H, D) is already (B*T, H, 1, D) in memory, so the tokens sit
         on the batch axis without a copy and only the result is transposed (once).
+        fast: rotate with rows of `table` (gathered per token: positions must be below
+        offset + T, as every causal use has them), which costs fewer ops on the CPU than
+        mx.fast.rope there; half-split (non-traditional) RoPE only.
         """
         B, T, H, D = x.shape
+        if fast and not self.traditional:
+            cos, sin = self.table(offset + T)
+            if positions is None:
+                cos, sin = cos[offset : offset + T, None], sin[offset : offset + T, None]
+            else:
+                cos, sin = cos[positions][..., None, :], sin[positions][..., None, :]
+            return _kernel("rope")(x, cos, sin).transpose(0, 2, 1, 3)
         if positions is None:
             return self._rope(x.transpose(0, 2, 1, 3), offset)
         y = self._rope(x.reshape(B * T, H, 1, D), positions.reshape(-1))
@@ -323,8 +365,8 @@ class Attention(nn.Module):
     def __call__(self, x, mask, cache: LayerCache | None, offset: int, positions, fast=False):
         B, T, _ = x.shape
         q, k, v = self.project(x)
-        q = self.rope(q, offset, positions)  # (B, H, T, D)
-        k = self.rope(k, offset, positions)
+        q = self.rope(q, offset, positions, fast)  # (B, H, T, D)
+        k = self.rope(k, offset, positions, fast)
         v = v.transpose(0, 2, 1, 3)
         if cache is not None:
             k, v = cache.update(k, v)

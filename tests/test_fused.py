@@ -27,6 +27,21 @@ BASE = dict(
 FAMILIES = {
     "llama": dict(model_type="llama", tie_word_embeddings=False),
     "llama-mha": dict(model_type="llama", tie_word_embeddings=True, num_key_value_heads=4),
+    "llama3-rope": dict(
+        model_type="llama",
+        tie_word_embeddings=False,
+        rope_theta=500000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32,
+        },
+    ),
+    "linear-rope": dict(
+        model_type="llama", tie_word_embeddings=True, rope_scaling={"type": "linear", "factor": 2.0}
+    ),
     "mistral": dict(model_type="mistral", tie_word_embeddings=False),
     "qwen2": dict(model_type="qwen2", tie_word_embeddings=True),
     "qwen3": dict(model_type="qwen3", tie_word_embeddings=True, head_dim=32),
@@ -184,3 +199,21 @@ def test_fast_attention_matches_sdpa(mask_kind, heads):
     if mask_kind == "bool":  # control: ignoring the mask is caught
         with pytest.raises(AssertionError):
             assert_close(fast_attention(q, k, v, D**-0.5, None), expected)
+
+
+@needs_kernels
+@pytest.mark.parametrize("family", ["llama", "llama3-rope", "linear-rope", "qwen3"])
+def test_rope_table_matches_fast_rope_far_out(family):
+    from mlx_redrafter.model import RoPE
+
+    args = ModelArgs.from_dict({**BASE, **FAMILIES[family]})
+    rope = RoPE(args)
+    x = mx.random.normal((1, 5, 3, args.head_dim))
+    for offset in (0, 3000):
+        positions = mx.array([[0, 1, 1, 2, 4]]) + offset
+        expected = rope(x, offset, positions)  # mx.fast.rope
+        assert_close(rope(x, offset, positions, fast=True), expected, rtol=2e-4)
+        assert_close(rope(x, offset, None, fast=True), rope(x, offset, None), rtol=2e-4)
+    # Control: the wrong positions are caught at this tolerance.
+    with pytest.raises(AssertionError):
+        assert_close(rope(x, 3000, positions + 1, fast=True), expected, rtol=2e-4)
