@@ -629,6 +629,9 @@ def tune(
     curve_only: bool = typer.Option(
         False, "--curve-only", help="Only print the verify-cost curve t(n)/t(1)."
     ),
+    profile_ops: bool = typer.Option(
+        False, "--profile-ops", help="Only print the forward's time by kind of op, n = 1..32."
+    ),
     no_save: bool = typer.Option(False, "--no-save", help="Measure, but store nothing."),
     json_out: str | None = typer.Option(None, "--json", help="Write every figure to this file."),
     dtype: str | None = typer.Option(None, help="Cast the model to this dtype."),
@@ -648,6 +651,19 @@ def tune(
     )
     model_path = resolve_model_path(model)
     base, tokenizer = _load_model(str(model_path), dtype)
+    if profile_ops:
+        from mlx_redrafter.profile_ops import format_profile, profile_forward
+
+        sizes = [n for n in (1, 2, 4, 8, 16, 32) if n <= curve_nodes]
+        rows = profile_forward(base, sizes=sizes, repeats=repeats)
+        typer.echo(f"model: {model_path} · {bench_lib.model_dtype(base)} · best of {repeats}")
+        typer.echo(format_profile(rows))
+        if json_out:
+            from pathlib import Path
+
+            Path(json_out).write_text(json.dumps({"profile_ops": rows}, indent=2) + "\n")
+            typer.echo(f"\nwrote {json_out}")
+        return
     if curve_only:
         curve = verify_cost_curve(base, max_nodes=curve_nodes, repeats=repeats)
         typer.echo(f"model: {model_path} · {bench_lib.model_dtype(base)}")
