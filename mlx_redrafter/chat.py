@@ -30,6 +30,22 @@ class ContextFullError(GenerationError):
     """The next turn does not fit in the model's context window."""
 
 
+class NotTextError(GenerationError):
+    """Input that is not UTF-8 text."""
+
+
+def check_text(text: str, what: str) -> str:
+    """`text` if it is valid Unicode; NotTextError naming `what` if it holds undecodable bytes
+    (Python keeps those as lone surrogates, which the tokenizer rejects)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise NotTextError(
+            f"{what} is not UTF-8 text (an undecodable byte at character {e.start + 1})"
+        ) from None
+    return text
+
+
 @dataclass
 class TurnRecord:
     """What one turn did, for the stats line and /stats."""
@@ -162,6 +178,7 @@ class ChatSession:
 
         Raises ContextFullError (before anything changes) if the turn does not fit.
         """
+        check_text(text, "the message")
         ids = self.turn_ids(text)
         room = self.room(ids)
         if room is not None and room < 1:
@@ -326,14 +343,30 @@ def stats_report(session: ChatSession) -> str:
     return "\n".join(lines)
 
 
-def _read_line(interactive: bool, stdin: TextIO) -> str:
-    """One line of input; EOFError at the end (Ctrl-D or end of the pipe)."""
+def _read_line(interactive: bool, stdin: TextIO, lineno: int) -> str:
+    """One line of input; EOFError at the end (Ctrl-D or end of the pipe); NotTextError,
+    naming the line, for one that is not UTF-8 (the next read goes on after it)."""
+    where = f"input line {lineno}"
     if interactive:
-        return input(PROMPT)  # readline gives line editing and history
-    line = stdin.readline()
+        try:
+            line = input(PROMPT)  # readline gives line editing and history
+        except UnicodeDecodeError as e:
+            raise NotTextError(f"{where} is not UTF-8 text ({e.reason})") from None
+        return check_text(line, where)
+    buffer = getattr(stdin, "buffer", None)
+    if buffer is None:  # a text stream without bytes underneath (tests, StringIO)
+        line = stdin.readline()
+    else:  # bytes, so one bad line cannot break the decoding of the next ones
+        raw = buffer.readline()
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise NotTextError(
+                f"{where} is not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+            ) from None
     if not line:
         raise EOFError
-    return line.rstrip("\r\n")
+    return check_text(line, where).rstrip("\r\n")
 
 
 def run_chat(
@@ -356,9 +389,14 @@ def run_chat(
             term.note(title, dim=False)
         term.note("/help for commands · Ctrl-C stops an answer · Ctrl-D or /quit exits")
 
+    lineno = 0
     while True:
+        lineno += 1
         try:
-            line = _read_line(interactive, stdin)
+            line = _read_line(interactive, stdin, lineno)
+        except NotTextError as e:
+            term.error(f"error: {e}; skipped")
+            continue
         except EOFError:
             if interactive:
                 term.write("\n")

@@ -204,7 +204,7 @@ def generate(
     system, stop = _text_option(system, "--system"), [_text_option(s, "--stop") for s in stop or ()]
     if not prompt.strip():
         _fail("the prompt is empty")
-    _check_options(max_tokens=(max_tokens, 1), top_k=(top_k, 0), temp=(temp, 0))
+    _check_options(max_tokens=(max_tokens, 1), top_k=(top_k, 0))
     _check_beam(beam_width, beam_length)
     model_path = resolve_model_path(model)
     base, tokenizer = _load_model(str(model_path), dtype)
@@ -312,7 +312,7 @@ def chat(
     from mlx_redrafter.platform import device_name
 
     system = _text_option(system, "--system")
-    _check_options(max_tokens=(max_tokens, 1), top_k=(top_k, 0), temp=(temp, 0))
+    _check_options(max_tokens=(max_tokens, 1), top_k=(top_k, 0))
     _check_beam(beam_width, beam_length)
     model_path = resolve_model_path(model)
     base, tokenizer = _load_model(str(model_path), dtype)

@@ -489,8 +489,10 @@ def _keys(names, limit: int = 6) -> str:
 def load_drafter(path: str | os.PathLike, base=None, dtype: mx.Dtype | None = None) -> Drafter:
     """Load a drafter directory (config.json + model.safetensors; Apple's layout or ours).
 
-    With `base`, check that the drafter was made for it (hidden size, vocabulary). With
-    `dtype`, cast the float parameters (quantized weights stay as they are).
+    With `base`, check that the drafter was made for it (hidden size, vocabulary). The float
+    parameters are cast to `dtype` if given, else to the base model's compute dtype (a
+    bfloat16 checkpoint runs in float32 beside a float32 base); quantized weights stay as
+    they are.
     """
     path = Path(path)
     config_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
@@ -498,12 +500,14 @@ def load_drafter(path: str | os.PathLike, base=None, dtype: mx.Dtype | None = No
         if not f.is_file():
             raise DrafterError(f"drafter {path} has no {f.name}")
     try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DrafterError(f"{config_path} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise DrafterError(f"{config_path}: expected a JSON object")
     try:
         args = DrafterArgs.from_dict(config)
-    except (DrafterError, TypeError) as e:
+    except (DrafterError, TypeError, ValueError, KeyError) as e:
         raise DrafterError(f"{config_path}: {e}") from None
 
     if base is not None:
@@ -519,7 +523,15 @@ def load_drafter(path: str | os.PathLike, base=None, dtype: mx.Dtype | None = No
                 f"but the base model has {b.vocab_size}"
             )
 
-    weights = mx.load(str(weights_path))
+    try:
+        weights = mx.load(str(weights_path))
+    except Exception as e:  # mlx checks the header and offsets (RuntimeError/ValueError)
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DrafterError(
+            f"{weights_path}: truncated or corrupt safetensors file: {detail}"
+        ) from None
+    if not isinstance(weights, dict):
+        raise DrafterError(f"{weights_path}: not a safetensors file")
     drafter = Drafter(args)
     if args.quantization:
         q = args.quantization
@@ -557,7 +569,11 @@ def load_drafter(path: str | os.PathLike, base=None, dtype: mx.Dtype | None = No
         raise DrafterError(f"{weights_path}: {'; '.join(wrong[:3])}{more}")
 
     drafter.load_weights(list(weights.items()))
-    if dtype is not None:
+    if dtype is None and base is not None:
+        from .defaults import compute_dtype
+
+        dtype = compute_dtype(base)
+    if dtype is not None and dtype != drafter.dtype:
         drafter.set_dtype(dtype)
     mx.eval(drafter.parameters())
     return drafter
