@@ -378,6 +378,7 @@ class Engine:
         self._count_lock = threading.Lock()
         self._model_lock = threading.Lock()
         self._current: Job | None = None
+        self._stopping = False
         self._thread: threading.Thread | None = None
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -387,11 +388,13 @@ class Engine:
             self._thread = threading.Thread(
                 target=self._work, name="mlx-redrafter-engine", daemon=True
             )
+            self._stopping = False
             self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
         if self._thread is None:
             return
+        self._stopping = True  # what is still queued or running ends as cancelled
         self._jobs.put(None)
         current = self._current
         if current is not None:
@@ -431,6 +434,8 @@ class Engine:
             with self._model_lock:
                 with self._count_lock:
                     self._waiting -= 1
+                if self._stopping:
+                    job.cancel()
                 if job.cancelled.is_set():
                     outcome = Outcome(job.kind, len(job.ids), finish_reason="cancelled")
                     outcome.seconds = time.perf_counter() - job.created

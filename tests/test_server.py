@@ -439,7 +439,7 @@ def test_serve_command_startup_line_and_request_log(tiny, tmp_path):
     try:
         line = _read_line(proc.stdout, 120)
         assert line.startswith("mlx-redrafter serve: http://127.0.0.1:"), line
-        assert "model tiny" in line and "cpu" in line.lower() + "gpu"
+        assert "model tiny" in line and ("cpu" in line or "gpu" in line)
         base = line.split()[2].removesuffix("/v1")
         resp = client(base).chat.completions.create(model="tiny", messages=user("hi"), max_tokens=3)
         assert resp.usage.completion_tokens >= 1
@@ -522,7 +522,7 @@ def test_default_model_completion_stop_and_seed(real):
         )
         .choices[0]
         .text
-        for seed in (3, 3, 4)
+        for seed in (3, 3)
     ]
     assert sampled[0] == sampled[1]
 
