@@ -6,14 +6,41 @@ acceptance sample from one definition. docs/tree-attention.md walks through both
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
 
+from .model import fast_exp, fast_kernels_available
 from .tree import Tree
 
 _NEG_INF = float("-inf")
+
+
+def _fast_cpu(x: mx.array) -> bool:
+    """float32 work on the CPU goes through the compiled exp (see model.py): MLX's own CPU exp
+    costs ~25 ns an element, and warping a vocabulary per node is mostly exp."""
+    return (
+        x.dtype == mx.float32
+        and mx.default_device() == mx.cpu
+        and os.environ.get("MLX_REDRAFTER_FAST", "1") != "0"
+        and fast_kernels_available()
+    )
+
+
+def _exp(x: mx.array) -> mx.array:
+    return fast_exp(x) if _fast_cpu(x) else mx.exp(x)
+
+
+def _logsumexp(x: mx.array, axis: int = -1, keepdims: bool = False) -> mx.array:
+    """mx.logsumexp through `_exp`; rows of -inf give -inf."""
+    if not _fast_cpu(x):
+        return mx.logsumexp(x, axis=axis, keepdims=keepdims)
+    top = mx.max(x, axis=axis, keepdims=True)
+    top = mx.where(mx.isinf(top), mx.array(0.0, x.dtype), top)
+    out = mx.log(mx.sum(fast_exp(x - top), axis=axis, keepdims=True)) + top
+    return out if keepdims else mx.squeeze(out, axis)
 
 
 @dataclass
@@ -77,12 +104,12 @@ def process_logits(
         # Indices past the k-th after a partition of the negated logits are the V-k smallest.
         drop = mx.argpartition(-logits, kth=top_k - 1, axis=-1)[..., top_k:]
         logits = mx.put_along_axis(logits, drop, mx.array(_NEG_INF, mx.float32), axis=-1)
-    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    logprobs = logits - _logsumexp(logits, axis=-1, keepdims=True)
     if top_p < 1.0:
         ranked = -mx.sort(-logprobs, axis=-1)  # (..., V) descending
         threshold, _ = _top_p_cut(ranked, top_p)
         logprobs = mx.where(logprobs >= threshold, logprobs, mx.array(_NEG_INF, mx.float32))
-        logprobs = logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
+        logprobs = logprobs - _logsumexp(logprobs, axis=-1, keepdims=True)
     return logprobs
 
 
@@ -95,7 +122,7 @@ def _top_p_cut(ranked: mx.array, top_p: float) -> tuple[mx.array, mx.array]:
     `decided` is False where the K values hold less than top_p mass and nothing after them is
     known to be dropped: the cut may then lie beyond the prefix.
     """
-    probs = mx.exp(ranked)
+    probs = _exp(ranked)
     mass_before = mx.cumsum(probs, axis=-1) - probs
     num_kept = mx.sum(mass_before < top_p, axis=-1, keepdims=True)  # >= 1: mass_before[0] = 0
     threshold = mx.take_along_axis(ranked, num_kept - 1, axis=-1)
@@ -134,13 +161,13 @@ def warp_candidates(
     values = mx.take_along_axis(values, order, axis=-1)  # (N, K) descending
     # The normaliser is over what survives top-k: the candidates themselves, or everything.
     norm = values if truncated or k == vocab else logits
-    logprobs = values - mx.logsumexp(norm, axis=-1, keepdims=True)
+    logprobs = values - _logsumexp(norm, axis=-1, keepdims=True)
     decided = mx.ones(logprobs.shape[:-1], mx.bool_)
     if top_p < 1.0:
         threshold, decided = _top_p_cut(logprobs, top_p)
         decided = decided | truncated | (k == vocab)
         logprobs = mx.where(logprobs >= threshold, logprobs, mx.array(_NEG_INF, mx.float32))
-        logprobs = logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
+        logprobs = logprobs - _logsumexp(logprobs, axis=-1, keepdims=True)
     return ids, logprobs, decided
 
 
@@ -279,7 +306,7 @@ def _node_outcomes(
     index = mx.where(valid, child_tokens, vocab)  # (N, C)
     child_lp = mx.take_along_axis(padded, index, axis=1)  # (N, C)
     rest = mx.put_along_axis(padded, index, mx.array(_NEG_INF, mx.float32), axis=1)[:, :vocab]
-    rest_lse = mx.logsumexp(rest, axis=1)  # (N,) log mass outside every child
+    rest_lse = _logsumexp(rest, axis=1)  # (N,) log mass outside every child
 
     # After rejecting slots < c, r is p restricted to {x_c, ..., x_C} and the rest, so
     # r(x_c) = p(x_c) / (p(x_c) + ... + p(x_C) + rest). Summing what remains (in log space)
@@ -305,7 +332,7 @@ def _node_outcomes(
     # Emitted token when every child is rejected: the residual r = the rest, renormalised.
     # If it holds no mass (only possible through rounding or u == 1), fall back to p.
     source = mx.where((rest_lse == _NEG_INF)[:, None], logprobs, rest)
-    shifted = mx.exp(source - mx.max(source, axis=1, keepdims=True))  # (N, V), max is 1
+    shifted = _exp(source - mx.max(source, axis=1, keepdims=True))  # (N, V), max is 1
     cdf = mx.cumsum(shifted, axis=1)
     target = uniforms[..., num_slots] * cdf[:, -1]  # (S, N)
     token = mx.sum(cdf <= target[..., None], axis=-1)  # first index with cdf > target
