@@ -352,7 +352,7 @@ def serve(
     host: str = typer.Option(
         "127.0.0.1", "--host", help="Address to listen on (0.0.0.0 exposes it to the network)."
     ),
-    port: int = typer.Option(8080, "--port", help="Port (0 picks a free one)."),
+    port: int = typer.Option(8080, "--port", min=0, max=65535, help="0 picks a free port."),
     beam_width: int | None = typer.Option(None, "--beam-width", "-W"),
     beam_length: int | None = typer.Option(None, "--beam-length", "-L"),
     lookup: bool | None = typer.Option(

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -452,6 +453,20 @@ def test_serve_command_startup_line_and_request_log(tiny, tmp_path):
             _, err = proc.communicate()
     assert "tokens/step" in err and "tok/s" in err  # the per-request log line
     assert "Traceback" not in err
+
+
+def test_serve_command_refuses_a_busy_port_in_one_line():
+    from helpers import invoke
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        result = invoke(["serve", "--port", str(port)])
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"error: cannot listen on 127.0.0.1:{port}: Address already in use"
+    ]
 
 
 def _read_line(stream, seconds: float) -> str:
