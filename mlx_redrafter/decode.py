@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import numpy as np
 
+from . import defaults
 from .accept import greedy_accept, sample_accept, sample_token
 from .cache import KVCache
 from .drafter import beam_search
@@ -28,13 +29,9 @@ from .sizing import (
     lookup_candidate,
 )
 from .tree import Tree, pack_beams, pack_sequences
-from .tuning import DEFAULT_BEAM, tuned_beam
+from .tuning import load_cost_curve
 
 DEFAULT_LOOKUP = True
-
-
-def load_cost_curve(model_path):  # replaced by tuning.load_cost_curve once `tune` stores one
-    return None
 
 PREFILL_CHUNK = 512
 
@@ -528,17 +525,11 @@ def stream_generate(
 
 
 def resolve_beam(model, beam_width: int | None, beam_length: int | None) -> tuple[int, int]:
-    """The drafter's beam shape: what is given, else the shape `tune` stored for this
-    model on this device, else DEFAULT_BEAM."""
-    tuned = tuned_beam(getattr(model, "source_path", None)) if None in (beam_width, beam_length) else None
-    width, length = tuned or DEFAULT_BEAM
-    width = width if beam_width is None else beam_width
-    length = length if beam_length is None else beam_length
-    if width < 1:
-        raise GenerationError(f"beam width must be >= 1, got {width}")
-    if length < 2:
-        raise GenerationError(f"beam length counts the root token and must be >= 2, got {length}")
-    return width, length
+    """The drafter's beam shape for `model` (see defaults.resolve_beam), as GenerationError."""
+    try:
+        return defaults.resolve_beam(getattr(model, "source_path", None), beam_width, beam_length)
+    except ValueError as e:
+        raise GenerationError(str(e)) from None
 
 
 def lookahead_tokens(with_drafter: bool, beam_length: int, lookup: LookupConfig | None) -> int:
