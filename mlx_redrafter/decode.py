@@ -290,7 +290,7 @@ def speculative_round(model, cache: KVCache, state: _RoundState, context, g0, sa
     t_end = time.perf_counter()
 
     accepted = [tuple(int(t) for t in tree.tokens[path[: k + 1]]) for k in range(1, len(path))]
-    if policy is not None and choice is not None:
+    if policy is not None:
         policy.observe(choice, accepted, with_drafter)
         if with_drafter:
             policy.observe_times(t_draft - t0, t_end - t_draft, tree.num_nodes)

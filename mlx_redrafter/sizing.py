@@ -204,8 +204,14 @@ class TreePolicy:
 
     # -- learning ---------------------------------------------------------------------------
 
-    def observe(self, choice: Choice, accepted: Sequence[tuple[int, ...]], with_drafter: bool):
-        """Update the calibration from the round's accepted prefixes (root excluded)."""
+    def observe(
+        self, choice: Choice | None, accepted: Sequence[tuple[int, ...]], with_drafter: bool
+    ):
+        """Update the calibration from the round's accepted prefixes (root excluded); a
+        round with no candidate at all has `choice` None."""
+        if choice is None:
+            self.rounds_without_drafter += 1
+            return
         accepted_set = set(accepted)
         for prefix, contributions in choice.sources.items():
             parent = prefix[:-1]

@@ -167,8 +167,9 @@ def test_drafter_is_skipped_when_lookup_alone_is_better_and_reprobed():
     policy.observe(weak, [], with_drafter=True)
     assert weak.value < look.value
     assert not policy.want_drafter(look)
-    for _ in range(16):
-        policy.observe(look, [], with_drafter=False)
+    for k in range(16):
+        # rounds with a lookup candidate, and rounds with no candidate at all
+        policy.observe(look if k % 2 else None, [], with_drafter=False)
     assert policy.want_drafter(look)  # re-probed after a while
 
 
