@@ -77,8 +77,12 @@ def _read_prompts(path: Path, num_prompts: int | None, second_turn: bool = False
     if not path.is_file():
         raise BenchError(f"{path}: no such prompt file (use a .jsonl file or `mt-bench`)")
     prompts = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise BenchError(f"{path}:{lineno}: not UTF-8 text ({e.reason})") from None
             if not line.strip():
                 continue
             try:

@@ -250,10 +250,28 @@ def staging_dir(dst: str | Path, overwrite: bool = False, src: str | Path | None
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     old = dst.parent / f".{dst.name}.old-{tag}"
-    if dst.exists():
-        dst.rename(old)
-    tmp.rename(dst)
-    shutil.rmtree(old, ignore_errors=True)
+    with _signals_deferred():  # Ctrl-C or SIGTERM between the renames would lose both
+        if dst.exists():
+            dst.rename(old)
+        tmp.rename(dst)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """Hold SIGINT and SIGTERM until the block ends (they are then delivered as usual)."""
+    import signal
+
+    held = {signal.SIGINT, signal.SIGTERM}
+    try:
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    except (AttributeError, OSError, ValueError):  # no POSIX signal masks here
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _progress(items, progress: bool, **kwargs):
