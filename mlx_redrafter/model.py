@@ -214,6 +214,16 @@ def fast_silu_mul(gate: mx.array, up: mx.array) -> mx.array:
     return _kernel("silu_mul")(gate, up, mantissa, mx.view(bits, mx.float32))
 
 
+def additive_mask(mask, T: int, S: int) -> mx.array:
+    """ "causal" or a boolean mask (.., T, S) -> float32 0 / -inf; an additive one as it is."""
+    if isinstance(mask, str):
+        # Lower-right aligned, as SDPA's "causal": query i sits at key S - T + i.
+        mask = mx.arange(S)[None] <= (S - T + mx.arange(T))[:, None]  # (T, S)
+    if mask.dtype == mx.bool_:
+        mask = mx.where(mask, mx.array(0.0, mx.float32), mx.array(-mx.inf, mx.float32))
+    return mask
+
+
 def fast_attention(q, k, v, scale: float, mask) -> mx.array:
     """Softmax attention as `mx.fast.scaled_dot_product_attention` computes it, with the
     query heads of each KV head folded into one matmul and the compiled exp.
@@ -225,17 +235,10 @@ def fast_attention(q, k, v, scale: float, mask) -> mx.array:
     n_kv, S = k.shape[1], k.shape[2]
     rep = H // n_kv
     scores = (q * scale).reshape(B, n_kv, rep * T, D) @ k.swapaxes(-1, -2)  # (B, H_kv, rT, S)
-    if isinstance(mask, str):
-        # Lower-right aligned, as SDPA's "causal": query i sits at key S - T + i.
-        mask = mx.arange(S)[None] <= (S - T + mx.arange(T))[:, None]  # (T, S)
     if mask is not None:
+        mask = additive_mask(mask, T, S)
         mask = mask.reshape((-1, 1, 1, T, S)) if mask.ndim == 4 else mask
-        scores = scores.reshape(B, n_kv, rep, T, S)
-        if mask.dtype == mx.bool_:
-            scores = mx.where(mask, scores, mx.array(-mx.inf, scores.dtype))
-        else:
-            scores = scores + mask
-        scores = scores.reshape(B, n_kv, rep * T, S)
+        scores = (scores.reshape(B, n_kv, rep, T, S) + mask).reshape(B, n_kv, rep * T, S)
     mantissa, bits = _kernel("shifted_exp")(scores, mx.max(scores, axis=-1, keepdims=True))
     weights = mantissa * mx.view(bits, mx.float32)
     weights = weights / weights.sum(axis=-1, keepdims=True)
@@ -481,6 +484,8 @@ class Model(nn.Module):
             positions = positions.astype(mx.int32)
         h = self.model.embed_tokens(tokens)
         fast = self.fast_kernels and h.dtype == mx.float32
+        if fast and mask is not None:
+            mask = additive_mask(mask, T, offset + T)  # once per forward, not per layer
         for i, layer in enumerate(self.model.layers):
             layer_cache = cache.layers[i] if cache is not None else None
             h = layer(h, mask, layer_cache, offset, positions, fast)
