@@ -495,6 +495,9 @@ def load_drafter(path: str | os.PathLike, base=None, dtype: mx.Dtype | None = No
     they are.
     """
     path = Path(path)
+    if not path.is_dir():
+        what = "is not a directory" if path.exists() else "no such directory"
+        raise DrafterError(f"drafter {path}: {what}")
     config_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
     for f in (config_path, weights_path):
         if not f.is_file():

@@ -47,7 +47,7 @@ def test_missing_model_path(tmp_path):
 def test_missing_drafter_path(tiny, tmp_path):
     model_dir, _ = tiny
     missing = tmp_path / "no-drafter"
-    one_red_line(generate(model_dir, "-p", "hi", "-d", str(missing)), str(missing))
+    one_red_line(generate(model_dir, "-p", "hi", "-d", str(missing)), str(missing), "no such")
 
 
 def test_model_config_not_json(tiny, tmp_path):
