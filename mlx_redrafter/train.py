@@ -1,4 +1,4 @@
-"""Drafter training by self-distillation (DESIGN section 7).
+"""Drafter training by self-distillation.
 
 Two phases, both resumable from a work directory:
   build_dataset: prompts -> sequences (last prompt token + response) with the base model's

@@ -1,7 +1,7 @@
 """Conversion of PyTorch drafters and PyTorch/safetensors/GGUF base models into MLX directories.
 
 The references are independent of the code under test: a PyTorch drafter written here from the
-published equations (DESIGN section 4), a PyTorch beam search, and transformers' Llama.
+published equations (ReDrafter paper, arXiv 2403.09919), a PyTorch beam search, and transformers' Llama.
 """
 
 from __future__ import annotations
