@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import invoke, run_cli, write_tiny_drafter, write_tiny_model
+from helpers import cli_env, invoke, run_cli, write_tiny_drafter, write_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,15 +34,16 @@ def test_info_json_names_the_blas_and_default_model():
 def test_blas_is_openblas_and_can_be_turned_off():
     from mlx_redrafter.blas import _find_openblas
 
-    proc = run_cli(["info", "--json"])
+    # Whatever the environment running the tests chose, the default is OpenBLAS if present.
+    env = cli_env()
+    env.pop("MLX_REDRAFTER_BLAS", None)
+    proc = run_cli(["info", "--json"], env=env)
     blas = json.loads(proc.stdout)["blas"]
     if _find_openblas() is None:
         assert "bundled" in blas
     else:
         assert blas.startswith("OpenBLAS")
-    import os
-
-    env = dict(os.environ, MLX_REDRAFTER_BLAS="bundled")
+    env = dict(cli_env(), MLX_REDRAFTER_BLAS="bundled")
     proc = run_cli(["info", "--json"], env=env)
     assert "bundled" in json.loads(proc.stdout)["blas"]
 

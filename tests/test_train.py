@@ -402,9 +402,12 @@ def test_training_lowers_loss_and_writes_a_loadable_drafter(model, prompts_file,
     assert 0 < log["draft_vocab"]["coverage_train"] <= 1
     assert log["data"]["sequences"] == 24
 
+    assert {v.dtype for v in mx.load(str(tmp_path / "out" / "model.safetensors")).values()} == {
+        mx.float16
+    }
     drafter = load_drafter(tmp_path / "out", base=model)
     assert drafter.head_size == 12 and EOS in np.array(drafter.draft_vocab_ids).tolist()
-    assert drafter.dtype == mx.float16
+    assert drafter.dtype == mx.float32  # saved in float16, run in the base model's dtype
     saved = json.loads((tmp_path / "out" / "training_log.json").read_text())
     for key in ("settings", "data", "draft_vocab", "curves", "evals", "seconds", "machine"):
         assert key in saved
