@@ -47,30 +47,48 @@ class Prompt:
     text: str
     category: str | None = None
     before: tuple[str, ...] = ()  # earlier user turns, each answered by the model first
+    source: str | None = None  # mt-bench, mt-bench-2, doc-prompts or the file's name
 
 
-def load_prompts(source: str = MT_BENCH, num_prompts: int | None = None) -> list[Prompt]:
+def load_prompts(
+    source: str = MT_BENCH, num_prompts: int | None = None, per_category: int | None = None
+) -> list[Prompt]:
     """Prompts from one or more comma-separated sources: `mt-bench` (first turns),
     `mt-bench-2` (second turns, the model's greedy first answer in context), `doc-prompts`
     (document-carrying prompts shipped beside MT-Bench) or a JSONL file. `num_prompts`
-    applies to each source.
+    applies to each source; `per_category` keeps the first K prompts of each category.
 
     A line may hold `turns` (the first is used, as MT-Bench's `question.jsonl`), `prompt`,
     `text` or `instruction` (+ `input`, as Alpaca).
     """
+    if per_category is not None:
+        if per_category < 1:
+            raise BenchError(f"per_category must be >= 1, got {per_category}")
+        seen: dict[tuple, int] = {}
+        kept = []
+        for p in load_prompts(source):
+            key = (p.source, p.category)
+            seen[key] = seen.get(key, 0) + 1
+            if seen[key] <= per_category:
+                kept.append(p)
+        return kept[:num_prompts] if num_prompts is not None else kept
     if "," in source:
         return [
             p for part in source.split(",") if part for p in load_prompts(part, num_prompts)
         ]
     if source == MT_BENCH_2:
-        return [
-            Prompt(f"{p.id}-2", p.text, "mt-bench-2", p.before)
+        prompts = [
+            Prompt(f"{p.id}-2", p.text, p.category, p.before)
             for p in _read_prompts(MT_BENCH_FILE, num_prompts, second_turn=True)
         ]
-    if source == DOC_PROMPTS:
-        return _read_prompts(DOC_PROMPTS_FILE, num_prompts)
-    path = MT_BENCH_FILE if source == MT_BENCH else Path(source).expanduser()
-    return _read_prompts(path, num_prompts)
+    elif source == DOC_PROMPTS:
+        prompts = _read_prompts(DOC_PROMPTS_FILE, num_prompts)
+    else:
+        path = MT_BENCH_FILE if source == MT_BENCH else Path(source).expanduser()
+        prompts = _read_prompts(path, num_prompts)
+    for p in prompts:
+        p.source = source if source in (MT_BENCH, MT_BENCH_2, DOC_PROMPTS) else Path(source).name
+    return prompts
 
 
 def _read_prompts(path: Path, num_prompts: int | None, second_turn: bool = False) -> list[Prompt]:
@@ -195,9 +213,12 @@ class BenchResult:
     summary: dict = field(default_factory=dict)  # name -> aggregate figures
     verify_cost: list[dict] | None = None
     sweep: dict | None = None
+    groups: dict = field(default_factory=dict)  # "source" or "source/category" -> summary
 
     def as_json(self) -> dict:
         out = {"header": self.header, "methods": self.summary, "prompts": self.prompts}
+        if self.groups:
+            out["groups"] = self.groups
         if self.sweep is not None:
             out["sweep"] = self.sweep
         if self.verify_cost is not None:
@@ -380,6 +401,7 @@ class Bench:
                 {
                     "id": prompt.id,
                     "category": prompt.category,
+                    "source": prompt.source,
                     "prompt_tokens": len(ids),
                     "methods": {m.name: figures[m.name] for m in methods},
                 }
@@ -472,6 +494,44 @@ def summarize(records: list[dict], methods: Sequence[Method]) -> dict:
     return summary
 
 
+def summarize_groups(records: list[dict], methods: Sequence[Method]) -> dict:
+    """`summarize` per source and per source/category, when the prompts have more than one."""
+    keys = {}
+    for r in records:
+        source = r.get("source") or "prompts"
+        keys.setdefault(source, []).append(r)
+        keys.setdefault(f"{source}/{r.get('category') or '-'}", []).append(r)
+    if len(keys) <= 2:  # one source with one category: the overall table says it all
+        return {}
+    return {key: summarize(group, methods) for key, group in keys.items()}
+
+
+def format_groups(result: BenchResult) -> str:
+    """One line per group: decode tok/s, tokens/step and speedups of every method."""
+    if not result.groups:
+        return ""
+    names = [m.name for m in result.methods]
+    speculative = [m.name for m in result.methods if m.speculative]
+    head = ["group", "prompts"] + [f"{n} tok/s" for n in names]
+    head += [f"{n} tokens/step" for n in speculative]
+    head += [f"{n} nodes/round" for n in speculative]
+    head += [f"{n} vs ar" for n in speculative if "ar" in names]
+    head += [f"{n} vs mlx-lm" for n in speculative if "mlx-lm" in names]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for key, summary in result.groups.items():
+        first = summary[names[0]]
+        cells = [key, str(first["num_prompts"])]
+        cells += [_fmt(summary[n]["decode_tps_mean"], ".1f") for n in names]
+        cells += [f"{summary[n]['tokens_per_step']:.2f}" for n in speculative]
+        cells += [f"{summary[n]['mean_tree_nodes']:.1f}" for n in speculative]
+        if "ar" in names:
+            cells += [_fmt(summary[n]["speedup_vs_ar"], ".2f", "x") for n in speculative]
+        if "mlx-lm" in names:
+            cells += [_fmt(summary[n]["speedup_vs_mlx_lm"], ".2f", "x") for n in speculative]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def sweep_grid(summary: dict, methods: Sequence[Method]) -> dict:
     """The W x L grid of a sweep: speedup vs ar (None without ar) and tokens per step."""
     shapes = [m for m in methods if m.kind == "redrafter"]
@@ -562,6 +622,8 @@ def format_table(result: BenchResult) -> str:
             )
             depth = " ".join(f"{a:.2f}" for a in s["accept_by_depth"])
             lines.append(f"| {m.name} | {cells} | {s['mean_tree_nodes']:.1f} | {depth} |")
+    if result.groups:
+        lines += ["", "per source and category (decode tok/s: mean over prompts)", format_groups(result)]
     if result.verify_cost:
         lines += ["", format_verify_cost(result.verify_cost)]
     if result.sweep is not None:
@@ -774,6 +836,7 @@ def benchmark(
     records = bench.run(prompts, methods, warmup=warmup, progress=progress)
     summary = summarize(records, methods)
     result = BenchResult(header, list(methods), strip_tokens(records), summary)
+    result.groups = summarize_groups(records, methods)
     if sweep:
         result.sweep = sweep_grid(summary, methods)
     return result

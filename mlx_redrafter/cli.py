@@ -487,6 +487,9 @@ def bench(
         "file (first of `turns`, or `prompt`).",
     ),
     num_prompts: int | None = typer.Option(None, "--num-prompts", "-N", help="First N only."),
+    per_category: int | None = typer.Option(
+        None, "--per-category", help="The first K prompts of each category only."
+    ),
     max_tokens: int = typer.Option(128, "--max-tokens", "-n", help="New tokens per prompt."),
     methods: str = typer.Option(
         "mlx-lm,ar,redrafter",
@@ -526,7 +529,7 @@ def bench(
         raise ValueError("--plot draws the heatmap of a --sweep; add --sweep")
     _check_options(num_prompts=(num_prompts, 1), max_tokens=(max_tokens, 1))
     _check_beam(beam_width, beam_length)
-    prompt_list = bench_lib.load_prompts(prompts, num_prompts)
+    prompt_list = bench_lib.load_prompts(prompts, num_prompts, per_category)
 
     model_path = resolve_model_path(model)
     base, tokenizer = _load_model(str(model_path), dtype)
@@ -678,7 +681,7 @@ def tune(
     if drafter_path is None:
         raise ValueError("tune needs a drafter: pass --drafter")
     draft = load_drafter(drafter_path, base=base)
-    prompt_list = bench_lib.load_prompts(prompts, num_prompts)
+    prompt_list = bench_lib.load_prompts(prompts, num_prompts, per_category)
     w_list, l_list = _int_list(widths, "--widths"), _int_list(lengths, "--lengths")
     typer.echo(f"measuring the verify-cost curve (n = 1..{curve_nodes}) ...", err=True)
     bar, advance = _progress_bar(len(prompt_list) * (1 + len(w_list) * len(l_list)), "tune")

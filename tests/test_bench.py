@@ -190,3 +190,41 @@ def test_bench_acceptance_prints_a_grid_and_writes_json(tiny, tmp_path):
     assert set(data["shapes"]) == {"1x3", "1x4", "2x3", "2x4"}
     assert all(v["tokens_per_step"] >= 1.0 for v in data["shapes"].values())
     assert len(data["prompts"]) == 2
+
+
+def test_sources_per_category_and_second_turns():
+    mt = load_prompts("mt-bench", per_category=1)
+    assert len(mt) == 8 and len({p.category for p in mt}) == 8
+    second = load_prompts("mt-bench-2", 3)
+    assert [p.source for p in second] == ["mt-bench-2"] * 3
+    first = load_prompts("mt-bench", 3)
+    assert [p.before for p in second] == [(p.text,) for p in first]
+    assert all(p.text != q.text for p, q in zip(second, first, strict=True))
+    doc = load_prompts("doc-prompts", per_category=2)
+    assert len(doc) == 2 * len({p.category for p in doc}) >= 10
+    both = load_prompts("mt-bench,doc-prompts", 2)
+    assert [p.source for p in both] == ["mt-bench"] * 2 + ["doc-prompts"] * 2
+    with pytest.raises(BenchError, match="per_category"):
+        load_prompts("mt-bench", per_category=0)
+
+
+def test_lookup_methods_second_turns_and_groups(tiny, tmp_path):
+    model_dir, drafter_dir = tiny
+    out = tmp_path / "bench.json"
+    proc = invoke(
+        ["bench", "--model", str(model_dir), "--drafter", str(drafter_dir),
+         "--prompts", "mt-bench-2,doc-prompts", "-N", "2", "-n", "12", "--json", str(out),
+         "--methods", "ar,redrafter,lookup,redrafter+lookup"]
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(out.read_text())
+    assert list(data["methods"]) == ["ar", "redrafter", "lookup", "redrafter+lookup"]
+    for name, figures in data["methods"].items():
+        assert figures["mismatches_vs_ar"] == 0, name
+    assert data["methods"]["lookup"]["drafter_round_fraction"] == 0.0
+    assert set(data["methods"]["redrafter"]["accepted_from"]) <= {"drafter"}
+    # a second turn carries the model's own first answer: longer than the turn alone
+    second = [p for p in data["prompts"] if p["source"] == "mt-bench-2"]
+    assert len(second) == 2 and all(p["prompt_tokens"] > 20 for p in second)
+    assert {"mt-bench-2", "doc-prompts"} <= set(data["groups"])
+    assert "per source and category" in proc.stdout
