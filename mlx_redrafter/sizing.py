@@ -155,7 +155,7 @@ class TreePolicy:
         self.max_nodes = max_nodes
         self.draft_cost = draft_cost
         self.calibration = Calibration()
-        self.drafter_value: float | None = None  # EMA of a drafter round's predicted value
+        self.drafter_value: float | None = None  # EMA of a drafter round's realised value
         self.rounds_without_drafter = 0
 
     # -- choosing ---------------------------------------------------------------------------
@@ -203,10 +203,14 @@ class TreePolicy:
         )
 
     def want_drafter(self, lookup_choice: Choice) -> bool:
-        """Run the drafter unless lookup alone is expected to do at least as well; re-probe
-        the drafter every REPROBE_EVERY rounds so its estimate does not go stale."""
+        """Run the drafter unless lookup alone is expected to do at least as well as drafter
+        rounds have done (tokens per plain step), or, with nothing to copy, unless drafter
+        rounds have been worth less than a plain step. The drafter is re-probed every
+        REPROBE_EVERY rounds so that its figure does not go stale."""
         if self.drafter_value is None or self.rounds_without_drafter >= REPROBE_EVERY:
             return True
+        if len(lookup_choice.estimate) == 0:
+            return self.drafter_value > 1.0 / self.curve[0]
         return lookup_choice.value < self.drafter_value
 
     # -- learning ---------------------------------------------------------------------------
@@ -228,7 +232,7 @@ class TreePolicy:
             for _, bucket, raw in contributions:
                 self.calibration.observe(bucket, raw, hit)
         if with_drafter:
-            v = choice.value
+            v = (1 + len(accepted)) / choice.cost  # tokens per plain step, as it turned out
             self.drafter_value = v if self.drafter_value is None else 0.8 * self.drafter_value + 0.2 * v
             self.rounds_without_drafter = 0
         else:

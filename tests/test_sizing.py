@@ -188,3 +188,15 @@ def test_cost_curves():
     assert np.all(np.diff(cpu) >= 0) and gpu[7] < cpu[7]
     with pytest.raises(ValueError, match="cost curve"):
         TreePolicy([0.0, 1.0])
+
+
+def test_with_nothing_to_copy_the_drafter_runs_while_it_pays():
+    policy = TreePolicy(1.0 + 0.17 * np.arange(32))
+    nothing = policy.select([], with_drafter=False)
+    good = policy.select(_beams(), with_drafter=True)
+    kept = sorted(good.estimate, key=len)
+    policy.observe(good, [q for q in kept if q[:3] == (5, 1, 2)[: len(q)]], with_drafter=True)
+    assert policy.drafter_value > 1.0 and policy.want_drafter(nothing)
+    for _ in range(10):  # rounds where nothing drafted is accepted: worth less than plain
+        policy.observe(policy.select(_beams(), with_drafter=True), [], with_drafter=True)
+    assert policy.drafter_value < 1.0 and not policy.want_drafter(nothing)
