@@ -176,6 +176,9 @@ def _rotate_half(x, cos, sin):
 
 _ROPE_TABLES: dict[tuple, tuple[mx.array, mx.array]] = {}
 
+# Passes of up to this many tokens (tree verification) run each block's MLP half compiled.
+COMPILE_MAX_TOKENS = 64
+
 
 _kernels: dict[str, Any] = {}
 
@@ -415,6 +418,17 @@ class TransformerBlock(nn.Module):
 
     def __call__(self, x, mask, cache, offset, positions, fast=False):
         h = x + self.self_attn(self.input_layernorm(x), mask, cache, offset, positions, fast)
+        if fast and 1 < h.shape[1] <= COMPILE_MAX_TOKENS:
+            # Verify-sized passes: the norm, MLP and residual as one compiled graph, traced
+            # once per token count (a bounded set). Same arithmetic, fewer dispatches.
+            if self._compiled_mlp is None:
+                self._compiled_mlp = mx.compile(self._mlp_residual)
+            return self._compiled_mlp(h)
+        return self._mlp_residual(h, fast)
+
+    _compiled_mlp = None  # built on first use; `Model.optimize` drops it (weights are baked in)
+
+    def _mlp_residual(self, h, fast=True):
         return h + self.mlp(self.post_attention_layernorm(h), fast)
 
 
@@ -448,8 +462,9 @@ class Model(nn.Module):
         """
         if os.environ.get("MLX_REDRAFTER_FAST", "1") == "0":
             return self
-        if fuse:
-            for layer in self.model.layers:
+        for layer in self.model.layers:
+            layer._compiled_mlp = None
+            if fuse:
                 layer.self_attn.fuse()
                 layer.mlp.fuse()
         if fast_kernels is None:

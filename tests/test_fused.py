@@ -217,3 +217,37 @@ def test_rope_table_matches_fast_rope_far_out(family):
     # Control: the wrong positions are caught at this tolerance.
     with pytest.raises(AssertionError):
         assert_close(rope(x, 3000, positions + 1, fast=True), expected, rtol=2e-4)
+
+
+@needs_kernels
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_compiled_blocks_equal_eager_for_every_node_count(monkeypatch, family):
+    from mlx_redrafter.decode import verify_tree
+    from mlx_redrafter.tree import pack_beams
+
+    fast = copy_of(plain_model(family, seed=2)).optimize()
+    prompt = mx.random.randint(0, BASE["vocab_size"], (1, 10))
+    rng = np.random.default_rng(0)
+    shapes = [(1, 2), (2, 3), (3, 4), (4, 5), (2, 9), (5, 13)]  # up to 61 nodes
+    trees = [pack_beams(np.concatenate([np.zeros((w, 1), int), rng.integers(1, 9, (w, n - 1))],
+                                       axis=1)) for w, n in shapes]  # fmt: skip
+
+    def verify_all():
+        out = []
+        for tree in trees:
+            cache = fast.make_cache()
+            fast(prompt, cache)
+            cache.commit()
+            out.append(verify_tree(fast, cache, tree))
+        return out
+
+    compiled = verify_all()
+    assert fast.model.layers[0]._compiled_mlp is not None
+    monkeypatch.setattr(model_lib, "COMPILE_MAX_TOKENS", 0)  # every pass eager
+    for tree, (hidden, logits), (eager_h, eager_l) in zip(
+        trees, compiled, verify_all(), strict=True
+    ):
+        assert logits.shape[0] == tree.num_nodes
+        assert_close(hidden, eager_h)
+        assert_close(logits, eager_l)
+    assert sorted({t.num_nodes for t in trees}) == [t.num_nodes for t in trees]  # all distinct
