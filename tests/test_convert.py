@@ -564,7 +564,7 @@ def test_hf_llama_quantized_and_dtype(hf_llama, tmp_path):
     theirs, _ = mlx_lm.load(str(dst))
     _, logits = ours(mx.array([TOKENS]))
     assert_close(logits[0], theirs(mx.array([TOKENS]))[0])
-    assert "scales" in ours.model.layers[0].self_attn.q_proj
+    assert "scales" in ours.model.layers[0].self_attn.o_proj  # (q/k/v are fused at load)
 
     half = convert_model(src, tmp_path / "bf16", dtype="bfloat16")
     weights = mx.load(str(half / "model.safetensors"))
