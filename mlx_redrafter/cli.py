@@ -681,7 +681,7 @@ def tune(
     if drafter_path is None:
         raise ValueError("tune needs a drafter: pass --drafter")
     draft = load_drafter(drafter_path, base=base)
-    prompt_list = bench_lib.load_prompts(prompts, num_prompts, per_category)
+    prompt_list = bench_lib.load_prompts(prompts, num_prompts)
     w_list, l_list = _int_list(widths, "--widths"), _int_list(lengths, "--lengths")
     typer.echo(f"measuring the verify-cost curve (n = 1..{curve_nodes}) ...", err=True)
     bar, advance = _progress_bar(len(prompt_list) * (1 + len(w_list) * len(l_list)), "tune")
