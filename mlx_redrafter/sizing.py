@@ -24,9 +24,13 @@ import numpy as np
 DRAFTER = "drafter"
 LOOKUP = "lookup"
 
-# t(n)/t(1) measured on a 2-core x86 CPU (SmolLM2-135M, float32) for n = 1, 2, 3, ... 8, then
-# 16 and 32; used when `tune` has stored no curve for the device and model.
-CPU_COST_POINTS = {1: 1.0, 2: 1.19, 3: 1.33, 4: 1.54, 8: 1.71, 16: 2.0, 32: 2.8}
+# t(n)/t(1) measured on a 2-core x86 CPU (SmolLM2-135M, float32, the fast path; `tune
+# --curve-only`, BENCHMARKS.md section 8): used when `tune` has stored no curve for the device
+# and model. Not monotonic: the 16-token pass hits faster kernels than 9-15 tokens do.
+CPU_COST_POINTS = {
+    1: 1.0, 2: 1.15, 3: 1.23, 4: 1.43, 5: 1.49, 6: 1.52, 7: 1.53, 8: 1.58,
+    12: 2.0, 16: 1.55, 32: 2.25,
+}  # fmt: skip
 # A GPU verifies a few dozen tokens at nearly the cost of one (Apple measured a knee between
 # 12 and 16 candidates for a 7B model on M-series GPUs).
 GPU_COST_POINTS = {1: 1.0, 2: 1.03, 8: 1.08, 12: 1.12, 16: 1.45, 32: 2.0}
