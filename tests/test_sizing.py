@@ -185,7 +185,7 @@ def test_cost_curves():
     assert np.allclose(curve, [1.0, 1.2, 1.4, 1.6, 1.8, 2.0])
     cpu, gpu = default_cost_curve("cpu"), default_cost_curve("gpu")
     assert cpu.shape == gpu.shape == (32,)
-    assert np.all(np.diff(cpu) >= 0) and gpu[7] < cpu[7]
+    assert cpu[0] == gpu[0] == 1.0 and gpu[7] < cpu[7] and np.all(cpu >= 1.0)
     with pytest.raises(ValueError, match="cost curve"):
         TreePolicy([0.0, 1.0])
 
