@@ -671,8 +671,7 @@ def format_sweep(sweep: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_sweep(sweep: dict, path: str | Path, title: str = "") -> Path:
-    """A heatmap PNG of the sweep: speedup vs ar per cell, tokens per step written in it."""
+def _pyplot():
     try:
         import matplotlib
 
@@ -682,6 +681,41 @@ def plot_sweep(sweep: dict, path: str | Path, title: str = "") -> Path:
         raise BenchError(
             "--plot needs matplotlib: pip install 'mlx-redrafter[plot]' (or pip install matplotlib)"
         ) from None
+    return plt
+
+
+def plot_groups(groups: dict, methods: Sequence[str], path: str | Path, title: str = "") -> Path:
+    """Bars per source/category: each method's decode speedup against `ar` (from a result's
+    or a JSON file's `groups`), tokens per step written above the speculative ones."""
+    plt = _pyplot()
+    import numpy as np
+
+    keys = [k for k in groups if "/" in k] or list(groups)
+    shown = [m for m in methods if m != "ar"]
+    x = np.arange(len(keys))
+    width = 0.8 / max(1, len(shown))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.75 * len(keys) + 2), 4.2))
+    for i, name in enumerate(shown):
+        values = [groups[k][name]["speedup_vs_ar"] or 0.0 for k in keys]
+        bars = ax.bar(x + (i - (len(shown) - 1) / 2) * width, values, width, label=name)
+        if name != "mlx-lm":
+            labels = [f"{groups[k][name]['tokens_per_step']:.1f}" for k in keys]
+            ax.bar_label(bars, labels=labels, fontsize=6, padding=1)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks(x, keys, rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel("decode speedup vs plain decoding (ar)")
+    ax.set_title(title or "speedup per source/category (numbers: tokens per step)", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_sweep(sweep: dict, path: str | Path, title: str = "") -> Path:
+    """A heatmap PNG of the sweep: speedup vs ar per cell, tokens per step written in it."""
+    plt = _pyplot()
     import numpy as np
 
     widths, lengths = sweep["widths"], sweep["lengths"]

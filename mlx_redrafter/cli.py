@@ -504,7 +504,10 @@ def bench(
     lengths: str = typer.Option("2,3,4,5,6", "--lengths", help="Beam lengths of the sweep."),
     json_out: str | None = typer.Option(None, "--json", help="Write every figure to this file."),
     plot: str | None = typer.Option(
-        None, "--plot", help="Heatmap PNG of a sweep (default with --sweep: bench-sweep.png)."
+        None,
+        "--plot",
+        help="PNG: the heatmap of a sweep (default with --sweep: bench-sweep.png), else "
+        "speedups per source/category.",
     ),
     profile: bool = typer.Option(
         False, "--profile", help="Time draft/verify/accept per round; add the verify-cost curve."
@@ -525,11 +528,11 @@ def bench(
     names = [m.strip() for m in methods.split(",") if m.strip()]
     if sweep and (beam_width or beam_length):
         raise ValueError("--sweep takes --widths/--lengths, not --beam-width/--beam-length")
-    if plot and not sweep:
-        raise ValueError("--plot draws the heatmap of a --sweep; add --sweep")
     _check_options(num_prompts=(num_prompts, 1), max_tokens=(max_tokens, 1))
     _check_beam(beam_width, beam_length)
     prompt_list = bench_lib.load_prompts(prompts, num_prompts, per_category)
+    if plot and not sweep and len({(p.source, p.category) for p in prompt_list}) < 2:
+        raise ValueError("--plot needs a --sweep, or prompts from several sources/categories")
 
     model_path = resolve_model_path(model)
     base, tokenizer = _load_model(str(model_path), dtype)
@@ -590,9 +593,14 @@ def bench(
     typer.echo(bench_lib.format_table(result))
     if json_out:
         typer.echo(f"\nwrote {bench_lib.write_json(result, json_out)}")
+    title = f"{model_path.name} · {header['device']} · {header['dtype']}"
     if sweep:
-        title = f"{model_path.name} · {header['device']} · {header['dtype']}"
         png = bench_lib.plot_sweep(result.sweep, plot or "bench-sweep.png", title=title)
+        typer.echo(f"wrote {png}")
+    elif plot:
+        if not result.groups:
+            raise ValueError("--plot needs a --sweep, or prompts from several sources/categories")
+        png = bench_lib.plot_groups(result.groups, [m.name for m in method_list], plot, title)
         typer.echo(f"wrote {png}")
 
 

@@ -187,6 +187,19 @@ def invoke(args: list[str], env: dict[str, str] | None = None, input: str | None
 # kernels, a batched or tree-shaped pass instead of one token at a time) rounds differently,
 # and the difference grows with depth: float32 logits of a 2-layer random model differ by up
 # to ~1.5e-5 of their largest magnitude across CPUs. Tolerances are relative to that scale.
+# A tiny random model's config (every family test adds model_type and its own keys).
+TINY_ARGS = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    intermediate_size=96,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    rms_norm_eps=1e-5,
+    vocab_size=101,
+    max_position_embeddings=256,
+    rope_theta=10000.0,
+)
+
 RTOL = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}
 
 

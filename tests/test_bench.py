@@ -214,7 +214,7 @@ def test_lookup_methods_second_turns_and_groups(tiny, tmp_path):
     proc = invoke(
         ["bench", "--model", str(model_dir), "--drafter", str(drafter_dir),
          "--prompts", "mt-bench-2,doc-prompts", "-N", "2", "-n", "12", "--json", str(out),
-         "--methods", "ar,redrafter,lookup,redrafter+lookup"]
+         "--methods", "ar,redrafter,lookup,redrafter+lookup", "--plot", str(tmp_path / "g.png")]
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     data = json.loads(out.read_text())
@@ -228,3 +228,4 @@ def test_lookup_methods_second_turns_and_groups(tiny, tmp_path):
     assert len(second) == 2 and all(p["prompt_tokens"] > 20 for p in second)
     assert {"mt-bench-2", "doc-prompts"} <= set(data["groups"])
     assert "per source and category" in proc.stdout
+    assert (tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"

@@ -6,22 +6,12 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from helpers import assert_close
+from helpers import TINY_ARGS, assert_close
 from mlx.utils import tree_flatten
 
 from mlx_redrafter.model import Model, ModelArgs, UnsupportedModelError
 
-BASE = dict(
-    hidden_size=64,
-    num_hidden_layers=2,
-    intermediate_size=96,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    rms_norm_eps=1e-5,
-    vocab_size=101,
-    max_position_embeddings=256,
-    rope_theta=10000.0,
-)
+BASE = TINY_ARGS
 
 FAMILIES = {
     "llama": dict(model_type="llama", tie_word_embeddings=False),
