@@ -13,9 +13,9 @@ _LAZY = {
     "load_drafter": "drafter",
     "init_drafter": "drafter",
     "save_drafter": "drafter",
-    "generate": "decode",
-    "stream_generate": "decode",
-    "GenerationResponse": "decode",
+    "generate": "generation",
+    "stream_generate": "generation",
+    "GenerationResponse": "generation",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

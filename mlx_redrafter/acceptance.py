@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Sequence
 import mlx.core as mx
 import numpy as np
 
-from .decode import stream_generate
+from .generation import stream_generate
 from .drafter import beam_search
 
 DEFAULT_BATCH = 32  # prompts decoded together for the references

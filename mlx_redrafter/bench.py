@@ -20,7 +20,8 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from .acceptance import reference_batch
-from .decode import stream_generate
+from .generation import stream_generate
+from .errors import BenchError
 
 METHODS = ("mlx-lm", "ar", "redrafter", "lookup", "redrafter+lookup")
 MT_BENCH = "mt-bench"
@@ -31,10 +32,6 @@ DEFAULT_LENGTHS = (2, 3, 4, 5, 6)
 WARMUP_TOKENS = 16
 MT_BENCH_FILE = Path(__file__).resolve().parent / "data" / "mt_bench" / "question.jsonl"
 DOC_PROMPTS_FILE = Path(__file__).resolve().parent / "data" / "doc_prompts" / "prompts.jsonl"
-
-
-class BenchError(ValueError):
-    """A benchmark request that cannot run (bad prompt file, unknown method, no drafter)."""
 
 
 # ---------------------------------------------------------------------------------------------

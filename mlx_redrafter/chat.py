@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TextIO
 
-from .decode import (
+from .generation import (
     DecodeStats,
     GenerationError,
     GenerationResponse,
@@ -22,16 +22,9 @@ from .decode import (
     resolve_lookup,
     stream_generate,
 )
+from .errors import ContextFullError, NotTextError
 
 _PROBE = "\x00mlx-redrafter-probe\x00"
-
-
-class ContextFullError(GenerationError):
-    """The next turn does not fit in the model's context window."""
-
-
-class NotTextError(GenerationError):
-    """Input that is not UTF-8 text."""
 
 
 def check_text(text: str, what: str) -> str:

@@ -195,7 +195,7 @@ def generate(
     """Generate a response to one prompt."""
     import mlx.core as mx
 
-    from mlx_redrafter.decode import stream_generate
+    from mlx_redrafter.generation import stream_generate
     from mlx_redrafter.drafter import load_drafter
     from mlx_redrafter.loading import resolve_model_path
     from mlx_redrafter.platform import device_name
@@ -377,7 +377,7 @@ def serve(
     """A local OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models)."""
     import logging
 
-    from mlx_redrafter.decode import SamplingConfig
+    from mlx_redrafter.generation import SamplingConfig
     from mlx_redrafter.drafter import load_drafter
     from mlx_redrafter.loading import resolve_model_path
     from mlx_redrafter.platform import device_name
@@ -433,7 +433,7 @@ def serve(
 
 def _decoding_summary(base, draft, drafter_path, beam_width, beam_length, lookup, lookup_max):
     """'ReDrafter W=1 L=3 (drafter) + lookup (8 tokens)' as stream_generate will resolve it."""
-    from mlx_redrafter import decode
+    from mlx_redrafter import generation as decode
 
     parts = []
     if draft is not None:

@@ -24,6 +24,7 @@ from mlx.utils import tree_flatten
 from tqdm import tqdm
 
 from .model import SUPPORTED_MODEL_TYPES, Model, ModelArgs, UnsupportedModelError
+from .errors import ConvertError
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 Q_BITS = (2, 3, 4, 5, 6, 8)
@@ -44,10 +45,6 @@ TOKENIZER_FILES = (
 )
 # Prefixes that wrappers (DDP, TensorRT-LLM's ReDrafter model) put before the drafter's names.
 _WRAPPER_PREFIXES = ("module.", "drafter.")
-
-
-class ConvertError(ValueError):
-    """A checkpoint that cannot be converted; the message names the file and the problem."""
 
 
 # ---------------------------------------------------------------------------------------------

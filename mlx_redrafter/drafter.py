@@ -21,14 +21,11 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
+from .errors import DrafterError
 
 MODEL_TYPE = "recurrent_drafting_drafter"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-
-
-class DrafterError(ValueError):
-    """A drafter checkpoint or configuration that cannot be used (as it is, or with this base)."""
 
 
 @dataclass

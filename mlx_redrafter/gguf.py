@@ -19,7 +19,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from .loading import LoadError
+from .errors import GGUFError, LoadError
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 GGUF_GROUP_SIZE = 32  # every GGUF block type mx.load keeps quantized has 32-weight groups
@@ -66,10 +66,6 @@ _REGEX_PRES = {
 # llama.cpp token types
 _TOKEN_CONTROL = 3
 _TOKEN_USER_DEFINED = 4
-
-
-class GGUFError(LoadError):
-    """A GGUF file this converter cannot turn into a model directory."""
 
 
 def read_gguf(path: str | Path) -> tuple[dict[str, mx.array], dict[str, Any]]:

@@ -18,6 +18,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
 from .defaults import default_dtype  # noqa: F401  (re-exported: loading.default_dtype)
+from .errors import LoadError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -36,10 +37,6 @@ HF_ALLOW_PATTERNS = [
 ]
 
 _HF_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-
-
-class LoadError(ValueError):
-    """A model, tokenizer or weight file that cannot be loaded; the message names the file."""
 
 
 # ---------------------------------------------------------------------------------------------

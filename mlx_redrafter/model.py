@@ -19,12 +19,9 @@ import mlx.nn as nn
 import numpy as np
 
 from .cache import KVCache, LayerCache
+from .errors import UnsupportedModelError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-
-
-class UnsupportedModelError(ValueError):
-    """The checkpoint's architecture is not one this package implements."""
 
 
 @dataclass

@@ -3,7 +3,7 @@ on its own with the model's own layers and weights, for several node counts.
 
 Every category builds the graph for all layers at once and evaluates it (as the forward
 does), so per-op dispatch is counted; the parts overlap less than in the real forward, so
-they need not add up to it exactly. `forward` is the real `decode.verify_tree` (n > 1) or a
+they need not add up to it exactly. `forward` is the real `generation.verify_tree` (n > 1) or a
 plain decode step (n = 1) for comparison.
 """
 
@@ -73,7 +73,7 @@ def profile_forward(
 
 
 def _profile_size(model, cache, n: int, rng, timed) -> dict:
-    from .decode import verify_tree
+    from .generation import verify_tree
 
     args = model.args
     vocab, dim = args.vocab_size, args.hidden_size

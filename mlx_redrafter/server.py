@@ -32,7 +32,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .decode import GenerationError, stream_generate
+from .generation import GenerationError, stream_generate
 
 log = logging.getLogger("mlx_redrafter.server")
 

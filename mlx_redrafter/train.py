@@ -30,6 +30,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from .errors import TrainError, TrainInterrupted
 
 DATA_SEED = 0  # the prompt selection does not depend on the training seed, so data is reused
 MAX_PROMPT_TOKENS = 1024  # longer prompts are skipped (and counted in the log)
@@ -37,19 +38,6 @@ TARGETS = ("self", "dataset", "relabel")
 DEFAULT_GEN_BATCH = 32
 DEFAULT_SHARD_SIZE = 128
 DEFAULT_CHECKPOINT_EVERY = 200
-
-
-class TrainError(ValueError):
-    """Bad training input: prompt file, settings, or a work directory made for something else."""
-
-
-class TrainInterrupted(KeyboardInterrupt):
-    """Ctrl-C during training: the work is saved and the same call resumes it."""
-
-    def __init__(self, message: str, step: int | None = None, work_dir: Path | None = None):
-        super().__init__(message)
-        self.step = step
-        self.work_dir = work_dir
 
 
 # ---------------------------------------------------------------------------------------------

@@ -119,7 +119,7 @@ def verify_cost_curve(
 ) -> list[dict]:
     """Time one base forward over n tokens after `context` committed ones, n = 1..max_nodes.
 
-    n = 1 is a plain decode step (no mask); n > 1 is `decode.verify_tree` over a chain of n
+    n = 1 is a plain decode step (no mask); n > 1 is `generation.verify_tree` over a chain of n
     nodes (explicit positions and a boolean mask, logits for every node). Each n is timed
     `repeats` times, the sizes interleaved so that drift hits them alike. Returns
     [{"n", "ms", "ratio"}] with the median time and ratio = t(n) / t(1): ReDrafter pays off
@@ -131,7 +131,7 @@ def verify_cost_curve(
     import mlx.core as mx
     import numpy as np
 
-    from .decode import verify_tree
+    from .generation import verify_tree
     from .tree import pack_beams
 
     if max_nodes < 1 or repeats < 1:
@@ -146,7 +146,7 @@ def verify_cost_curve(
     cache.commit()
     mx.eval(cache.state())
 
-    # n = 1: a plain decode step. n > 1: a chain of n draft nodes verified as decode.py does.
+    # n = 1: a plain decode step. n > 1: a chain of n draft nodes verified as generation.py does.
     trees = {n: pack_beams(rng.integers(0, vocab, (1, n))) for n in range(2, max_nodes + 1)}
     token = mx.array([[int(rng.integers(0, vocab))]], dtype=mx.int32)  # (1, 1)
 

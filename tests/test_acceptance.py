@@ -5,7 +5,7 @@ import pytest
 from test_decode import FakeTokenizer, tiny_model
 
 from mlx_redrafter.acceptance import acceptance_grid
-from mlx_redrafter.decode import stream_generate
+from mlx_redrafter.generation import stream_generate
 from mlx_redrafter.drafter import init_drafter
 
 

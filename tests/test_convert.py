@@ -686,7 +686,7 @@ def float32_default_dir(tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_default_gguf_converts(float32_default_dir, tmp_path):
     from mlx_redrafter import loading
-    from mlx_redrafter.decode import generate
+    from mlx_redrafter.generation import generate
 
     gguf = loading.find_default_gguf()
     if gguf is None:

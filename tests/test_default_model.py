@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from helpers import assert_greedy_equal, reference_logits
 
-from mlx_redrafter.decode import stream_generate
+from mlx_redrafter.generation import stream_generate
 from mlx_redrafter.loading import load
 
 PROMPTS = [

@@ -212,7 +212,7 @@ def test_rope_table_matches_fast_rope_far_out(family):
 @needs_kernels
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_compiled_blocks_equal_eager_for_every_node_count(monkeypatch, family):
-    from mlx_redrafter.decode import verify_tree
+    from mlx_redrafter.generation import verify_tree
     from mlx_redrafter.tree import pack_beams
 
     fast = copy_of(plain_model(family, seed=2)).optimize()

@@ -10,7 +10,7 @@ from helpers import RTOL, assert_close, assert_greedy_equal, reference_logits
 from mlx.utils import tree_flatten
 
 from mlx_redrafter import train
-from mlx_redrafter.decode import DecodeStats, SamplingConfig, plain_steps
+from mlx_redrafter.generation import DecodeStats, SamplingConfig, plain_steps
 from mlx_redrafter.drafter import beam_search, init_drafter, load_drafter
 from mlx_redrafter.model import Model, ModelArgs
 from mlx_redrafter.train import (

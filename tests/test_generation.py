@@ -11,7 +11,7 @@ import pytest
 from helpers import assert_greedy_equal, reference_logits
 
 from mlx_redrafter.accept import process_logits, sample_accept_batch, sample_token
-from mlx_redrafter.decode import (
+from mlx_redrafter.generation import (
     GenerationError,
     draft_tree,
     generate,
@@ -511,12 +511,12 @@ class OracleIndex:
 
 
 def test_oracle_lookup_runs_are_accepted_whole(monkeypatch):
-    import mlx_redrafter.decode as decode
+    import mlx_redrafter.generation as generation
 
     model = tiny_model(40)
     prompt = [2, 7, 1, 8]
     plain = tokens_of(model, prompt, max_tokens=60)
-    monkeypatch.setattr(decode, "ContextIndex", OracleIndex(plain, len(prompt)))
+    monkeypatch.setattr(generation, "ContextIndex", OracleIndex(plain, len(prompt)))
     responses = list(
         stream_generate(model, FakeTokenizer(), prompt, None, max_tokens=41, lookup_max=7)
     )
@@ -528,7 +528,7 @@ def test_oracle_lookup_runs_are_accepted_whole(monkeypatch):
 
 
 def test_eos_inside_an_accepted_lookup_run_stops_there(monkeypatch):
-    import mlx_redrafter.decode as decode
+    import mlx_redrafter.generation as generation
 
     prompt = [3, 3, 9]
     for seed in range(41, 60):  # a model whose answer has a fresh token early on
@@ -539,7 +539,7 @@ def test_eos_inside_an_accepted_lookup_run_stops_there(monkeypatch):
             break
     k = fresh[0]  # inside the first copied run, which starts after plain[0]
     eos = plain[k]
-    monkeypatch.setattr(decode, "ContextIndex", OracleIndex(plain, len(prompt)))
+    monkeypatch.setattr(generation, "ContextIndex", OracleIndex(plain, len(prompt)))
     spec = list(
         stream_generate(model, FakeTokenizer([eos]), prompt, None, max_tokens=40, lookup_max=8)
     )
@@ -553,7 +553,7 @@ def mixed_tree(model, drafter, context, g0, W, L, history):
     from mlx_redrafter.lookup import ContextIndex
     from mlx_redrafter.tree import pack_sequences
 
-    from mlx_redrafter.decode import draft_beams
+    from mlx_redrafter.generation import draft_beams
 
     beams, _ = draft_beams(model, drafter, context, g0, W, L)
     index = ContextIndex(1, 4)

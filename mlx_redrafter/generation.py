@@ -30,14 +30,11 @@ from .sizing import (
 )
 from .tree import Tree, pack_beams, pack_sequences
 from .tuning import load_cost_curve
+from .errors import GenerationError
 
 DEFAULT_LOOKUP = True
 
 PREFILL_CHUNK = 512
-
-
-class GenerationError(ValueError):
-    """Bad generation request (empty prompt, context overflow, bad settings)."""
 
 
 @dataclass

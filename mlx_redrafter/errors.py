@@ -1,0 +1,68 @@
+"""Every error this package raises on purpose, in one place.
+
+`RedrafterError` is the base: the command line prints any of them as one line (no traceback),
+and library callers can catch it to tell bad input from bugs. Each is a `ValueError`, so code
+written against the earlier per-module errors keeps working. `TrainInterrupted` is the one
+exception: it is a `KeyboardInterrupt` that says the work was saved.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class RedrafterError(ValueError):
+    """Bad input or settings: the message names the file, option or value."""
+
+
+class LoadError(RedrafterError):
+    """A model, tokenizer or weight file that cannot be loaded; the message names the file."""
+
+
+class GGUFError(LoadError):
+    """A GGUF file this converter cannot turn into a model directory."""
+
+
+class UnsupportedModelError(RedrafterError):
+    """The checkpoint's architecture is not one this package implements."""
+
+
+class ConvertError(RedrafterError):
+    """A checkpoint that cannot be converted; the message names the file and the problem."""
+
+
+class DrafterError(RedrafterError):
+    """A drafter checkpoint or configuration that cannot be used (as it is, or with this base)."""
+
+
+class GenerationError(RedrafterError):
+    """Bad generation request (empty prompt, context overflow, bad settings)."""
+
+
+class ContextFullError(GenerationError):
+    """The next turn does not fit in the model's context window."""
+
+
+class NotTextError(GenerationError):
+    """Input that is not UTF-8 text."""
+
+
+class PromptError(RedrafterError):
+    """A prompt file or prompt source that cannot be read."""
+
+
+class TrainError(RedrafterError):
+    """Bad training input: prompt file, settings, or a work directory made for something else."""
+
+
+class BenchError(RedrafterError):
+    """A benchmark request that cannot run (bad prompt file, unknown method, no drafter)."""
+
+
+class TrainInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training: the work is saved and the same call resumes it."""
+
+    def __init__(self, message: str, step: int | None = None, work_dir: Path | None = None):
+        super().__init__(message)
+        self.step = step
+        self.work_dir = work_dir
