@@ -6,12 +6,12 @@ acceptance sample from one definition. docs/tree-attention.md walks through both
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
 
+from .env import fast_path
 from .model import fast_exp, fast_kernels_available
 from .tree import Tree
 
@@ -24,7 +24,7 @@ def _fast_cpu(x: mx.array) -> bool:
     return (
         x.dtype == mx.float32
         and mx.default_device() == mx.cpu
-        and os.environ.get("MLX_REDRAFTER_FAST", "1") != "0"
+        and fast_path()
         and fast_kernels_available()
     )
 

@@ -15,8 +15,9 @@ from collections.abc import Callable, Iterable, Sequence
 import mlx.core as mx
 import numpy as np
 
-from .generation import stream_generate
 from .drafter import beam_search
+from .generation import stream_generate
+from .prompts import eos_ids
 
 DEFAULT_BATCH = 32  # prompts decoded together for the references
 
@@ -43,7 +44,7 @@ def reference_batch(model, tokenizer, prompts, max_tokens: int, lookahead: int):
     Yields (ref, limit, hidden) with hidden[k] the state before ref[k], i.e. prompt_len 1."""
     from .train import generate_greedy_batch
 
-    stop = set(getattr(tokenizer, "eos_token_ids", None) or [])  # as stream_generate
+    stop = eos_ids(tokenizer)  # as stream_generate
     out = generate_greedy_batch(model, prompts, max_tokens + lookahead, stop, DEFAULT_BATCH)
     for ref, hidden in out:
         ends = [i + 1 for i, t in enumerate(ref) if t in stop]

@@ -20,144 +20,19 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from .acceptance import reference_batch
-from .generation import stream_generate
+from .env import machine, model_dtype, now
 from .errors import BenchError
+from .generation import stream_generate
+from .prompts import Prompt, encode_chat, encode_messages, eos_ids
 
 METHODS = ("mlx-lm", "ar", "redrafter", "lookup", "redrafter+lookup")
-MT_BENCH = "mt-bench"
-MT_BENCH_2 = "mt-bench-2"  # second turns, after the model's own greedy first answer
-DOC_PROMPTS = "doc-prompts"  # prompts that carry a document (Alpaca items with an input)
 DEFAULT_WIDTHS = (1, 2, 3, 4)
 DEFAULT_LENGTHS = (2, 3, 4, 5, 6)
 WARMUP_TOKENS = 16
-MT_BENCH_FILE = Path(__file__).resolve().parent / "data" / "mt_bench" / "question.jsonl"
-DOC_PROMPTS_FILE = Path(__file__).resolve().parent / "data" / "doc_prompts" / "prompts.jsonl"
 
 
 # ---------------------------------------------------------------------------------------------
 # Prompts and methods
-
-
-@dataclass
-class Prompt:
-    id: str
-    text: str
-    category: str | None = None
-    before: tuple[str, ...] = ()  # earlier user turns, each answered by the model first
-    source: str | None = None  # mt-bench, mt-bench-2, doc-prompts or the file's name
-
-
-def load_prompts(
-    source: str = MT_BENCH, num_prompts: int | None = None, per_category: int | None = None
-) -> list[Prompt]:
-    """Prompts from one or more comma-separated sources: `mt-bench` (first turns),
-    `mt-bench-2` (second turns, the model's greedy first answer in context), `doc-prompts`
-    (document-carrying prompts shipped beside MT-Bench) or a JSONL file. `num_prompts`
-    applies to each source; `per_category` keeps the first K prompts of each category.
-
-    A line may hold `turns` (the first is used, as MT-Bench's `question.jsonl`), `prompt`,
-    `text` or `instruction` (+ `input`, as Alpaca).
-    """
-    if per_category is not None:
-        if per_category < 1:
-            raise BenchError(f"per_category must be >= 1, got {per_category}")
-        seen: dict[tuple, int] = {}
-        kept = []
-        for p in load_prompts(source):
-            key = (p.source, p.category)
-            seen[key] = seen.get(key, 0) + 1
-            if seen[key] <= per_category:
-                kept.append(p)
-        return kept[:num_prompts] if num_prompts is not None else kept
-    if "," in source:
-        return [
-            p for part in source.split(",") if part for p in load_prompts(part, num_prompts)
-        ]
-    if source == MT_BENCH_2:
-        prompts = [
-            Prompt(f"{p.id}-2", p.text, p.category, p.before)
-            for p in _read_prompts(MT_BENCH_FILE, num_prompts, second_turn=True)
-        ]
-    elif source == DOC_PROMPTS:
-        prompts = _read_prompts(DOC_PROMPTS_FILE, num_prompts)
-    else:
-        path = MT_BENCH_FILE if source == MT_BENCH else Path(source).expanduser()
-        prompts = _read_prompts(path, num_prompts)
-    for p in prompts:
-        p.source = source if source in (MT_BENCH, MT_BENCH_2, DOC_PROMPTS) else Path(source).name
-    return prompts
-
-
-def _read_prompts(path: Path, num_prompts: int | None, second_turn: bool = False) -> list[Prompt]:
-    if not path.is_file():
-        raise BenchError(f"{path}: no such prompt file (use a .jsonl file or `mt-bench`)")
-    prompts = []
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise BenchError(f"{path}:{lineno}: not UTF-8 text ({e.reason})") from None
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise BenchError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            text = _prompt_text(item)
-            if not text:
-                raise BenchError(
-                    f"{path}:{lineno}: no prompt (expected `turns`, `prompt`, `text` or "
-                    "`instruction`)"
-                )
-            pid = (
-                item.get("question_id", item.get("id", lineno))
-                if isinstance(item, dict)
-                else lineno
-            )
-            category = item.get("category") if isinstance(item, dict) else None
-            if second_turn:
-                turns = item.get("turns") if isinstance(item, dict) else None
-                if not (isinstance(turns, list) and len(turns) >= 2):
-                    raise BenchError(f"{path}:{lineno}: no second turn")
-                prompts.append(Prompt(str(pid), turns[1], category, (turns[0],)))
-            else:
-                prompts.append(Prompt(str(pid), text, category))
-            if num_prompts is not None and len(prompts) >= num_prompts:
-                break
-    if not prompts:
-        raise BenchError(f"{path}: no prompts")
-    return prompts
-
-
-def _prompt_text(item) -> str | None:
-    if isinstance(item, str):
-        return item
-    if not isinstance(item, dict):
-        return None
-    turns = item.get("turns")
-    if isinstance(turns, list) and turns and isinstance(turns[0], str):
-        return turns[0]
-    for key in ("prompt", "text"):
-        if isinstance(item.get(key), str):
-            return item[key]
-    if isinstance(item.get("instruction"), str):
-        extra = item.get("input") or ""
-        return item["instruction"] + (f"\n\n{extra}" if extra else "")
-    return None
-
-
-def encode_chat(tokenizer, text: str) -> list[int]:
-    """The prompt's ids with the model's chat template (first turn, generation prompt)."""
-    return encode_messages(tokenizer, [{"role": "user", "content": text}])
-
-
-def encode_messages(tokenizer, messages: list[dict]) -> list[int]:
-    """A conversation's ids with the model's chat template and the generation prompt
-    (without a template: the turns' text, one after the other)."""
-    if getattr(tokenizer, "chat_template", None) is None:
-        return [t for m in messages for t in tokenizer.encode(m["content"])]
-    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
 
 
 @dataclass(frozen=True)
@@ -244,11 +119,8 @@ class Bench:
         self.lm_tokenizer = mlx_lm_tokenizer
         self.max_tokens = max_tokens
         self.profile = profile
-        eos = set(getattr(tokenizer, "eos_token_ids", None) or [])
-        if mlx_lm_tokenizer is not None:
-            eos |= set(getattr(mlx_lm_tokenizer, "eos_token_ids", None) or [])
         # Every method stops at the first token any of the tokenizers calls an end.
-        self.eos = eos
+        self.eos = eos_ids(tokenizer) | (eos_ids(mlx_lm_tokenizer) if mlx_lm_tokenizer else set())
         self._weights = {"ours": _nbytes(model)}
         if drafter is not None:
             self._weights["drafter"] = _nbytes(drafter)
@@ -362,15 +234,18 @@ class Bench:
                 history[i].append({"role": "user", "content": prompts[i].before[turn]})
                 asks.append(encode_messages(self.tokenizer, history[i]))
             for i, (ref, limit, _) in zip(
-                rows, reference_batch(self.model, self.tokenizer, asks, self.max_tokens, 0),
+                rows,
+                reference_batch(self.model, self.tokenizer, asks, self.max_tokens, 0),
                 strict=True,
             ):
                 answer = [t for t in ref[:limit] if t not in self.eos]
                 history[i].append({"role": "assistant", "content": self.tokenizer.decode(answer)})
-        out = []
-        for p, messages in zip(prompts, history, strict=True):
-            out.append(encode_messages(self.tokenizer, messages + [{"role": "user", "content": p.text}]))
-        return out
+        return [
+            encode_messages(self.tokenizer, messages + [{"role": "user", "content": p.text}])
+            if messages
+            else encode_chat(self.tokenizer, p.text)
+            for p, messages in zip(prompts, history, strict=True)
+        ]
 
     def run(
         self,
@@ -620,7 +495,11 @@ def format_table(result: BenchResult) -> str:
             depth = " ".join(f"{a:.2f}" for a in s["accept_by_depth"])
             lines.append(f"| {m.name} | {cells} | {s['mean_tree_nodes']:.1f} | {depth} |")
     if result.groups:
-        lines += ["", "per source and category (decode tok/s: mean over prompts)", format_groups(result)]
+        lines += [
+            "",
+            "per source and category (decode tok/s: mean over prompts)",
+            format_groups(result),
+        ]
     if result.verify_cost:
         lines += ["", format_verify_cost(result.verify_cost)]
     if result.sweep is not None:
@@ -800,13 +679,6 @@ def write_json(result: BenchResult, path: str | Path) -> Path:
 # One call for the CLI and for `tune`
 
 
-def model_dtype(model) -> str:
-    """The activation dtype of a model, with the quantization if it has one."""
-    dtype = str(model.model.norm.weight.dtype).replace("mlx.core.", "")
-    q = getattr(model.args, "quantization", None)
-    return f"{dtype}, {q['bits']}-bit weights" if q else dtype
-
-
 def make_header(
     model,
     model_path,
@@ -819,29 +691,11 @@ def make_header(
     **extra,
 ) -> dict:
     """What the numbers were measured on, for the table and the JSON."""
-    import datetime
-    import platform
-
-    from . import __version__
-    from .blas import blas_in_use
-    from .platform import device_name
-
-    try:
-        import mlx_lm
-
-        mlx_lm_version = mlx_lm.__version__
-    except ImportError:
-        mlx_lm_version = "not installed"
     return {
-        "device": device_name(),
+        **machine(),
         "dtype": model_dtype(model),
-        "blas": blas_in_use(),
         "model": str(model_path),
         "drafter": str(drafter_path) if drafter_path else None,
-        "mlx": mx.__version__,
-        "mlx_lm": mlx_lm_version,
-        "mlx_redrafter": __version__,
-        "python": platform.python_version(),
         "prompts": prompts,
         "num_prompts": num_prompts,
         "max_tokens": max_tokens,
@@ -849,7 +703,7 @@ def make_header(
         "methods": [m.name for m in methods],
         "beam_shapes": [[m.beam_width, m.beam_length] for m in methods if m.kind == "redrafter"],
         "profile": profile,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": now(),
         **extra,
     }
 

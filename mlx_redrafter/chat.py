@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TextIO
 
+from .errors import ContextFullError, NotTextError
 from .generation import (
     DecodeStats,
     GenerationError,
@@ -22,7 +23,7 @@ from .generation import (
     resolve_lookup,
     stream_generate,
 )
-from .errors import ContextFullError, NotTextError
+from .prompts import encode_messages, eos_ids
 
 _PROBE = "\x00mlx-redrafter-probe\x00"
 
@@ -147,9 +148,7 @@ class ChatSession:
                 return self.ids + self._close_ids + self._encode(after[len(before) :])
         # First turn, or a template that rewrites earlier turns: render everything.
         # stream_generate still reuses the cache up to the first token that differs.
-        return list(
-            self.tokenizer.apply_chat_template(self.messages + [user], add_generation_prompt=True)
-        )
+        return encode_messages(self.tokenizer, self.messages + [user])
 
     def _extra_tokens(self) -> int:
         return lookahead_tokens(
@@ -224,8 +223,7 @@ class ChatSession:
 
     def _record(self, text, ids, tokens, pieces, last, max_tokens) -> None:
         finish = last.finish_reason if last is not None else None
-        eos = set(getattr(self.tokenizer, "eos_token_ids", None) or [])
-        if finish == "stop" and tokens and tokens[-1] in eos:
+        if finish == "stop" and tokens and tokens[-1] in eos_ids(self.tokenizer):
             tokens = tokens[:-1]  # the template's own end of turn is appended next turn
         self.messages.append({"role": "user", "content": text})
         self.messages.append({"role": "assistant", "content": "".join(pieces)})

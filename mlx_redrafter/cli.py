@@ -15,6 +15,8 @@ from pathlib import Path
 import typer
 
 import mlx_redrafter  # noqa: F401  (loads the BLAS before mlx)
+from mlx_redrafter.env import model_dtype
+from mlx_redrafter.prompts import encode_chat, load_prompts
 
 app = typer.Typer(
     add_completion=False,
@@ -139,9 +141,10 @@ def info(
     ),
 ):
     """Show the MLX version, device, dtype, BLAS and default model."""
-    from mlx_redrafter.platform import compare_blas, platform_info
+    from mlx_redrafter.defaults import summary
+    from mlx_redrafter.env import compare_blas, default_dtype, machine
 
-    data = platform_info()
+    data = {**machine(), "default_dtype": default_dtype(), **summary()}
     if matmul:
         for row in compare_blas():
             data[f"matmul_1024_ms ({row['label']})"] = round(row["ms"], 2)
@@ -195,10 +198,10 @@ def generate(
     """Generate a response to one prompt."""
     import mlx.core as mx
 
-    from mlx_redrafter.generation import stream_generate
     from mlx_redrafter.drafter import load_drafter
+    from mlx_redrafter.env import device_name
+    from mlx_redrafter.generation import stream_generate
     from mlx_redrafter.loading import resolve_model_path
-    from mlx_redrafter.platform import device_name
 
     prompt = _read_stdin() if prompt == "-" else _text_option(prompt, "--prompt")
     system, stop = _text_option(system, "--system"), [_text_option(s, "--stop") for s in stop or ()]
@@ -212,13 +215,7 @@ def generate(
     draft = load_drafter(drafter_path, base=base) if drafter_path else None
     W, L = _beam_shape(beam_width, beam_length, model_path)
 
-    if raw or getattr(tokenizer, "chat_template", None) is None:
-        ids = tokenizer.encode(prompt)
-    else:
-        messages = ([{"role": "system", "content": system}] if system else []) + [
-            {"role": "user", "content": prompt}
-        ]
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    ids = tokenizer.encode(prompt) if raw else encode_chat(tokenizer, prompt, system)
 
     tokens, text, last = [], [], None
     for response in stream_generate(
@@ -308,8 +305,8 @@ def chat(
 
     from mlx_redrafter.chat import ChatSession, run_chat
     from mlx_redrafter.drafter import load_drafter
+    from mlx_redrafter.env import device_name
     from mlx_redrafter.loading import resolve_model_path
-    from mlx_redrafter.platform import device_name
 
     system = _text_option(system, "--system")
     _check_options(max_tokens=(max_tokens, 1), top_k=(top_k, 0))
@@ -377,10 +374,10 @@ def serve(
     """A local OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models)."""
     import logging
 
-    from mlx_redrafter.generation import SamplingConfig
     from mlx_redrafter.drafter import load_drafter
+    from mlx_redrafter.env import device_name
+    from mlx_redrafter.generation import SamplingConfig
     from mlx_redrafter.loading import resolve_model_path
-    from mlx_redrafter.platform import device_name
     from mlx_redrafter.server import Engine, bind, url_of
     from mlx_redrafter.server import serve as run_server
 
@@ -530,7 +527,7 @@ def bench(
         raise ValueError("--sweep takes --widths/--lengths, not --beam-width/--beam-length")
     _check_options(num_prompts=(num_prompts, 1), max_tokens=(max_tokens, 1))
     _check_beam(beam_width, beam_length)
-    prompt_list = bench_lib.load_prompts(prompts, num_prompts, per_category)
+    prompt_list = load_prompts(prompts, num_prompts, per_category)
     if plot and not sweep and len({(p.source, p.category) for p in prompt_list}) < 2:
         raise ValueError("--plot needs a --sweep, or prompts from several sources/categories")
 
@@ -605,12 +602,11 @@ def bench(
 
 
 def _acceptance_table(base, tokenizer, draft, prompt_list, widths, lengths, max_tokens, json_out):
-    from mlx_redrafter import bench as bench_lib
     from mlx_redrafter.acceptance import acceptance_grid
 
     w_list, l_list = _int_list(widths, "--widths"), _int_list(lengths, "--lengths")
     shapes = [(w, length) for w in w_list for length in l_list]
-    ids = [bench_lib.encode_chat(tokenizer, p.text) for p in prompt_list]
+    ids = [encode_chat(tokenizer, p.text) for p in prompt_list]
     bar, advance = _progress_bar(len(ids), "acceptance")
     with bar:
         grid = acceptance_grid(base, tokenizer, draft, ids, shapes, max_tokens, on_prompt=advance)
@@ -667,7 +663,7 @@ def tune(
 
         sizes = [n for n in (1, 2, 4, 8, 16, 32) if n <= curve_nodes]
         rows = profile_forward(base, sizes=sizes, repeats=repeats)
-        typer.echo(f"model: {model_path} · {bench_lib.model_dtype(base)} · best of {repeats}")
+        typer.echo(f"model: {model_path} · {model_dtype(base)} · best of {repeats}")
         typer.echo(format_profile(rows))
         if json_out:
             from pathlib import Path
@@ -677,7 +673,7 @@ def tune(
         return
     if curve_only:
         curve = verify_cost_curve(base, max_nodes=curve_nodes, repeats=repeats)
-        typer.echo(f"model: {model_path} · {bench_lib.model_dtype(base)}")
+        typer.echo(f"model: {model_path} · {model_dtype(base)}")
         typer.echo(bench_lib.format_verify_cost(curve))
         if json_out:
             from pathlib import Path
@@ -689,7 +685,7 @@ def tune(
     if drafter_path is None:
         raise ValueError("tune needs a drafter: pass --drafter")
     draft = load_drafter(drafter_path, base=base)
-    prompt_list = bench_lib.load_prompts(prompts, num_prompts)
+    prompt_list = load_prompts(prompts, num_prompts)
     w_list, l_list = _int_list(widths, "--widths"), _int_list(lengths, "--lengths")
     typer.echo(f"measuring the verify-cost curve (n = 1..{curve_nodes}) ...", err=True)
     bar, advance = _progress_bar(len(prompt_list) * (1 + len(w_list) * len(l_list)), "tune")

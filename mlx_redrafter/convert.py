@@ -23,8 +23,11 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from tqdm import tqdm
 
+from .drafter import Drafter, DrafterArgs, quantize_drafter, save_drafter
+from .errors import ConvertError, DrafterError
+from .gguf import convert_gguf
+from .loading import load_config, resolve_model_path
 from .model import SUPPORTED_MODEL_TYPES, Model, ModelArgs, UnsupportedModelError
-from .errors import ConvertError
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 Q_BITS = (2, 3, 4, 5, 6, 8)
@@ -321,8 +324,6 @@ def _resolve_model_source(src: str | Path) -> Path:
     path = Path(src).expanduser()
     if path.exists():
         return path
-    from .loading import resolve_model_path
-
     snapshot = Path(resolve_model_path(str(src)))
     if not any(snapshot.glob("*.safetensors")):
         # The loader fetches safetensors only; repositories like vicuna-7b-v1.3 ship .bin.
@@ -456,8 +457,6 @@ def _convert_gguf(
     q_bits: int,
     q_group_size: int,
 ) -> None:
-    from .gguf import convert_gguf
-
     # convert_gguf stages and renames its own output; give it a fresh path inside ours.
     inner = convert_gguf(src, out / "gguf", dtype or "float32")
     for path in inner.iterdir():
@@ -592,8 +591,6 @@ def _read_base_args(base) -> tuple[dict[str, Any], str]:
     if hasattr(base, "args"):
         args = base.args
         return {"hidden_size": args.hidden_size, "vocab_size": args.vocab_size}, "the base model"
-    from .loading import load_config, resolve_model_path
-
     path = resolve_model_path(base)
     config = load_config(path)
     return config, f"base model {path / 'config.json'}"
@@ -637,8 +634,6 @@ def convert_drafter(
     `q_group_size` for every Linear whose input width allows it. base: a model (path, HF id
     or loaded model) whose hidden size and vocabulary the drafter must match.
     """
-    from .drafter import Drafter, DrafterArgs, DrafterError, quantize_drafter, save_drafter
-
     src = Path(src).expanduser()
     target = _dtype(dtype)
     if quantize:

@@ -1,5 +1,7 @@
 """One home for the defaults: where models and drafters live, the shipped drafter, the beam
-shape and the compute dtype. The CLI, `ChatSession` and `stream_generate` all ask here.
+shape, and the store of what `mlx-redrafter tune` measured (the tuned beam shape and the
+verify-cost curve, per device and model). The CLI, `ChatSession` and `stream_generate` all
+ask here.
 
 Home (`home_dir()`): `$MLX_REDRAFTER_HOME` when set; else the repository's `weights/` when
 running from a source checkout; else `$XDG_DATA_HOME/mlx-redrafter` (default
@@ -9,9 +11,12 @@ drafter directory named like the shipped one under `<home>/` overrides the shipp
 
 from __future__ import annotations
 
+import json
 import operator
 import os
 from pathlib import Path
+
+from .env import device_name, fast_path
 
 # (beam width, beam length incl. the root token): the best measured on a 2-core x86 CPU with
 # the shipped drafter; `mlx-redrafter tune` stores a better one per device and model.
@@ -19,6 +24,7 @@ DEFAULT_BEAM = (1, 3)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_ROOT = PACKAGE_DIR.parent
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_DRAFTER_NAME = "smollm2-135m-instruct-drafter"
 
 
@@ -36,6 +42,15 @@ def home_dir() -> Path:
         return REPO_ROOT / "weights"
     xdg = os.environ.get("XDG_DATA_HOME")
     return (Path(xdg).expanduser() if xdg else Path.home() / ".local" / "share") / "mlx-redrafter"
+
+
+def default_model_dir() -> Path:
+    """Where the default model's MLX directory lives (built by `mlx-redrafter setup`):
+    `$MLX_REDRAFTER_DEFAULT_MODEL` if set, else `<home>/models/SmolLM2-135M-Instruct`."""
+    explicit = os.environ.get("MLX_REDRAFTER_DEFAULT_MODEL")
+    if explicit:
+        return Path(explicit).expanduser()
+    return home_dir() / "models" / DEFAULT_MODEL_NAME
 
 
 def shipped_drafter_dir() -> Path:
@@ -79,8 +94,6 @@ def resolve_beam(model_path, beam_width: int | None, beam_length: int | None) ->
     """The beam shape to use: each given value as is (validated), the others from the shape
     `mlx-redrafter tune` stored for this device and model, else from DEFAULT_BEAM."""
     if beam_width is None or beam_length is None:
-        from .tuning import tuned_beam
-
         try:
             stored = tuned_beam(model_path) if model_path is not None else None
             stored = check_beam(*stored) if stored else None
@@ -92,16 +105,95 @@ def resolve_beam(model_path, beam_width: int | None, beam_length: int | None) ->
     return check_beam(beam_width, beam_length)
 
 
-def default_dtype() -> str:
-    """float16 on Metal (fast there); float32 elsewhere (float16 is slow on x86 CPUs)."""
-    import mlx.core as mx
-
-    return "float16" if mx.metal.is_available() else "float32"
+# ---------------------------------------------------------------------------------------------
+# What `mlx-redrafter tune` stored, per device and model (a JSON file in the config directory)
 
 
-def compute_dtype(model):
-    """The dtype a model computes in: that of its final norm's weight (the embedding may be
-    quantized), or None when it cannot be told."""
-    norm = getattr(getattr(model, "model", None), "norm", None)
-    weight = getattr(norm, "weight", None)
-    return getattr(weight, "dtype", None)
+def config_path() -> Path:
+    base = os.environ.get("MLX_REDRAFTER_CONFIG_DIR") or os.path.join(
+        os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config"), "mlx-redrafter"
+    )
+    return Path(base) / "tuned.json"
+
+
+def _key(model_path) -> str:
+    return f"{device_name()}|{Path(model_path).resolve()}"
+
+
+def tuned_beam(model_path) -> tuple[int, int] | None:
+    entry = _entry(model_path)
+    if not entry or "beam_width" not in entry or "beam_length" not in entry:
+        return None  # nothing stored, or only a verify-cost curve
+    return int(entry["beam_width"]), int(entry["beam_length"])
+
+
+def save_tuned_beam(model_path, beam_width: int, beam_length: int, extra: dict | None = None):
+    return _store(
+        model_path, {"beam_width": beam_width, "beam_length": beam_length, **(extra or {})}
+    )
+
+
+def save_cost_curve(model_path, curve: list[dict]):
+    """Store a `verify_cost_curve` result (its t(n)/t(1) ratios) for this device and model,
+    keeping the entry's other fields (the tuned beam)."""
+    ratios = [round(float(c["ratio"]), 4) for c in sorted(curve, key=lambda c: c["n"])]
+    if [c["n"] for c in sorted(curve, key=lambda c: c["n"])] != list(range(1, len(ratios) + 1)):
+        raise ValueError("a verify-cost curve must cover n = 1, 2, ... without gaps")
+    return _store(model_path, {"verify_cost": ratios, "fast_path": fast_path()}, merge=True)
+
+
+def load_cost_curve(model_path) -> list[float] | None:
+    """t(n)/t(1) for n = 1..N as `tune` measured it for this device and model, or None.
+
+    A curve measured with the other setting of MLX_REDRAFTER_FAST (fused, compiled path on or
+    off) is not this run's cost, and gives None too.
+    """
+    entry = _entry(model_path)
+    curve = entry.get("verify_cost") if entry else None
+    if not curve or entry.get("fast_path", False) != fast_path():
+        return None
+    try:
+        ratios = [float(r) for r in curve]
+    except (TypeError, ValueError):
+        return None
+    return ratios if all(r > 0 for r in ratios) else None
+
+
+def _entry(model_path) -> dict | None:
+    path = config_path()
+    if model_path is None or not path.exists():
+        return None
+    try:
+        entry = json.loads(path.read_text()).get(_key(model_path))
+    except (OSError, ValueError):
+        return None
+    return entry if isinstance(entry, dict) else None
+
+
+def _store(model_path, fields: dict, merge: bool = False):
+    path = config_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {}
+    if path.exists():
+        try:
+            data = json.loads(path.read_text())
+        except ValueError:
+            data = {}
+    key = _key(model_path)
+    data[key] = {**(data.get(key, {}) if merge else {}), **fields}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
+    return path
+
+
+def summary() -> dict:
+    """Where the default model and drafter are, and the tuned beam: for `mlx-redrafter info`."""
+    model_dir, drafter_dir = default_model_dir(), default_drafter_dir()
+    tuned = tuned_beam(model_dir)
+    return {
+        "default_model": f"{model_dir}"
+        + ("" if model_dir.exists() else " (not built: run `mlx-redrafter setup`)"),
+        "default_drafter": str(drafter_dir) if drafter_dir.exists() else "none",
+        "tuned_beam": "W={}, L={}".format(*tuned) if tuned else "not tuned",
+    }

@@ -21,6 +21,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
+
+from .env import compute_dtype
 from .errors import DrafterError
 
 MODEL_TYPE = "recurrent_drafting_drafter"
@@ -570,8 +572,6 @@ def load_drafter(path: str | os.PathLike, base=None, dtype: mx.Dtype | None = No
 
     drafter.load_weights(list(weights.items()))
     if dtype is None and base is not None:
-        from .defaults import compute_dtype
-
         dtype = compute_dtype(base)
     if dtype is not None and dtype != drafter.dtype:
         drafter.set_dtype(dtype)

@@ -18,8 +18,11 @@ import numpy as np
 from . import defaults
 from .accept import greedy_accept, sample_accept, sample_token
 from .cache import KVCache
+from .defaults import load_cost_curve
 from .drafter import beam_search
+from .errors import GenerationError
 from .lookup import ContextIndex
+from .prompts import eos_ids
 from .sizing import (
     DRAFTER,
     TreePolicy,
@@ -29,8 +32,6 @@ from .sizing import (
     lookup_candidate,
 )
 from .tree import Tree, pack_beams, pack_sequences
-from .tuning import load_cost_curve
-from .errors import GenerationError
 
 DEFAULT_LOOKUP = True
 
@@ -464,13 +465,21 @@ def stream_generate(
     else:
         policy = tree_policy(model) if look is not None else None
         steps = redrafter_steps(
-            model, drafter, cache, new_ids, sampling, stats, beam_width, beam_length, profile,
-            lookup=look, policy=policy, history=ids,
+            model,
+            drafter,
+            cache,
+            new_ids,
+            sampling,
+            stats,
+            beam_width,
+            beam_length,
+            profile,
+            lookup=look,
+            policy=policy,
+            history=ids,
         )
 
-    eos = set(getattr(tokenizer, "eos_token_ids", None) or [])
-    if not eos and getattr(tokenizer, "eos_token_id", None) is not None:
-        eos = {tokenizer.eos_token_id}
+    eos = eos_ids(tokenizer)
     detok = tokenizer.detokenizer
     detok.reset()
     matcher = _StopMatcher(stop)

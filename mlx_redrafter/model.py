@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +18,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .cache import KVCache, LayerCache
+from .env import fast_path
 from .errors import UnsupportedModelError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -457,7 +457,7 @@ class Model(nn.Module):
         compiled kernels run. MLX_REDRAFTER_FAST=0 in the environment turns both off (the
         escape hatch, and the "before" of the benchmarks).
         """
-        if os.environ.get("MLX_REDRAFTER_FAST", "1") == "0":
+        if not fast_path():
             return self
         for layer in self.model.layers:
             layer._compiled_mlp = None

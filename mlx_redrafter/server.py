@@ -33,6 +33,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from .generation import GenerationError, stream_generate
+from .prompts import encode_messages
 
 log = logging.getLogger("mlx_redrafter.server")
 
@@ -541,13 +542,10 @@ def chat_ids(tokenizer, messages: list[ChatMessage]) -> list[int]:
         }
         for m in messages
     ]
-    if getattr(tokenizer, "chat_template", None) is None:  # a base model: plain lines
-        return list(tokenizer.encode("\n".join(t["content"] for t in turns) + "\n"))
     try:
-        ids = tokenizer.apply_chat_template(turns, add_generation_prompt=True)
+        return encode_messages(tokenizer, turns)
     except Exception as e:  # templates raise on what they do not accept (e.g. role order)
         raise APIError(400, f"messages: the chat template refused them: {e}", "messages") from None
-    return list(ids)
 
 
 def completion_ids(tokenizer, prompt, vocab_size: int) -> list[int]:

@@ -237,7 +237,9 @@ class TreePolicy:
                 self.calibration.observe(bucket, raw, hit)
         if with_drafter:
             v = (1 + len(accepted)) / choice.cost  # tokens per plain step, as it turned out
-            self.drafter_value = v if self.drafter_value is None else 0.8 * self.drafter_value + 0.2 * v
+            self.drafter_value = (
+                v if self.drafter_value is None else 0.8 * self.drafter_value + 0.2 * v
+            )
             self.rounds_without_drafter = 0
         else:
             self.rounds_without_drafter += 1

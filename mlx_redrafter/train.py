@@ -23,14 +23,16 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+from .env import machine
 from .errors import TrainError, TrainInterrupted
+from .prompts import Prompt, encode_chat, encode_plain, eos_ids, main_eos, read_prompts
 
 DATA_SEED = 0  # the prompt selection does not depend on the training seed, so data is reused
 MAX_PROMPT_TOKENS = 1024  # longer prompts are skipped (and counted in the log)
@@ -40,118 +42,11 @@ DEFAULT_SHARD_SIZE = 128
 DEFAULT_CHECKPOINT_EVERY = 200
 
 
-# ---------------------------------------------------------------------------------------------
-# Prompt files
-
-
-@dataclass
-class Prompt:
-    text: str
-    answer: str | None  # the file's own answer (Alpaca "output"), if any
-
-
-def _prompt_from_record(record: Any, path: Path, where: str) -> Prompt:
-    if not isinstance(record, dict):
-        raise TrainError(f"{path}: {where} is a {type(record).__name__}, expected a JSON object")
-    if "turns" in record:
-        turns = record["turns"]
-        if not isinstance(turns, list) or not turns or not isinstance(turns[0], str):
-            raise TrainError(f"{path}: {where} has 'turns' but not a list of strings")
-        answer = record.get("answer")
-        return Prompt(turns[0], answer if isinstance(answer, str) else None)
-    if "instruction" in record:
-        instruction, extra = record["instruction"], record.get("input") or ""
-        if not isinstance(instruction, str) or not isinstance(extra, str):
-            raise TrainError(f"{path}: {where} has a non-string 'instruction' or 'input'")
-        text = f"{instruction}\n\n{extra}" if extra.strip() else instruction
-        answer = record.get("output")
-        return Prompt(text, answer if isinstance(answer, str) else None)
-    raise TrainError(
-        f"{path}: {where} has neither 'instruction' (Alpaca) nor 'turns' (MT-Bench) "
-        f"(keys: {', '.join(sorted(record)) or 'none'})"
-    )
-
-
-def read_prompts(path: str | os.PathLike) -> list[Prompt]:
-    """Alpaca JSON (a list of instruction/input/output) or MT-Bench JSON Lines (`turns`)."""
-    path = Path(path)
-    if not path.exists():
-        raise TrainError(f"prompt file {path} does not exist")
-    if not path.is_file():
-        raise TrainError(f"prompt file {path} is not a file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise TrainError(f"prompt file {path} is not UTF-8 text ({exc.reason})") from None
-    if not text.strip():
-        raise TrainError(f"prompt file {path} is empty")
-    if text.lstrip().startswith("["):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise TrainError(
-                f"prompt file {path} is not valid JSON (line {exc.lineno}: {exc.msg})"
-            ) from None
-        prompts = [_prompt_from_record(r, path, f"record {i}") for i, r in enumerate(records)]
-    else:
-        prompts = []
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise TrainError(
-                    f"prompt file {path} is not valid JSON Lines (line {lineno}: {exc.msg})"
-                ) from None
-            prompts.append(_prompt_from_record(record, path, f"line {lineno}"))
-    prompts = [p for p in prompts if p.text.strip()]
-    if not prompts:
-        raise TrainError(f"prompt file {path} has no prompts")
-    return prompts
-
-
-# ---------------------------------------------------------------------------------------------
-# Tokenization
-
-
-def _as_ids(out) -> list[int]:
-    if isinstance(out, dict) or hasattr(out, "input_ids"):
-        out = out["input_ids"]
-    if hasattr(out, "tolist"):
-        out = out.tolist()
-    if out and isinstance(out[0], list):
-        out = out[0]
-    return [int(t) for t in out]
-
-
-def encode_chat(tokenizer, text: str) -> list[int]:
-    """The prompt as one user turn in the model's chat template, ready for the answer."""
-    messages = [{"role": "user", "content": text}]
-    if getattr(tokenizer, "chat_template", True) is None:
-        return _as_ids(tokenizer.encode(text))
-    return _as_ids(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
-
-
-def _encode_plain(tokenizer, text: str) -> list[int]:
-    try:
-        return _as_ids(tokenizer.encode(text, add_special_tokens=False))
-    except TypeError:
-        return _as_ids(tokenizer.encode(text))
-
-
-def eos_ids(tokenizer) -> list[int]:
-    ids = set(getattr(tokenizer, "eos_token_ids", None) or [])
-    if getattr(tokenizer, "eos_token_id", None) is not None:
-        ids.add(int(tokenizer.eos_token_id))
+def _stop_ids(tokenizer) -> list[int]:
+    ids = eos_ids(tokenizer)
     if not ids:
         raise TrainError("the tokenizer has no end-of-sequence token")
-    return sorted(int(i) for i in ids)
-
-
-def _main_eos(tokenizer) -> int:
-    eid = getattr(tokenizer, "eos_token_id", None)
-    return int(eid) if eid is not None else eos_ids(tokenizer)[0]
+    return sorted(ids)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -512,7 +407,7 @@ def build_dataset(
     if not manifest.exists():
         manifest.write_text(json.dumps(fingerprint, indent=1))
 
-    stop = eos_ids(tokenizer)
+    stop = _stop_ids(tokenizer)
     n = len(selection)
     ranges = [(s, min(s + shard_size, n)) for s in range(0, n, shard_size)]
     todo = [r for r in ranges if not _shard_path(data_dir, *r).exists()]
@@ -576,12 +471,12 @@ def _make_shard(
             model, [encoded[k] for k in keep], new_tokens, stop, batch_size, on_finish
         )
     else:
-        eos = _main_eos(tokenizer)
+        eos = main_eos(tokenizer)
         out = []
         for b in range(0, len(keep), batch_size):
             batch = keep[b : b + batch_size]
             answers = [
-                _encode_plain(tokenizer, prompts[chosen[k]].answer)[: new_tokens - 1] + [eos]
+                encode_plain(tokenizer, prompts[chosen[k]].answer)[: new_tokens - 1] + [eos]
                 for k in batch
             ]
             forced = teacher_forced_hidden(
@@ -1216,22 +1111,6 @@ def fit(
 # The whole job
 
 
-def _machine() -> dict:
-    from .platform import device_name
-
-    try:
-        from .platform import platform_info
-
-        info = platform_info()
-    except Exception as exc:  # a half-set-up install still gets a log
-        from .blas import blas_in_use
-
-        info = {"mlx": mx.__version__, "blas": blas_in_use(), "platform_info_error": str(exc)}
-    info["device"] = device_name()
-    info["cpu_count"] = os.cpu_count()
-    return info
-
-
 def train_drafter(
     model=None,
     prompts_file: str | os.PathLike = "",
@@ -1321,7 +1200,7 @@ def train_drafter(
         eval_fraction=eval_fraction,
         eval_every=eval_every,
         checkpoint_every=checkpoint_every,
-        eos_token_ids=eos_ids(tokenizer),
+        eos_token_ids=_stop_ids(tokenizer),
         save_dtype=save_dtype,
         resume=resume,
         progress=progress,
@@ -1353,7 +1232,7 @@ def train_drafter(
         generation_total=data.stats["generation_seconds"],
         total_this_run=round(time.perf_counter() - t0, 2),
     )
-    log["machine"] = _machine()
+    log["machine"] = machine()
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "training_log.json").write_text(json.dumps(log, indent=1) + "\n")
     return log

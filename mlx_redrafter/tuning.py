@@ -1,110 +1,10 @@
-"""Per-device, per-model tuned beam shapes (stored in the user's config directory), and the
-measurements behind them: the verify-cost curve and a short W x L sweep."""
+"""The measurements behind `mlx-redrafter tune`: the verify-cost curve and a short W x L sweep
+(what they find is stored by `defaults`)."""
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
-
-from .defaults import DEFAULT_BEAM
-
-__all__ = [
-    "DEFAULT_BEAM",
-    "config_path",
-    "tuned_beam",
-    "save_tuned_beam",
-    "save_cost_curve",
-    "load_cost_curve",
-    "verify_cost_curve",
-    "run_tune",
-]
-
-
-def config_path() -> Path:
-    base = os.environ.get("MLX_REDRAFTER_CONFIG_DIR") or os.path.join(
-        os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config"), "mlx-redrafter"
-    )
-    return Path(base) / "tuned.json"
-
-
-def _key(model_path) -> str:
-    from .platform import device_name
-
-    return f"{device_name()}|{Path(model_path).resolve()}"
-
-
-def tuned_beam(model_path) -> tuple[int, int] | None:
-    entry = _entry(model_path)
-    if not entry or "beam_width" not in entry or "beam_length" not in entry:
-        return None  # nothing stored, or only a verify-cost curve
-    return int(entry["beam_width"]), int(entry["beam_length"])
-
-
-def save_tuned_beam(model_path, beam_width: int, beam_length: int, extra: dict | None = None):
-    return _store(
-        model_path, {"beam_width": beam_width, "beam_length": beam_length, **(extra or {})}
-    )
-
-
-def _fast_path() -> bool:
-    """Whether models load with the fast path (`Model.optimize`); curves are stored per path."""
-    return os.environ.get("MLX_REDRAFTER_FAST", "1") != "0"
-
-
-def save_cost_curve(model_path, curve: list[dict]):
-    """Store a `verify_cost_curve` result (its t(n)/t(1) ratios) for this device and model,
-    keeping the entry's other fields (the tuned beam)."""
-    ratios = [round(float(c["ratio"]), 4) for c in sorted(curve, key=lambda c: c["n"])]
-    if [c["n"] for c in sorted(curve, key=lambda c: c["n"])] != list(range(1, len(ratios) + 1)):
-        raise ValueError("a verify-cost curve must cover n = 1, 2, ... without gaps")
-    return _store(model_path, {"verify_cost": ratios, "fast_path": _fast_path()}, merge=True)
-
-
-def load_cost_curve(model_path) -> list[float] | None:
-    """t(n)/t(1) for n = 1..N as `tune` measured it for this device and model, or None.
-
-    A curve measured with the other setting of MLX_REDRAFTER_FAST (fused, compiled path on or
-    off) is not this run's cost, and gives None too.
-    """
-    entry = _entry(model_path)
-    curve = entry.get("verify_cost") if entry else None
-    if not curve or entry.get("fast_path", False) != _fast_path():
-        return None
-    try:
-        ratios = [float(r) for r in curve]
-    except (TypeError, ValueError):
-        return None
-    return ratios if all(r > 0 for r in ratios) else None
-
-
-def _entry(model_path) -> dict | None:
-    path = config_path()
-    if model_path is None or not path.exists():
-        return None
-    try:
-        entry = json.loads(path.read_text()).get(_key(model_path))
-    except (OSError, ValueError):
-        return None
-    return entry if isinstance(entry, dict) else None
-
-
-def _store(model_path, fields: dict, merge: bool = False):
-    path = config_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = {}
-    if path.exists():
-        try:
-            data = json.loads(path.read_text())
-        except ValueError:
-            data = {}
-    key = _key(model_path)
-    data[key] = {**(data.get(key, {}) if merge else {}), **fields}
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
-    return path
-
+from .defaults import save_cost_curve, save_tuned_beam
+from .env import fast_path, now
 
 # ---------------------------------------------------------------------------------------------
 # Measuring: `mlx-redrafter tune`
@@ -194,8 +94,6 @@ def run_tune(
 
     Returns {"verify_cost", "result" (a bench.BenchResult), "best", "saved_to"}.
     """
-    import datetime
-
     import mlx.core as mx
 
     from . import bench
@@ -226,9 +124,9 @@ def run_tune(
             "num_prompts": len(prompts),
             "max_tokens": max_tokens,
             "verify_cost": [round(c["ratio"], 4) for c in curve],
-            "fast_path": _fast_path(),
+            "fast_path": fast_path(),
             "mlx": mx.__version__,
-            "tuned_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "tuned_at": now(),
         }
         saved_to = save_tuned_beam(model_path, best["beam_width"], best["beam_length"], extra)
     elif save and curve:

@@ -2,11 +2,11 @@
 
 import numpy as np
 import pytest
-from test_decode import FakeTokenizer, tiny_model
+from test_generation import FakeTokenizer, tiny_model
 
 from mlx_redrafter.acceptance import acceptance_grid
-from mlx_redrafter.generation import stream_generate
 from mlx_redrafter.drafter import init_drafter
+from mlx_redrafter.generation import stream_generate
 
 
 @pytest.mark.parametrize("eos", [(), (5,)])

@@ -10,7 +10,6 @@ from helpers import invoke, write_tiny_drafter, write_tiny_model
 from mlx_redrafter.bench import (
     BenchError,
     Method,
-    load_prompts,
     make_methods,
     summarize,
     sweep_grid,
@@ -109,24 +108,6 @@ def test_bench_errors_are_one_line(tiny, tmp_path):
         assert message in proc.stderr and proc.stderr.strip().count("\n") == 0, proc.stderr
 
 
-def test_load_prompts(tmp_path):
-    mt = load_prompts("mt-bench")
-    assert len(mt) == 80 and mt[0].id == "81" and mt[0].text.startswith("Compose an engaging")
-    assert len(load_prompts("mt-bench", 5)) == 5
-    path = tmp_path / "p.jsonl"
-    lines = [
-        {"turns": ["first", "second"]},
-        {"prompt": "a prompt"},
-        {"instruction": "Do it.", "input": "with this"},
-        "plain string",
-    ]
-    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
-    texts = [p.text for p in load_prompts(str(path))]
-    assert texts == ["first", "a prompt", "Do it.\n\nwith this", "plain string"]
-    with pytest.raises(BenchError, match="no such prompt file"):
-        load_prompts(str(tmp_path / "missing.jsonl"))
-
-
 def test_make_methods():
     methods = make_methods(["ar", "redrafter"], [(1, 2), (2, 4)], sweep=True)
     assert [m.name for m in methods] == ["ar", "redrafter-W1-L2", "redrafter-W2-L4"]
@@ -190,22 +171,6 @@ def test_bench_acceptance_prints_a_grid_and_writes_json(tiny, tmp_path):
     assert set(data["shapes"]) == {"1x3", "1x4", "2x3", "2x4"}
     assert all(v["tokens_per_step"] >= 1.0 for v in data["shapes"].values())
     assert len(data["prompts"]) == 2
-
-
-def test_sources_per_category_and_second_turns():
-    mt = load_prompts("mt-bench", per_category=1)
-    assert len(mt) == 8 and len({p.category for p in mt}) == 8
-    second = load_prompts("mt-bench-2", 3)
-    assert [p.source for p in second] == ["mt-bench-2"] * 3
-    first = load_prompts("mt-bench", 3)
-    assert [p.before for p in second] == [(p.text,) for p in first]
-    assert all(p.text != q.text for p, q in zip(second, first, strict=True))
-    doc = load_prompts("doc-prompts", per_category=2)
-    assert len(doc) == 2 * len({p.category for p in doc}) >= 10
-    both = load_prompts("mt-bench,doc-prompts", 2)
-    assert [p.source for p in both] == ["mt-bench"] * 2 + ["doc-prompts"] * 2
-    with pytest.raises(BenchError, match="per_category"):
-        load_prompts("mt-bench", per_category=0)
 
 
 def test_lookup_methods_second_turns_and_groups(tiny, tmp_path):

@@ -10,8 +10,8 @@ import pytest
 from helpers import REPO_ROOT, cli_env, invoke, run_cli, write_tiny_drafter, write_tiny_model
 
 from mlx_redrafter.chat import ChatSession, ContextFullError
-from mlx_redrafter.generation import stream_generate
 from mlx_redrafter.drafter import load_drafter
+from mlx_redrafter.generation import stream_generate
 from mlx_redrafter.loading import load
 
 

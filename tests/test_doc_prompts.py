@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mlx_redrafter.bench import load_prompts
+from mlx_redrafter.prompts import load_prompts
 
 FOLDER = Path(mlx_redrafter.__file__).parent / "data" / "doc_prompts"
 COUNTS = {"code": 12, "translate": 10, "summarize": 12, "extract": 12, "rewrite": 12, "qa": 12}

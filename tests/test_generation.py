@@ -11,6 +11,7 @@ import pytest
 from helpers import assert_greedy_equal, reference_logits
 
 from mlx_redrafter.accept import process_logits, sample_accept_batch, sample_token
+from mlx_redrafter.drafter import init_drafter
 from mlx_redrafter.generation import (
     GenerationError,
     draft_tree,
@@ -19,7 +20,6 @@ from mlx_redrafter.generation import (
     stream_generate,
     verify_tree,
 )
-from mlx_redrafter.drafter import init_drafter
 from mlx_redrafter.model import Model, ModelArgs
 
 
@@ -155,7 +155,12 @@ def test_greedy_redrafter_equals_plain(seed, W, L):
     logits = reference_logits(model, prompt, plain)  # a verify pass may flip only near-ties
     for lookup in (False, True):
         spec = tokens_of(
-            model, prompt, drafter, max_tokens=max_tokens, beam_width=W, beam_length=L,
+            model,
+            prompt,
+            drafter,
+            max_tokens=max_tokens,
+            beam_width=W,
+            beam_length=L,
             lookup=lookup,
         )
         assert_greedy_equal(spec, plain, logits)
@@ -211,7 +216,13 @@ def test_always_wrong_drafter_gives_one_token_per_step(W, L):
     wrong = OracleDrafter(plain + [0] * 10, 64, wrong=True)
     responses = list(
         stream_generate(
-            model, FakeTokenizer(), prompt, wrong, max_tokens=30, beam_width=W, beam_length=L,
+            model,
+            FakeTokenizer(),
+            prompt,
+            wrong,
+            max_tokens=30,
+            beam_width=W,
+            beam_length=L,
             lookup=False,
         )
     )
@@ -231,7 +242,13 @@ def test_eos_inside_an_accepted_run_stops_there():
     oracle = OracleDrafter(plain, 64)
     spec = list(
         stream_generate(
-            model, FakeTokenizer([eos]), prompt, oracle, max_tokens=40, beam_width=2, beam_length=L,
+            model,
+            FakeTokenizer([eos]),
+            prompt,
+            oracle,
+            max_tokens=40,
+            beam_width=2,
+            beam_length=L,
             lookup=False,
         )
     )
@@ -247,7 +264,13 @@ def test_max_tokens_inside_an_accepted_run():
     oracle = OracleDrafter(plain, 64)
     spec = list(
         stream_generate(
-            model, FakeTokenizer(), prompt, oracle, max_tokens=3, beam_width=1, beam_length=5,
+            model,
+            FakeTokenizer(),
+            prompt,
+            oracle,
+            max_tokens=3,
+            beam_width=1,
+            beam_length=5,
             lookup=False,
         )
     )
@@ -480,7 +503,12 @@ def test_greedy_with_lookup_equals_plain_on_repeating_prompts(seed):
     drafter = init_drafter(model, seed=seed) if seed % 2 else None
     responses = list(
         stream_generate(
-            model, FakeTokenizer(), prompt, drafter, max_tokens=40, lookup=True,
+            model,
+            FakeTokenizer(),
+            prompt,
+            drafter,
+            max_tokens=40,
+            lookup=True,
             lookup_max=int(rng.integers(1, 12)),
         )
     )
@@ -550,10 +578,9 @@ def test_eos_inside_an_accepted_lookup_run_stops_there(monkeypatch):
 
 def mixed_tree(model, drafter, context, g0, W, L, history):
     """The drafter's beams and the context-lookup continuations of `history` + g0, merged."""
+    from mlx_redrafter.generation import draft_beams
     from mlx_redrafter.lookup import ContextIndex
     from mlx_redrafter.tree import pack_sequences
-
-    from mlx_redrafter.generation import draft_beams
 
     beams, _ = draft_beams(model, drafter, context, g0, W, L)
     index = ContextIndex(1, 4)

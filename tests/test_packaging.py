@@ -65,7 +65,7 @@ def test_home_and_drafter_resolution(tmp_path, monkeypatch):
     assert defaults.default_drafter_dir() == REPO_ROOT / "weights" / defaults.DEFAULT_DRAFTER_NAME
     # MLX_REDRAFTER_HOME decides the default model, and a drafter there wins.
     monkeypatch.setenv("MLX_REDRAFTER_HOME", str(tmp_path))
-    from mlx_redrafter.loading import DEFAULT_MODEL_NAME, default_model_dir
+    from mlx_redrafter.defaults import DEFAULT_MODEL_NAME, default_model_dir
 
     monkeypatch.delenv("MLX_REDRAFTER_DEFAULT_MODEL", raising=False)
     assert default_model_dir() == tmp_path / "models" / DEFAULT_MODEL_NAME

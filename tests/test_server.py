@@ -20,8 +20,8 @@ import openai
 import pytest
 from helpers import REPO_ROOT, cli_env, write_tiny_drafter, write_tiny_model
 
-from mlx_redrafter.generation import stream_generate
 from mlx_redrafter.drafter import load_drafter
+from mlx_redrafter.generation import stream_generate
 from mlx_redrafter.loading import load
 from mlx_redrafter.server import Engine, PromptCaches, bind, make_server, url_of
 

@@ -121,9 +121,7 @@ def test_the_chosen_size_maximises_expected_tokens_per_cost():
     curve = 1.0 + 0.17 * np.arange(32)
     policy = TreePolicy(curve, draft_cost=0.1)
     choice = policy.select(cands, with_drafter=True)
-    probs = sorted(
-        [0.9, 0.9 * 0.8, 0.9 * 0.8 * 0.5, 0.9 * 0.1, 0.9 * 0.1 * 0.1], reverse=True
-    )
+    probs = sorted([0.9, 0.9 * 0.8, 0.9 * 0.8 * 0.5, 0.9 * 0.1, 0.9 * 0.1 * 0.1], reverse=True)
     values = [(1 + sum(probs[: n - 1])) / (curve[n - 1] + 0.1) for n in range(1, 7)]
     assert len(choice.estimate) + 1 == int(np.argmax(values)) + 1
     assert choice.value == pytest.approx(max(values))
@@ -145,9 +143,10 @@ def test_calibration_learns_from_outcomes():
     for _ in range(20):
         choice = policy.select([cand], with_drafter=False)
         policy.observe(choice, [], with_drafter=False)
-    assert policy.select([cand], with_drafter=False).estimate.get((0, 1), 0.0) < before.estimate[
-        (0, 1)
-    ]
+    assert (
+        policy.select([cand], with_drafter=False).estimate.get((0, 1), 0.0)
+        < before.estimate[(0, 1)]
+    )
 
 
 def test_nodes_whose_parent_was_rejected_teach_nothing():

@@ -10,9 +10,11 @@ from helpers import RTOL, assert_close, assert_greedy_equal, reference_logits
 from mlx.utils import tree_flatten
 
 from mlx_redrafter import train
-from mlx_redrafter.generation import DecodeStats, SamplingConfig, plain_steps
 from mlx_redrafter.drafter import beam_search, init_drafter, load_drafter
+from mlx_redrafter.errors import PromptError
+from mlx_redrafter.generation import DecodeStats, SamplingConfig, plain_steps
 from mlx_redrafter.model import Model, ModelArgs
+from mlx_redrafter.prompts import encode_chat, read_prompts
 from mlx_redrafter.train import (
     TrainError,
     TrainInterrupted,
@@ -21,7 +23,6 @@ from mlx_redrafter.train import (
     fit,
     generate_greedy_batch,
     make_positions,
-    read_prompts,
     teacher_forced_hidden,
     train_drafter,
 )
@@ -125,52 +126,6 @@ FIT = dict(
 # Prompt files
 
 
-def test_reads_alpaca_and_mt_bench(tmp_path):
-    alpaca = tmp_path / "a.json"
-    alpaca.write_text(
-        json.dumps(
-            [
-                {"instruction": "Sum these.", "input": "1 2", "output": "3"},
-                {"instruction": "Say hi.", "input": "", "output": "hi"},
-            ]
-        )
-    )
-    got = read_prompts(alpaca)
-    assert [p.text for p in got] == ["Sum these.\n\n1 2", "Say hi."]
-    assert [p.answer for p in got] == ["3", "hi"]
-
-    bench = tmp_path / "q.jsonl"
-    bench.write_text(
-        '{"question_id": 81, "turns": ["First turn?", "Second turn?"]}\n\n'
-        '{"question_id": 82, "turns": ["Another?", "More?"]}\n'
-    )
-    got = read_prompts(bench)
-    assert [p.text for p in got] == ["First turn?", "Another?"]
-    assert got[0].answer is None
-
-
-@pytest.mark.parametrize(
-    "content, message",
-    [
-        (None, "does not exist"),
-        ("", "is empty"),
-        ("   \n", "is empty"),
-        ('[{"instruction": "a", ', "not valid JSON"),
-        ('{"turns": ["a"]}\n{"turns": ["b"]\n', "not valid JSON Lines \\(line 2"),
-        ("[]", "has no prompts"),
-        ('[{"question": "a"}]', "neither 'instruction'"),
-        ('["just a string"]', "expected a JSON object"),
-    ],
-)
-def test_bad_prompt_files_are_named(tmp_path, content, message):
-    path = tmp_path / "prompts.json"
-    if content is not None:
-        path.write_text(content)
-    with pytest.raises(TrainError, match=message) as err:
-        read_prompts(path)
-    assert str(path) in str(err.value)
-
-
 def test_dataset_target_needs_answers(model, tmp_path):
     path = tmp_path / "q.jsonl"
     path.write_text('{"turns": ["a question"]}\n')
@@ -220,7 +175,7 @@ def test_dataset_shards_resume_and_layout(model, prompts_file, tmp_path, monkeyp
     prompts = read_prompts(prompts_file)
     selection = train._select_prompts(prompts, None)
     for i in (0, 13):
-        ids = train.encode_chat(tok, prompts[selection[first.prompt_index[i]]].text)
+        ids = encode_chat(tok, prompts[selection[first.prompt_index[i]]].text)
         response = greedy_reference(model, ids, 10, [EOS])
         assert first.tokens[i].tolist() == [ids[-1]] + response
         assert first.sequence_hidden(i).shape == (len(response), model.args.hidden_size)
@@ -267,7 +222,7 @@ def test_dataset_target_uses_the_file_answers(model, prompts_file, tmp_path):
     selection = train._select_prompts(prompts, None)
     i = 5
     p = prompts[selection[data.prompt_index[i]]]
-    ids = train.encode_chat(tok, p.text)
+    ids = encode_chat(tok, p.text)
     answer = tok.encode(p.answer)[:8] + [EOS]
     assert data.tokens[i].tolist() == [ids[-1]] + answer
     (forced,) = teacher_forced_hidden(model, [ids], [answer])
@@ -289,7 +244,7 @@ def test_relabel_target_is_the_greedy_choice_after_each_answer_prefix(
         # The context is the file's answer, as for "dataset"; only the targets differ.
         assert relabel.tokens[i].tolist() == dataset.tokens[i].tolist()
         np.testing.assert_allclose(relabel.sequence_hidden(i), dataset.sequence_hidden(i))
-        ids = train.encode_chat(tok, prompts[selection[relabel.prompt_index[i]]].text)
+        ids = encode_chat(tok, prompts[selection[relabel.prompt_index[i]]].text)
         x, y = relabel.tokens[i], relabel.labels[i]
         assert len(y) == len(x) and y[0] == -1
         for j in range(1, len(x)):
@@ -498,5 +453,5 @@ def test_bad_training_settings(model, data, prompts_file, tmp_path):
         fit(model, data, tmp_path / "o", work_dir=tmp_path / "w", **{**FIT, "epochs": 0})
     with pytest.raises(TrainError, match="tokenizer"):
         train_drafter(model, prompts_file, tmp_path / "o")
-    with pytest.raises(TrainError, match="does not exist"):
+    with pytest.raises(PromptError, match="does not exist"):
         train_drafter(model, tmp_path / "missing.json", tmp_path / "o", tokenizer=TinyTokenizer())
