@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Sequence
 import mlx.core as mx
 import numpy as np
 
+from .batch import generate_greedy_batch
 from .drafter import beam_search
 from .generation import stream_generate
 from .prompts import eos_ids
@@ -42,8 +43,6 @@ def reference_batch(model, tokenizer, prompts, max_tokens: int, lookahead: int):
     """reference_decode for many prompts at once through batched greedy generation (the
     training data generator: continuous batching, the hidden states kept as they come).
     Yields (ref, limit, hidden) with hidden[k] the state before ref[k], i.e. prompt_len 1."""
-    from .train import generate_greedy_batch
-
     stop = eos_ids(tokenizer)  # as stream_generate
     out = generate_greedy_batch(model, prompts, max_tokens + lookahead, stop, DEFAULT_BATCH)
     for ref, hidden in out:

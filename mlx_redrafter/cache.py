@@ -110,3 +110,37 @@ class KVCache:
     def state(self) -> list[mx.array]:
         """Arrays to evaluate together with a step's outputs."""
         return [a for layer in self.layers for a in (layer.keys, layer.values) if a is not None]
+
+    # Batch row operations (continuous batching in `batch.py`)
+
+    def join_rows(self, rows: np.ndarray, other=None, other_rows: np.ndarray | None = None):
+        """Keep `rows` of this cache and append `other_rows` of cache `other`, right-aligned at the
+        longer length (the shorter is padded on the left with zeros, which stay masked).
+        Returns how far the columns of this cache and of `other` moved right."""
+        L = self.offset if other is None else max(self.offset, other.offset)
+        sources = [(self, rows)] + ([] if other is None else [(other, other_rows)])
+        for i, layer in enumerate(self.layers):
+            keys, values = [], []
+            for src, sel in sources:
+                n, idx = src.offset, mx.array(sel, dtype=mx.int32)
+                widths = [(0, 0), (0, 0), (L - n, 0), (0, 0)]
+                keys.append(mx.pad(src.layers[i].keys[:, :, :n][idx], widths))
+                values.append(mx.pad(src.layers[i].values[:, :, :n][idx], widths))
+            layer.keys = mx.concatenate(keys, axis=0)
+            layer.values = mx.concatenate(values, axis=0)
+        shift = L - self.offset
+        other_shift = 0 if other is None else L - other.offset
+        self.offset = L
+        return shift, other_shift
+
+    def drop_columns_before(self, start: np.ndarray) -> np.ndarray:
+        """Forget the columns before every row's first one (no row attends to them any more);
+        return the rows' first columns after the shift. Without this the cache only grows:
+        every join right-aligns at its length."""
+        m = int(start.min())
+        if m > 0:
+            for layer in self.layers:
+                layer.keys = layer.keys[:, :, m : self.offset]
+                layer.values = layer.values[:, :, m : self.offset]
+            self.offset -= m
+        return start - m

@@ -10,6 +10,7 @@ from helpers import RTOL, assert_close, assert_greedy_equal, reference_logits
 from mlx.utils import tree_flatten
 
 from mlx_redrafter import train
+from mlx_redrafter.batch import generate_greedy_batch, teacher_forced_hidden
 from mlx_redrafter.drafter import beam_search, init_drafter, load_drafter
 from mlx_redrafter.errors import PromptError
 from mlx_redrafter.generation import DecodeStats, SamplingConfig, plain_steps
@@ -21,9 +22,7 @@ from mlx_redrafter.train import (
     build_dataset,
     draft_logits,
     fit,
-    generate_greedy_batch,
     make_positions,
-    teacher_forced_hidden,
     train_drafter,
 )
 
