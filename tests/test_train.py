@@ -2,6 +2,7 @@
 search, loss going down, determinism and exact resume, and bad input."""
 
 import json
+from dataclasses import replace
 
 import mlx.core as mx
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 from helpers import RTOL, assert_close, assert_greedy_equal, reference_logits
 from mlx.utils import tree_flatten
 
+import mlx_redrafter.train.data as train_data
 from mlx_redrafter import train
 from mlx_redrafter.batch import generate_greedy_batch, teacher_forced_hidden
 from mlx_redrafter.drafter import beam_search, init_drafter, load_drafter
@@ -17,6 +19,7 @@ from mlx_redrafter.generation import DecodeStats, SamplingConfig, plain_steps
 from mlx_redrafter.model import Model, ModelArgs
 from mlx_redrafter.prompts import encode_chat, read_prompts
 from mlx_redrafter.train import (
+    FitConfig,
     TrainError,
     TrainInterrupted,
     build_dataset,
@@ -108,7 +111,7 @@ def data(model, prompts_file, tmp_path_factory):
     )
 
 
-FIT = dict(
+FIT = FitConfig(
     epochs=2,
     learning_rate=3e-3,
     batch_size=32,
@@ -116,9 +119,8 @@ FIT = dict(
     num_layers=1,
     eval_fraction=0.1,
     checkpoint_every=1000,
-    progress=False,
-    eos_token_ids=[EOS],
 )
+RUN = dict(progress=False, eos_token_ids=[EOS])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,7 +174,7 @@ def test_dataset_shards_resume_and_layout(model, prompts_file, tmp_path, monkeyp
     assert len(shards) == 3 and first.num_sequences == 24
     # Every sequence is the last prompt token followed by the greedy response.
     prompts = read_prompts(prompts_file)
-    selection = train._select_prompts(prompts, None)
+    selection = train.select_prompts(prompts, None)
     for i in (0, 13):
         ids = encode_chat(tok, prompts[selection[first.prompt_index[i]]].text)
         response = greedy_reference(model, ids, 10, [EOS])
@@ -182,9 +184,9 @@ def test_dataset_shards_resume_and_layout(model, prompts_file, tmp_path, monkeyp
 
     shards[1].unlink()  # as if interrupted while making the second shard
     calls = []
-    real = train.generate_greedy_batch
+    real = train_data.generate_greedy_batch
     monkeypatch.setattr(
-        train, "generate_greedy_batch", lambda *a: calls.append(len(a[1])) or real(*a)
+        train_data, "generate_greedy_batch", lambda *a: calls.append(len(a[1])) or real(*a)
     )
     again = build_dataset(model, tok, prompts_file, tmp_path, **kwargs)
     assert sum(calls) == 8  # only the missing shard was made again
@@ -195,7 +197,7 @@ def test_dataset_shards_resume_and_layout(model, prompts_file, tmp_path, monkeyp
 def test_ctrl_c_while_generating_keeps_finished_shards(model, prompts_file, tmp_path, monkeypatch):
     tok = TinyTokenizer()
     kwargs = dict(new_tokens=6, batch_size=4, shard_size=8, progress=False)
-    real = train.generate_greedy_batch
+    real = train_data.generate_greedy_batch
     calls = []
 
     def flaky(*args):
@@ -204,7 +206,7 @@ def test_ctrl_c_while_generating_keeps_finished_shards(model, prompts_file, tmp_
             raise KeyboardInterrupt
         return real(*args)
 
-    monkeypatch.setattr(train, "generate_greedy_batch", flaky)
+    monkeypatch.setattr(train_data, "generate_greedy_batch", flaky)
     with pytest.raises(TrainInterrupted, match="run again to resume"):
         build_dataset(model, tok, prompts_file, tmp_path, **kwargs)
     assert len(list((tmp_path / "data").glob("shard-*.npz"))) == 1
@@ -218,7 +220,7 @@ def test_dataset_target_uses_the_file_answers(model, prompts_file, tmp_path):
         model, tok, prompts_file, tmp_path, target="dataset", new_tokens=9, progress=False
     )
     prompts = read_prompts(prompts_file)
-    selection = train._select_prompts(prompts, None)
+    selection = train.select_prompts(prompts, None)
     i = 5
     p = prompts[selection[data.prompt_index[i]]]
     ids = encode_chat(tok, p.text)
@@ -238,7 +240,7 @@ def test_relabel_target_is_the_greedy_choice_after_each_answer_prefix(
     dataset = build_dataset(model, tok, prompts_file, tmp_path / "d", target="dataset", **kw)
     assert dataset.labels is None and len(relabel.labels) == relabel.num_sequences
     prompts = read_prompts(prompts_file)
-    selection = train._select_prompts(prompts, None)
+    selection = train.select_prompts(prompts, None)
     for i in (0, 5, 17):
         # The context is the file's answer, as for "dataset"; only the targets differ.
         assert relabel.tokens[i].tolist() == dataset.tokens[i].tolist()
@@ -376,19 +378,21 @@ def test_training_predicts_the_labels_not_the_tokens(model, data, tmp_path):
     relabelled = train.DistillData(
         data.tokens, data.hidden, data.hidden_start, data.prompt_index, labels=labels
     )
-    log = fit(model, relabelled, tmp_path / "out", work_dir=tmp_path / "w", **FIT)
+    log = fit(model, relabelled, tmp_path / "out", work_dir=tmp_path / "w", config=FIT, **RUN)
     assert min(log["final_eval"]["head_accuracy"]) > 0.95
     assert counts[rare] / counts.sum() < 0.05
 
 
 def test_same_seed_same_curve_and_resume_is_exact(model, data, tmp_path):
-    ref = fit(model, data, tmp_path / "a", work_dir=tmp_path / "wa", **FIT)
-    again = fit(model, data, tmp_path / "b", work_dir=tmp_path / "wb", **FIT)
+    ref = fit(model, data, tmp_path / "a", work_dir=tmp_path / "wa", config=FIT, **RUN)
+    again = fit(model, data, tmp_path / "b", work_dir=tmp_path / "wb", config=FIT, **RUN)
     assert ref["curves"]["loss"] == again["curves"]["loss"]
-    other = fit(model, data, tmp_path / "c", work_dir=tmp_path / "wc", **{**FIT, "seed": 1})
+    other = fit(
+        model, data, tmp_path / "c", work_dir=tmp_path / "wc", config=replace(FIT, seed=1), **RUN
+    )
     assert other["curves"]["loss"] != ref["curves"]["loss"]
     total = ref["steps"]
-    per_epoch = total // FIT["epochs"]
+    per_epoch = total // FIT.epochs
 
     # Ctrl-C in the middle of the second epoch (raised from the step callback).
     def interrupt(step, metrics):
@@ -397,16 +401,16 @@ def test_same_seed_same_curve_and_resume_is_exact(model, data, tmp_path):
 
     work = tmp_path / "wi"
     with pytest.raises(TrainInterrupted, match="resume"):
-        fit(model, data, tmp_path / "i", work_dir=work, callback=interrupt, **FIT)
-    resumed = fit(model, data, tmp_path / "i", work_dir=work, **FIT)
+        fit(model, data, tmp_path / "i", work_dir=work, config=FIT, callback=interrupt, **RUN)
+    resumed = fit(model, data, tmp_path / "i", work_dir=work, config=FIT, **RUN)
     assert resumed["curves"] == ref["curves"]
     assert resumed["evals"] == ref["evals"]
 
     # A run stopped after a few steps (a crash after a checkpoint) and started again.
     work = tmp_path / "ws"
-    part = fit(model, data, tmp_path / "s", work_dir=work, max_steps=3, **FIT)
+    part = fit(model, data, tmp_path / "s", work_dir=work, config=replace(FIT, max_steps=3), **RUN)
     assert not part["finished"] and part["steps"] == 3
-    resumed2 = fit(model, data, tmp_path / "s", work_dir=work, **FIT)
+    resumed2 = fit(model, data, tmp_path / "s", work_dir=work, config=FIT, **RUN)
     assert resumed2["curves"] == ref["curves"]
 
     a = params(load_drafter(tmp_path / "a"))
@@ -417,11 +421,26 @@ def test_same_seed_same_curve_and_resume_is_exact(model, data, tmp_path):
 
 def test_resume_with_other_settings_is_refused(model, data, tmp_path):
     work = tmp_path / "w"
-    fit(model, data, tmp_path / "o", work_dir=work, max_steps=2, **FIT)
+    fit(model, data, tmp_path / "o", work_dir=work, config=replace(FIT, max_steps=2), **RUN)
     with pytest.raises(TrainError, match="learning_rate"):
-        fit(model, data, tmp_path / "o", work_dir=work, **{**FIT, "learning_rate": 1e-2})
+        fit(
+            model,
+            data,
+            tmp_path / "o",
+            work_dir=work,
+            config=replace(FIT, learning_rate=1e-2),
+            **RUN,
+        )
     # --no-resume starts over.
-    log = fit(model, data, tmp_path / "o", work_dir=work, resume=False, max_steps=1, **FIT)
+    log = fit(
+        model,
+        data,
+        tmp_path / "o",
+        work_dir=work,
+        config=replace(FIT, max_steps=1),
+        resume=False,
+        **RUN,
+    )
     assert log["steps"] == 1
 
 
@@ -440,16 +459,23 @@ def test_work_dir_of_another_base_model_is_refused(model, data, prompts_file, tm
     assert fresh.hidden.shape[1] == 48
     # Data made for one base cannot train a drafter for another.
     with pytest.raises(TrainError, match="another base model"):
-        fit(other, data, tmp_path / "o", work_dir=tmp_path / "w2", **FIT)
+        fit(other, data, tmp_path / "o", work_dir=tmp_path / "w2", config=FIT, **RUN)
     with pytest.raises(TrainError, match="another base model"):
-        fit(same_shape, data, tmp_path / "o", work_dir=tmp_path / "w2", **FIT)
+        fit(same_shape, data, tmp_path / "o", work_dir=tmp_path / "w2", config=FIT, **RUN)
 
 
 def test_bad_training_settings(model, data, prompts_file, tmp_path):
     with pytest.raises(TrainError, match="target must be"):
         build_dataset(model, TinyTokenizer(), prompts_file, tmp_path, target="teacher")
     with pytest.raises(TrainError, match="epochs"):
-        fit(model, data, tmp_path / "o", work_dir=tmp_path / "w", **{**FIT, "epochs": 0})
+        fit(
+            model,
+            data,
+            tmp_path / "o",
+            work_dir=tmp_path / "w",
+            config=replace(FIT, epochs=0),
+            **RUN,
+        )
     with pytest.raises(TrainError, match="tokenizer"):
         train_drafter(model, prompts_file, tmp_path / "o")
     with pytest.raises(PromptError, match="does not exist"):
