@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from test_generation import FakeTokenizer, tiny_model
 
-from mlx_redrafter.acceptance import acceptance_grid
+from mlx_redrafter.bench.replay import acceptance_grid
 from mlx_redrafter.drafter import init_drafter
 from mlx_redrafter.generation import stream_generate
 

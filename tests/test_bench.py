@@ -97,7 +97,7 @@ def test_bench_errors_are_one_line(tiny, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('\n{"nothing": 1}\n')
     cases = [
-        (["--prompts", str(bad)], "bad.jsonl:2: no prompt"),
+        (["--prompts", str(bad)], "bad.jsonl: line 2 has none of"),
         (["--methods", "ar,fast"], "unknown method 'fast'"),
         (["--methods", "ar,redrafter"], "needs a drafter"),
         (["--plot", str(tmp_path / "x.png")], "--sweep"),

@@ -8,9 +8,9 @@ import json
 import pytest
 from helpers import write_tiny_model
 
+from mlx_redrafter.bench.tune import verify_cost_curve
 from mlx_redrafter.defaults import load_cost_curve, save_cost_curve, save_tuned_beam, tuned_beam
 from mlx_redrafter.loading import load_model
-from mlx_redrafter.tuning import verify_cost_curve
 
 
 @pytest.fixture

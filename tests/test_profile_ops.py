@@ -7,8 +7,8 @@ import json
 import pytest
 from helpers import invoke, write_tiny_model
 
+from mlx_redrafter.bench.profile_ops import CATEGORIES, format_profile, profile_forward
 from mlx_redrafter.loading import load_model
-from mlx_redrafter.profile_ops import CATEGORIES, format_profile, profile_forward
 
 
 @pytest.fixture(scope="module")

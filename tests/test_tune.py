@@ -7,8 +7,8 @@ import json
 import pytest
 from helpers import invoke, write_tiny_drafter, write_tiny_model
 
+from mlx_redrafter.bench.tune import verify_cost_curve
 from mlx_redrafter.loading import load_model
-from mlx_redrafter.tuning import verify_cost_curve
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .model import fast_attention, fast_silu_mul
-from .tree import pack_beams
+from ..generation import verify_tree
+from ..model import fast_attention, fast_silu_mul
+from ..tree import pack_beams
 
 CATEGORIES = (
     "forward",
@@ -33,6 +34,17 @@ CATEGORIES = (
 )
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+Timed = Callable[[Callable[[], object]], float]  # milliseconds a step takes
+
+
+def prefilled_cache(model, context: int, rng: np.random.Generator):
+    """A fresh cache holding `context` committed random tokens (evaluated)."""
+    cache = model.make_cache()
+    model(mx.array(rng.integers(0, model.args.vocab_size, context), dtype=mx.int32)[None], cache)
+    cache.commit()
+    mx.eval(cache.state())
+    return cache
 
 
 def _best_time(run: Callable[[], object], repeats: int, clock: Callable[[], float]) -> float:
@@ -61,10 +73,7 @@ def profile_forward(
         raise ValueError(f"clock must be one of {sorted(CLOCKS)}, got {clock!r}")
     timer = CLOCKS[clock]
     rng = np.random.default_rng(seed)
-    cache = model.make_cache()
-    model(mx.array(rng.integers(0, model.args.vocab_size, context), dtype=mx.int32)[None], cache)
-    cache.commit()
-    mx.eval(cache.state())
+    cache = prefilled_cache(model, context, rng)
 
     def timed(run: Callable[[], object]) -> float:
         return 1e3 * _best_time(run, repeats, timer)
@@ -72,19 +81,15 @@ def profile_forward(
     return [_profile_size(model, cache, n, rng, timed) for n in sizes]
 
 
-def _profile_size(model, cache, n: int, rng, timed) -> dict:
-    from .generation import verify_tree
-
+def _profile_size(model, cache, n: int, rng, timed: Timed) -> dict:
+    """One row of `profile_forward`: every category at n nodes. The categories run in the
+    order of CATEGORIES (the attention inputs read the cache the forward has grown)."""
     args = model.args
-    vocab, dim = args.vocab_size, args.hidden_size
-    layers = model.layers
-    fast = model.fast_kernels
     dtype = model.model.norm.weight.dtype
-    tree = pack_beams(rng.integers(0, vocab, (1, n)))
-    x = mx.random.normal((1, n, dim)).astype(dtype)
+    tree = pack_beams(rng.integers(0, args.vocab_size, (1, n)))
+    x = mx.random.normal((1, n, args.hidden_size)).astype(dtype)
     hidden_mlp = mx.random.normal((1, n, args.intermediate_size)).astype(dtype)
     mx.eval(x, hidden_mlp)
-    row = {"n": n}
 
     def forward():
         if n == 1:
@@ -93,27 +98,37 @@ def _profile_size(model, cache, n: int, rng, timed) -> dict:
             mx.eval(verify_tree(model, cache, tree))
         cache.trim(0)
 
-    row["forward"] = timed(forward)
-
-    def projections():
-        outs = []
-        for layer in layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            if "qkv_proj" in attn:
-                outs.append(attn.qkv_proj(x))
-            else:
-                outs += [attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)]
-            outs.append(attn.o_proj(x[..., : attn.n_heads * attn.head_dim]))
-            if "gate_up_proj" in mlp:
-                outs.append(mlp.gate_up_proj(x))
-            else:
-                outs += [mlp.gate_proj(x), mlp.up_proj(x)]
-            outs.append(mlp.down_proj(hidden_mlp))
-        mx.eval(outs)
-
-    row["projections"] = timed(projections)
+    row = {"n": n, "forward": timed(forward)}
+    row["projections"] = timed(lambda: _projections(model.layers, x, hidden_mlp))
     row["lm_head"] = timed(lambda: mx.eval(model.logits(x)))
+    row.update(_attention_rows(model, cache, tree, n, x, timed))
+    row.update(_other_rows(model, cache, tree, n, x, hidden_mlp, timed))
+    return row
 
+
+def _projections(layers, x: mx.array, hidden_mlp: mx.array) -> None:
+    """Every linear layer of the blocks (fused or not, as the model has them)."""
+    outs = []
+    for layer in layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        if "qkv_proj" in attn:
+            outs.append(attn.qkv_proj(x))
+        else:
+            outs += [attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)]
+        outs.append(attn.o_proj(x[..., : attn.n_heads * attn.head_dim]))
+        if "gate_up_proj" in mlp:
+            outs.append(mlp.gate_up_proj(x))
+        else:
+            outs += [mlp.gate_proj(x), mlp.up_proj(x)]
+        outs.append(mlp.down_proj(hidden_mlp))
+    mx.eval(outs)
+
+
+def _attention_rows(model, cache, tree, n: int, x: mx.array, timed: Timed) -> dict:
+    """attention (over the cache plus the n nodes, with the tree mask), rope and norms."""
+    layers = model.layers
+    fast = model.fast_kernels
+    dtype = x.dtype
     attn0 = layers[0].self_attn
     heads, kv_heads, head_dim = attn0.n_heads, attn0.n_kv_heads, attn0.head_dim
     q = mx.random.normal((1, n, heads, head_dim)).astype(dtype)
@@ -139,8 +154,6 @@ def _profile_size(model, cache, n: int, rng, timed) -> dict:
                 )
         mx.eval(outs)
 
-    row["attention"] = timed(attention)
-
     def rope():
         pos = positions if n > 1 else None
         outs = []
@@ -148,8 +161,6 @@ def _profile_size(model, cache, n: int, rng, timed) -> dict:
             r = layer.self_attn.rope
             outs += [r(q + float(i), cache.offset, pos), r(k + float(i), cache.offset, pos)]
         mx.eval(outs)
-
-    row["rope"] = timed(rope)
 
     def norms():
         outs = []
@@ -161,7 +172,13 @@ def _profile_size(model, cache, n: int, rng, timed) -> dict:
         outs.append(model.model.norm(x))
         mx.eval(outs)
 
-    row["norms"] = timed(norms)
+    return {"attention": timed(attention), "rope": timed(rope), "norms": timed(norms)}
+
+
+def _other_rows(model, cache, tree, n: int, x, hidden_mlp, timed: Timed) -> dict:
+    """elementwise (MLP activation, residual adds), mask_build, cache_writes, host_sync."""
+    layers = model.layers
+    fast = model.fast_kernels
 
     def elementwise():
         outs = []
@@ -172,8 +189,6 @@ def _profile_size(model, cache, n: int, rng, timed) -> dict:
             outs.append(outs[-1] + x)
         mx.eval(outs)
 
-    row["elementwise"] = timed(elementwise)
-
     def mask_build():
         mx.eval(
             mx.array(tree.tokens, dtype=mx.int32),
@@ -181,9 +196,9 @@ def _profile_size(model, cache, n: int, rng, timed) -> dict:
             tree.attention_mask(cache.offset),
         )
 
-    row["mask_build"] = timed(mask_build)
-
-    kv = mx.random.normal((1, kv_heads, n, head_dim)).astype(dtype)
+    row = {"elementwise": timed(elementwise), "mask_build": timed(mask_build)}
+    attn0 = layers[0].self_attn
+    kv = mx.random.normal((1, attn0.n_kv_heads, n, attn0.head_dim)).astype(x.dtype)
     mx.eval(kv)
 
     def cache_writes():

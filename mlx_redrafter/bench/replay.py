@@ -1,4 +1,6 @@
-"""Tokens per step for many beam shapes from one plain greedy decode per prompt.
+"""Tokens per step for many beam shapes from one plain greedy decode per prompt (`bench
+--acceptance`), and the plain greedy references themselves (the harness answers earlier turns
+of a conversation with them).
 
 Greedy ReDrafter emits exactly the plain greedy sequence, so how much a round accepts depends
 only on the drafter and that sequence: a round at position i drafts from the hidden state of
@@ -15,10 +17,10 @@ from collections.abc import Callable, Iterable, Sequence
 import mlx.core as mx
 import numpy as np
 
-from .batch import generate_greedy_batch
-from .drafter import beam_search
-from .generation import stream_generate
-from .prompts import eos_ids
+from ..batch import generate_greedy_batch
+from ..drafter import beam_search
+from ..generation import stream_generate
+from ..prompts import eos_ids
 
 DEFAULT_BATCH = 32  # prompts decoded together for the references
 

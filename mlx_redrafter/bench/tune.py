@@ -3,11 +3,20 @@
 
 from __future__ import annotations
 
-from .defaults import save_cost_curve, save_tuned_beam
-from .env import fast_path, now
+import statistics
+import time
 
-# ---------------------------------------------------------------------------------------------
-# Measuring: `mlx-redrafter tune`
+import mlx.core as mx
+import numpy as np
+
+from ..defaults import save_cost_curve, save_tuned_beam
+from ..env import fast_path, now
+from ..generation import verify_tree
+from ..tree import pack_beams
+from .harness import Bench, benchmark
+from .methods import beam_shapes, make_methods
+from .profile_ops import prefilled_cache
+from .report import make_header
 
 
 def verify_cost_curve(
@@ -25,15 +34,6 @@ def verify_cost_curve(
     [{"n", "ms", "ratio"}] with the median time and ratio = t(n) / t(1): ReDrafter pays off
     when tokens per step beats the ratio at its tree size (plus the drafter's share).
     """
-    import statistics
-    import time
-
-    import mlx.core as mx
-    import numpy as np
-
-    from .generation import verify_tree
-    from .tree import pack_beams
-
     if max_nodes < 1 or repeats < 1:
         raise ValueError(f"max_nodes and repeats must be >= 1, got {max_nodes} and {repeats}")
     limit = model.context_length
@@ -41,10 +41,7 @@ def verify_cost_curve(
         context = max(1, min(context, limit - max_nodes))
     rng = np.random.default_rng(seed)
     vocab = model.args.vocab_size
-    cache = model.make_cache()
-    model(mx.array(rng.integers(0, vocab, context), dtype=mx.int32)[None], cache)
-    cache.commit()
-    mx.eval(cache.state())
+    cache = prefilled_cache(model, context, rng)
 
     # n = 1: a plain decode step. n > 1: a chain of n draft nodes verified as generation.py does.
     trees = {n: pack_beams(rng.integers(0, vocab, (1, n))) for n in range(2, max_nodes + 1)}
@@ -74,6 +71,22 @@ def verify_cost_curve(
     ]
 
 
+def _tuned_record(best: dict, curve: list[dict], drafter_path, num_prompts: int, max_tokens: int):
+    """What is stored beside a tuned shape: its figures and what they were measured with."""
+    return {
+        "decode_tps": best["decode_tps_mean"],
+        "speedup_vs_ar": best["speedup_vs_ar"],
+        "tokens_per_step": best["tokens_per_step"],
+        "drafter": str(drafter_path) if drafter_path else None,
+        "num_prompts": num_prompts,
+        "max_tokens": max_tokens,
+        "verify_cost": [round(c["ratio"], 4) for c in curve],
+        "fast_path": fast_path(),
+        "mlx": mx.__version__,
+        "tuned_at": now(),
+    }
+
+
 def run_tune(
     model,
     tokenizer,
@@ -92,17 +105,12 @@ def run_tune(
     """Measure the verify-cost curve and sweep W x L (with `ar` as the baseline) on `prompts`;
     store the shape with the best decode tok/s for this device and model (unless save=False).
 
-    Returns {"verify_cost", "result" (a bench.BenchResult), "best", "saved_to"}.
+    Returns {"verify_cost", "result" (a BenchResult), "best", "saved_to"}.
     """
-    import mlx.core as mx
-
-    from . import bench
-
     curve = verify_cost_curve(model, max_nodes=curve_nodes, repeats=repeats) if curve_nodes else []
-    shapes = [(w, length) for w in widths for length in lengths]
-    methods = bench.make_methods(["ar", "redrafter"], shapes, sweep=True)
-    runner = bench.Bench(model, tokenizer, drafter, max_tokens=max_tokens)
-    header = bench.make_header(
+    methods = make_methods(["ar", "redrafter"], beam_shapes(widths, lengths), sweep=True)
+    runner = Bench(model, tokenizer, drafter, max_tokens=max_tokens)
+    header = make_header(
         model,
         model_path,
         drafter_path,
@@ -111,23 +119,12 @@ def run_tune(
         max_tokens=max_tokens,
         methods=methods,
     )
-    result = bench.benchmark(runner, prompts, methods, header, sweep=True, progress=progress)
+    result = benchmark(runner, prompts, methods, header, sweep=True, progress=progress)
     result.verify_cost = curve or None
     best = result.sweep["best"]
     saved_to = None
     if save and best is not None:
-        extra = {
-            "decode_tps": best["decode_tps_mean"],
-            "speedup_vs_ar": best["speedup_vs_ar"],
-            "tokens_per_step": best["tokens_per_step"],
-            "drafter": str(drafter_path) if drafter_path else None,
-            "num_prompts": len(prompts),
-            "max_tokens": max_tokens,
-            "verify_cost": [round(c["ratio"], 4) for c in curve],
-            "fast_path": fast_path(),
-            "mlx": mx.__version__,
-            "tuned_at": now(),
-        }
+        extra = _tuned_record(best, curve, drafter_path, len(prompts), max_tokens)
         saved_to = save_tuned_beam(model_path, best["beam_width"], best["beam_length"], extra)
     elif save and curve:
         saved_to = save_cost_curve(model_path, curve)
