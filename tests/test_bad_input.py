@@ -121,7 +121,7 @@ def test_prompt_file_bad_line_is_named(tiny, tmp_path):
     prompts.write_text('{"turns": ["Hi"]}\n{"turns": ["Yo"]}\n{"turns": [\n')
     proc = invoke(["bench", "-m", str(model_dir), "-d", str(drafter_dir), "--prompts",
                    str(prompts), "--methods", "ar", "-n", "2"])  # fmt: skip
-    one_red_line(proc, f"{prompts}:3")
+    one_red_line(proc, str(prompts), "line 3")
     out = tmp_path / "drafter-out"
     proc = invoke(["train", "-m", str(model_dir), "--prompts", str(prompts), "-o", str(out), "-q"])
     one_red_line(proc, str(prompts), "line 3")
@@ -298,7 +298,7 @@ def test_sigterm_during_setup_keeps_the_model(tmp_path):
 
 
 def test_concurrent_setup_builds_once(tmp_path, monkeypatch):
-    from mlx_redrafter import gguf, loading
+    from mlx_redrafter import loading
 
     monkeypatch.setenv("MLX_REDRAFTER_HOME", str(tmp_path))
     monkeypatch.delenv("MLX_REDRAFTER_DEFAULT_MODEL", raising=False)
@@ -313,7 +313,7 @@ def test_concurrent_setup_builds_once(tmp_path, monkeypatch):
         (out / "model.safetensors").write_bytes(b"")
         return out
 
-    monkeypatch.setattr(gguf, "convert_gguf", slow_convert)
+    monkeypatch.setattr(loading, "convert_gguf", slow_convert)  # loading imports it by name
     results = []
     threads = [
         threading.Thread(target=lambda: results.append(loading.setup_default_model()))

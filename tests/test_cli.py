@@ -88,12 +88,12 @@ def _one_red_line(proc, *needles):
 def test_a_closed_pipe_is_not_an_error(tmp_path):
     # What `mlx-redrafter info | head -1` meets once head has gone: no error line, exit 141.
     code = (
-        "from mlx_redrafter import cli\n"
+        "from mlx_redrafter.cli import common\n"
         "def closed():\n"
         "    raise BrokenPipeError(32, 'Broken pipe')\n"
         "try:\n"
-        "    cli.friendly_errors(closed)()\n"
-        "except cli.typer.Exit as exc:\n"  # what typer's app does with it
+        "    common.friendly_errors(closed)()\n"
+        "except common.typer.Exit as exc:\n"  # what typer's app does with it
         "    raise SystemExit(exc.exit_code)\n"
     )
     proc = subprocess.run(

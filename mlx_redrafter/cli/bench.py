@@ -1,0 +1,290 @@
+"""`mlx-redrafter bench` (decode speed per method, sweeps, acceptance grids) and `tune` (the
+best beam shape for this device and model, stored for chat and generate)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mlx_redrafter import bench as bench_lib
+from mlx_redrafter.cli.common import (
+    BeamLength,
+    BeamWidth,
+    Drafter,
+    Loaded,
+    Model,
+    check_beam_options,
+    check_options,
+    friendly_errors,
+    int_list,
+    load_for,
+    progress_bar,
+)
+from mlx_redrafter.env import model_dtype
+from mlx_redrafter.errors import RedrafterError
+from mlx_redrafter.prompts import encode_chat, load_prompts
+
+Json = Annotated[str | None, typer.Option("--json", help="Write every figure to this file.")]
+MaxTokens = Annotated[int, typer.Option("--max-tokens", "-n", help="New tokens per prompt.")]
+
+
+@friendly_errors
+def bench(
+    model: Model = None,
+    drafter: Drafter = None,
+    prompts: Annotated[
+        str,
+        typer.Option(
+            "--prompts",
+            help="Comma-separated sources: mt-bench (first turns), mt-bench-2 (second turns "
+            "after the model's own first answer), doc-prompts (prompts carrying a document), or "
+            "a .jsonl file (first of `turns`, or `prompt`).",
+        ),
+    ] = "mt-bench",
+    num_prompts: Annotated[
+        int | None, typer.Option("--num-prompts", "-N", help="First N only.")
+    ] = None,
+    per_category: Annotated[
+        int | None,
+        typer.Option("--per-category", help="The first K prompts of each category only."),
+    ] = None,
+    max_tokens: MaxTokens = 128,
+    methods: Annotated[
+        str,
+        typer.Option(
+            "--methods",
+            help="Comma-separated: mlx-lm, ar, redrafter (drafter alone), lookup (context lookup "
+            "alone), redrafter+lookup (both, cost-aware tree).",
+        ),
+    ] = "mlx-lm,ar,redrafter",
+    beam_width: BeamWidth = None,
+    beam_length: BeamLength = None,
+    sweep: Annotated[bool, typer.Option("--sweep", help="Run redrafter for every W x L.")] = False,
+    widths: Annotated[str, typer.Option("--widths", help="Beam widths of the sweep.")] = "1,2,3,4",
+    lengths: Annotated[
+        str, typer.Option("--lengths", help="Beam lengths of the sweep.")
+    ] = "2,3,4,5,6",
+    json_out: Json = None,
+    plot: Annotated[
+        str | None,
+        typer.Option(
+            "--plot",
+            help="PNG: the heatmap of a sweep (default with --sweep: bench-sweep.png), else "
+            "speedups per source/category.",
+        ),
+    ] = None,
+    profile: Annotated[
+        bool,
+        typer.Option(
+            "--profile", help="Time draft/verify/accept per round; add the verify-cost curve."
+        ),
+    ] = False,
+    acceptance: Annotated[
+        bool,
+        typer.Option(
+            "--acceptance",
+            help="Only tokens per step, for every --widths x --lengths shape, replayed from one "
+            "greedy decode per prompt (no timing).",
+        ),
+    ] = False,
+    dtype: Annotated[str | None, typer.Option(help="Cast the models to this dtype.")] = None,
+):
+    """Decode speed of ReDrafter against plain decoding and mlx-lm, on the same prompts."""
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    check_options(num_prompts=(num_prompts, 1), max_tokens=(max_tokens, 1))
+    check_beam_options(beam_width, beam_length)
+    prompt_list = load_prompts(prompts, num_prompts, per_category)
+    bench_lib.check_request(names, prompt_list, sweep, beam_width, beam_length, plot)
+    no_drafter = not bench_lib.needs_drafter(names)
+    loaded = load_for(model, dtype, drafter, no_drafter, beam_width, beam_length)
+    if acceptance:
+        if loaded.draft is None:
+            raise RedrafterError("--acceptance needs a drafter: pass --drafter")
+        return _acceptance(loaded, prompt_list, _shapes(widths, lengths), max_tokens, json_out)
+    shapes = _shapes(widths, lengths) if sweep else [(loaded.beam_width, loaded.beam_length)]
+    method_list = bench_lib.make_methods(names, shapes, sweep=sweep)
+    lm_model, lm_tokenizer = (
+        bench_lib.load_mlx_lm(loaded.model_path, dtype) if "mlx-lm" in names else (None, None)
+    )
+    runner = bench_lib.Bench(
+        loaded.base,
+        loaded.tokenizer,
+        loaded.draft,
+        lm_model,
+        lm_tokenizer,
+        max_tokens=max_tokens,
+        profile=profile,
+    )
+    runner.check(method_list)
+    header = bench_lib.make_header(
+        loaded.base,
+        loaded.model_path,
+        loaded.drafter_path,
+        prompts=prompts,
+        num_prompts=len(prompt_list),
+        max_tokens=max_tokens,
+        methods=method_list,
+        profile=profile,
+        command="mlx-redrafter " + " ".join(sys.argv[1:]),
+    )
+    bar, advance = progress_bar(len(prompt_list) * len(method_list), "bench")
+    with bar:
+        result = bench_lib.benchmark(
+            runner, prompt_list, method_list, header, sweep=sweep, progress=advance
+        )
+    if profile:
+        result.verify_cost = bench_lib.verify_cost_curve(loaded.base)
+    typer.echo(bench_lib.format_table(result))
+    if json_out:
+        typer.echo(f"\nwrote {bench_lib.write_json(result, json_out)}")
+    _plot(
+        result,
+        method_list,
+        sweep,
+        plot,
+        f"{loaded.model_path.name} · {header['device']} · {header['dtype']}",
+    )
+
+
+def _plot(result, method_list, sweep: bool, plot: str | None, title: str) -> None:
+    """The sweep's heatmap (always with --sweep), else the speedups per group with --plot."""
+    if sweep:
+        png = bench_lib.plot_sweep(result.sweep, plot or "bench-sweep.png", title=title)
+        typer.echo(f"wrote {png}")
+    elif plot:
+        if not result.groups:
+            raise RedrafterError(
+                "--plot needs a --sweep, or prompts from several sources/categories"
+            )
+        png = bench_lib.plot_groups(result.groups, [m.name for m in method_list], plot, title)
+        typer.echo(f"wrote {png}")
+
+
+def _shapes(widths: str, lengths: str) -> list[tuple[int, int]]:
+    """Every (W, L) of --widths x --lengths."""
+    return bench_lib.beam_shapes(int_list(widths, "--widths"), int_list(lengths, "--lengths"))
+
+
+def _acceptance(loaded: Loaded, prompt_list, shapes, max_tokens: int, json_out) -> None:
+    """bench --acceptance: tokens per step of every shape, replayed, as a W x L table."""
+    ids = [encode_chat(loaded.tokenizer, p.text) for p in prompt_list]
+    bar, advance = progress_bar(len(ids), "acceptance")
+    with bar:
+        grid = bench_lib.acceptance_grid(
+            loaded.base, loaded.tokenizer, loaded.draft, ids, shapes, max_tokens, on_prompt=advance
+        )
+    typer.echo(bench_lib.format_acceptance(grid, max_tokens))
+    if json_out:
+        _write_json(json_out, grid)
+
+
+def _write_json(path: str, data: dict) -> None:
+    Path(path).write_text(json.dumps(data, indent=2) + "\n")
+    typer.echo(f"\nwrote {path}")
+
+
+@friendly_errors
+def tune(
+    model: Model = None,
+    drafter: Drafter = None,
+    num_prompts: Annotated[
+        int, typer.Option("--num-prompts", "-N", help="MT-Bench prompts to run.")
+    ] = 3,
+    prompts: Annotated[
+        str, typer.Option("--prompts", help="A .jsonl file or mt-bench.")
+    ] = "mt-bench",
+    max_tokens: MaxTokens = 64,
+    widths: Annotated[str, typer.Option("--widths", help="Beam widths to try.")] = "1,2,3,4",
+    lengths: Annotated[str, typer.Option("--lengths", help="Beam lengths to try.")] = "3,4,5,6",
+    curve_nodes: Annotated[
+        int, typer.Option("--curve-nodes", help="Verify-cost curve up to n.")
+    ] = 32,
+    repeats: Annotated[int, typer.Option("--repeats", help="Timings per point of the curve.")] = 5,
+    curve_only: Annotated[
+        bool, typer.Option("--curve-only", help="Only print the verify-cost curve t(n)/t(1).")
+    ] = False,
+    profile_ops: Annotated[
+        bool,
+        typer.Option(
+            "--profile-ops", help="Only print the forward's time by kind of op, n = 1..32."
+        ),
+    ] = False,
+    no_save: Annotated[bool, typer.Option("--no-save", help="Measure, but store nothing.")] = False,
+    json_out: Json = None,
+    dtype: Annotated[str | None, typer.Option(help="Cast the model to this dtype.")] = None,
+):
+    """Find the best beam shape (W, L) for this device and model, and store it for chat and
+    generate (shown by `info`)."""
+    check_options(
+        num_prompts=(num_prompts, 1),
+        max_tokens=(max_tokens, 1),
+        curve_nodes=(curve_nodes, 1),
+        repeats=(repeats, 1),
+    )
+    # Only the full tune needs the drafter.
+    loaded = load_for(model, dtype, drafter, no_drafter=profile_ops or curve_only)
+    base = loaded.base
+    if profile_ops:
+        sizes = [n for n in (1, 2, 4, 8, 16, 32) if n <= curve_nodes]
+        rows = bench_lib.profile_forward(base, sizes=sizes, repeats=repeats)
+        typer.echo(f"model: {loaded.model_path} · {model_dtype(base)} · best of {repeats}")
+        typer.echo(bench_lib.format_profile(rows))
+        if json_out:
+            _write_json(json_out, {"profile_ops": rows})
+        return
+    if curve_only:
+        curve = bench_lib.verify_cost_curve(base, max_nodes=curve_nodes, repeats=repeats)
+        typer.echo(f"model: {loaded.model_path} · {model_dtype(base)}")
+        typer.echo(bench_lib.format_verify_cost(curve))
+        if json_out:
+            _write_json(json_out, {"verify_cost": curve})
+        return
+    if loaded.draft is None:
+        raise RedrafterError("tune needs a drafter: pass --drafter")
+    prompt_list = load_prompts(prompts, num_prompts)
+    w_list, l_list = int_list(widths, "--widths"), int_list(lengths, "--lengths")
+    typer.echo(f"measuring the verify-cost curve (n = 1..{curve_nodes}) ...", err=True)
+    bar, advance = progress_bar(len(prompt_list) * (1 + len(w_list) * len(l_list)), "tune")
+    with bar:
+        out = bench_lib.run_tune(
+            base,
+            loaded.tokenizer,
+            loaded.draft,
+            prompt_list,
+            loaded.model_path,
+            loaded.drafter_path,
+            widths=w_list,
+            lengths=l_list,
+            max_tokens=max_tokens,
+            curve_nodes=curve_nodes,
+            repeats=repeats,
+            progress=advance,
+            save=not no_save,
+        )
+    typer.echo(bench_lib.format_table(out["result"]))
+    if json_out:
+        typer.echo(f"\nwrote {bench_lib.write_json(out['result'], json_out)}")
+    _report_best(out)
+
+
+def _report_best(out: dict) -> None:
+    """The shape tune found, a warning when no shape beat plain decoding, where it went."""
+    best = out["best"]
+    speedup = best["speedup_vs_ar"]
+    typer.echo(
+        f"\nbest beam shape: W={best['beam_width']}, L={best['beam_length']} "
+        f"({speedup:.2f}x plain decoding, {best['tokens_per_step']:.2f} tokens/step)"
+    )
+    if speedup < 1.0:
+        typer.secho(
+            "ReDrafter was slower than plain decoding here for every shape tried; "
+            "chat --no-drafter will be faster with this drafter",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
+    if out["saved_to"]:
+        typer.echo(f"saved to {out['saved_to']}; chat and generate use it unless -W/-L are given")

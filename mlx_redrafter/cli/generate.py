@@ -1,0 +1,139 @@
+"""`mlx-redrafter generate`: one prompt, the answer streamed to stdout (or one JSON object)."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import mlx.core as mx
+import typer
+
+from mlx_redrafter.cli.common import (
+    BeamLength,
+    BeamWidth,
+    Drafter,
+    Dtype,
+    Loaded,
+    Lookup,
+    LookupMax,
+    Model,
+    NoDrafter,
+    Seed,
+    System,
+    Temp,
+    TopK,
+    TopP,
+    check_beam_options,
+    check_options,
+    fail,
+    friendly_errors,
+    load_for,
+    read_stdin,
+    text_option,
+)
+from mlx_redrafter.env import compute_dtype, device_name, dtype_name
+from mlx_redrafter.generation import DecodeStats, stream_generate
+from mlx_redrafter.prompts import encode_chat
+
+
+@friendly_errors
+def generate(
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="Prompt text ('-' reads stdin).")],
+    model: Model = None,
+    drafter: Drafter = None,
+    no_drafter: NoDrafter = False,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n")] = 256,
+    temp: Temp = 0.0,
+    top_p: TopP = 1.0,
+    top_k: TopK = 0,
+    seed: Seed = None,
+    beam_width: BeamWidth = None,
+    beam_length: BeamLength = None,
+    lookup: Lookup = True,
+    lookup_max: LookupMax = None,
+    system: System = None,
+    raw: Annotated[bool, typer.Option("--raw", help="Do not apply the chat template.")] = False,
+    stop: Annotated[
+        list[str] | None, typer.Option("--stop", help="Stop string (repeatable).")
+    ] = None,
+    dtype: Dtype = None,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object at the end.")
+    ] = False,
+):
+    """Generate a response to one prompt."""
+    prompt = read_stdin() if prompt == "-" else text_option(prompt, "--prompt")
+    system, stop = text_option(system, "--system"), [text_option(s, "--stop") for s in stop or ()]
+    if not prompt.strip():
+        fail("the prompt is empty")
+    check_options(max_tokens=(max_tokens, 1), top_k=(top_k, 0))
+    check_beam_options(beam_width, beam_length)
+    loaded = load_for(
+        model, dtype, drafter, no_drafter, beam_width, beam_length, lookup, lookup_max
+    )
+    tokenizer = loaded.tokenizer
+    ids = tokenizer.encode(prompt) if raw else encode_chat(tokenizer, prompt, system)
+    stream = stream_generate(
+        loaded.base,
+        tokenizer,
+        ids,
+        loaded.draft,
+        max_tokens=max_tokens,
+        temperature=temp,
+        top_p=top_p,
+        top_k=top_k,
+        seed=seed,
+        beam_width=loaded.beam_width,
+        beam_length=loaded.beam_length,
+        lookup=lookup,
+        lookup_max=lookup_max,
+        stop=stop or (),
+    )
+    tokens, text, last = [], [], None
+    for response in stream:
+        tokens.append(response.token)
+        text.append(response.text)
+        last = response
+        if not json_out:
+            typer.echo(response.text, nl=False)
+    if json_out:
+        out = {"text": "".join(text), "tokens": tokens, **last.stats.as_dict()}
+        typer.echo(json.dumps({**out, **_run_fields(loaded, tokens, last.finish_reason, lookup)}))
+    else:
+        typer.echo()
+        typer.secho(_stats_line(loaded, last.stats, lookup), dim=True, err=True)
+
+
+def _run_fields(loaded: Loaded, tokens: list[int], finish_reason: str, lookup: bool) -> dict:
+    """What the JSON adds to the run's DecodeStats: the setup and the finish."""
+    draft = loaded.draft is not None
+    return {
+        "num_tokens": len(tokens),
+        "finish_reason": finish_reason,
+        "peak_memory_gb": mx.get_peak_memory() / 1e9,
+        "device": device_name(),
+        "dtype": dtype_name(compute_dtype(loaded.base)),
+        "model": str(loaded.model_path),
+        "drafter": loaded.drafter_path,
+        "beam_width": loaded.beam_width if draft else None,
+        "beam_length": loaded.beam_length if draft else None,
+        "lookup": lookup,
+    }
+
+
+def _stats_line(loaded: Loaded, stats: DecodeStats, lookup: bool) -> str:
+    """The dimmed line on stderr after the answer."""
+    line = (
+        f"prompt: {stats.prompt_tokens} tokens, {stats.prefill_tps:.1f} tok/s | "
+        f"generation: {stats.num_tokens} tokens, {stats.decode_tps:.1f} tok/s"
+    )
+    if loaded.draft is not None or lookup:
+        sources = ", ".join(f"{k} {v}" for k, v in sorted(stats.accepted_from.items()))
+        line += f" | {stats.tokens_per_step:.2f} tokens/step"
+        line += (
+            f" (W={loaded.beam_width}, L={loaded.beam_length}"
+            if loaded.draft is not None
+            else " (lookup"
+        )
+        line += f"; accepted: {sources})" if sources else ")"
+    return line

@@ -1,0 +1,137 @@
+"""`mlx-redrafter serve`: a local OpenAI-compatible server on one model (and drafter)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mlx_redrafter.cli.common import (
+    BeamLength,
+    BeamWidth,
+    Drafter,
+    Dtype,
+    Loaded,
+    Model,
+    NoDrafter,
+    friendly_errors,
+    load_for,
+)
+from mlx_redrafter.defaults import resolve_beam
+from mlx_redrafter.env import device_name
+from mlx_redrafter.generation import SamplingConfig
+
+
+@friendly_errors
+def serve(
+    model: Model = None,
+    drafter: Drafter = None,
+    no_drafter: NoDrafter = False,
+    host: Annotated[
+        str,
+        typer.Option("--host", help="Address to listen on (0.0.0.0 exposes it to the network)."),
+    ] = "127.0.0.1",
+    port: Annotated[
+        int, typer.Option("--port", min=0, max=65535, help="0 picks a free port.")
+    ] = 8080,
+    beam_width: BeamWidth = None,
+    beam_length: BeamLength = None,
+    lookup: Annotated[
+        bool | None,
+        typer.Option(
+            "--lookup/--no-lookup", help="Context lookup candidates (default: the library's)."
+        ),
+    ] = None,
+    lookup_max: Annotated[
+        int | None, typer.Option("--lookup-max", help="Longest continuation lookup copies.")
+    ] = None,
+    temp: Annotated[
+        float, typer.Option("--temp", help="Temperature when a request gives none.")
+    ] = 0.0,
+    top_p: Annotated[float, typer.Option("--top-p", help="top_p when a request gives none.")] = 1.0,
+    top_k: Annotated[
+        int, typer.Option("--top-k", help="top_k when a request gives none (0 = off).")
+    ] = 0,
+    max_tokens: Annotated[
+        int,
+        typer.Option("--max-tokens", "-n", help="Answer length when a chat request gives none."),
+    ] = 512,
+    max_queue: Annotated[
+        int, typer.Option("--max-queue", help="Requests that may wait (then 503).")
+    ] = 64,
+    prompt_cache: Annotated[
+        int, typer.Option("--prompt-cache", help="KV caches of recent prompts.")
+    ] = 4,
+    prompt_cache_gb: Annotated[
+        float, typer.Option("--prompt-cache-gb", help="Most memory the kept caches may hold.")
+    ] = 2.0,
+    dtype: Dtype = None,
+):
+    """A local OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models)."""
+    # The web stack (starlette, uvicorn) loads only for this command.
+    from mlx_redrafter.server import Engine, bind, url_of
+    from mlx_redrafter.server import serve as run_server
+
+    SamplingConfig(temp, top_p, top_k).validate()
+    sock = bind(host, port)  # fail before the model loads if the port is taken
+    # The beam shape goes to the engine as given: each request resolves it (and only one
+    # with a drafter needs it), so it is not resolved here.
+    loaded = load_for(model, dtype, drafter, no_drafter, lookup=lookup, lookup_max=lookup_max)
+    options = {
+        "beam_width": beam_width,
+        "beam_length": beam_length,
+        "lookup": lookup,
+        "lookup_max": lookup_max,
+    }
+    engine = Engine(
+        loaded.base,
+        loaded.tokenizer,
+        loaded.draft,
+        model_name=loaded.model_path.name,
+        aliases=tuple(a for a in (model, str(loaded.model_path)) if a),
+        drafter_name=Path(loaded.drafter_path).name if loaded.drafter_path else None,
+        decode_options=options,
+        max_tokens=max_tokens,
+        temperature=temp,
+        top_p=top_p,
+        top_k=top_k,
+        max_queue=max_queue,
+        cache_entries=prompt_cache,
+        cache_bytes=int(prompt_cache_gb * (1 << 30)),
+    )
+    _log_requests()
+    how = _decoding_summary(loaded, beam_width, beam_length)
+    url = url_of(sock)
+
+    def ready() -> None:
+        typer.echo(
+            f"mlx-redrafter serve: {url}/v1 · model {loaded.model_path.name} · {how} · "
+            f"{device_name()} · Ctrl-C stops"
+        )
+
+    run_server(engine, sock, on_ready=ready)
+
+
+def _log_requests() -> None:
+    """The server's log (one line per request) on stderr, with the time."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    server_log = logging.getLogger("mlx_redrafter.server")
+    server_log.addHandler(handler)
+    server_log.setLevel(logging.INFO)
+    server_log.propagate = False
+
+
+def _decoding_summary(loaded: Loaded, beam_width: int | None, beam_length: int | None) -> str:
+    """'ReDrafter W=1 L=3 (drafter) + lookup (up to 8 tokens)' as stream_generate will
+    resolve it."""
+    parts = []
+    if loaded.draft is not None:
+        w, length = resolve_beam(loaded.model_path, beam_width, beam_length)
+        parts.append(f"ReDrafter W={w} L={length} ({Path(loaded.drafter_path).name})")
+    if loaded.lookup is not None:
+        parts.append(f"lookup (up to {loaded.lookup.max_tokens} tokens)")
+    return " + ".join(parts) or "plain decoding"
