@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
 import re
 import shutil
@@ -24,12 +23,12 @@ from mlx.utils import tree_flatten
 from tqdm import tqdm
 
 from .drafter import Drafter, DrafterArgs, quantize_drafter, save_drafter
-from .errors import ConvertError, DrafterError
+from .env import DTYPES, parse_dtype
+from .errors import ConvertError, DrafterError, read_json_object
 from .gguf import convert_gguf
 from .loading import load_config, resolve_model_path
 from .model import SUPPORTED_MODEL_TYPES, Model, ModelArgs, UnsupportedModelError
 
-DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 Q_BITS = (2, 3, 4, 5, 6, 8)
 Q_GROUP_SIZES = (32, 64, 128)
 
@@ -156,11 +155,7 @@ def _cast(weights: dict[str, mx.array], dtype: mx.Dtype | None) -> dict[str, mx.
 
 
 def _dtype(name: str | None) -> mx.Dtype | None:
-    if name is None:
-        return None
-    if name not in DTYPES:
-        raise ConvertError(f"unknown dtype {name!r} (choose from {', '.join(DTYPES)})")
-    return DTYPES[name]
+    return None if name is None else parse_dtype(name, "dtype", ConvertError)
 
 
 def _check_quantization(bits: int, group_size: int) -> None:
@@ -168,23 +163,6 @@ def _check_quantization(bits: int, group_size: int) -> None:
         raise ConvertError(f"q_bits must be one of {Q_BITS}, got {bits}")
     if group_size not in Q_GROUP_SIZES:
         raise ConvertError(f"q_group_size must be one of {Q_GROUP_SIZES}, got {group_size}")
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise ConvertError(f"{path}: missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConvertError(f"{path}: not valid JSON: {_first_line(exc)}") from None
-    if not isinstance(data, dict):
-        raise ConvertError(f"{path}: expected a JSON object")
-    return data
-
-
-# ---------------------------------------------------------------------------------------------
-# Checking a state dict against a module
 
 
 def _names(keys: Iterable[str], limit: int = 4) -> str:
@@ -295,7 +273,7 @@ def _weight_files(src: Path) -> list[Path]:
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index_path = src / index_name
         if index_path.exists():
-            weight_map = _read_json(index_path).get("weight_map")
+            weight_map = read_json_object(index_path, ConvertError).get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise ConvertError(f"{index_path}: has no weight_map")
             files = [src / name for name in sorted(set(weight_map.values()))]
@@ -419,7 +397,7 @@ def _convert_hf_dir(
             f"{src}: not a Hugging Face checkpoint directory (no config.json; found: "
             f"{_names(found) or 'nothing'})"
         )
-    config = _read_json(config_path)
+    config = read_json_object(config_path, ConvertError)
     args = _model_args(config, config_path)
     files = _weight_files(src)
     _copy_tokenizer(src, out)
@@ -463,7 +441,7 @@ def _convert_gguf(
         path.rename(out / path.name)
     inner.rmdir()
     if quantize:
-        config = _read_json(out / "config.json")
+        config = read_json_object(out / "config.json", ConvertError)
         model = Model(ModelArgs.from_dict(config))
         weights = {}
         for path in sorted(out.glob("model*.safetensors")):
@@ -644,7 +622,7 @@ def convert_drafter(
     if not config_path.is_file():
         raise ConvertError(f"{src}: no config.json")
     weights_path = _drafter_weights_file(src)
-    config = _read_json(config_path)
+    config = read_json_object(config_path, ConvertError)
 
     with staging_dir(dst, overwrite, src) as out:
         weights = normalize_drafter_keys(read_tensors(weights_path), weights_path)

@@ -23,7 +23,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .env import compute_dtype
-from .errors import DrafterError
+from .errors import DrafterError, read_json_object
 
 MODEL_TYPE = "recurrent_drafting_drafter"
 CONFIG_FILE = "config.json"
@@ -501,12 +501,7 @@ def load_drafter(path: str | os.PathLike, base=None, dtype: mx.Dtype | None = No
     for f in (config_path, weights_path):
         if not f.is_file():
             raise DrafterError(f"drafter {path} has no {f.name}")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DrafterError(f"{config_path} is not valid JSON: {e}") from None
-    if not isinstance(config, dict):
-        raise DrafterError(f"{config_path}: expected a JSON object")
+    config = read_json_object(config_path, DrafterError)
     try:
         args = DrafterArgs.from_dict(config)
     except (DrafterError, TypeError, ValueError, KeyError) as e:

@@ -8,6 +8,7 @@ exception: it is a `KeyboardInterrupt` that says the work was saved.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 
@@ -66,3 +67,19 @@ class TrainInterrupted(KeyboardInterrupt):
         super().__init__(message)
         self.step = step
         self.work_dir = work_dir
+
+
+def read_json_object(path: Path, error: type[RedrafterError] = RedrafterError) -> dict:
+    """The JSON object in the file `path`; `error` naming the file when it is missing, not
+    UTF-8 JSON, or not an object. Every config file the package reads goes through here."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise error(f"{path}: no such file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise error(f"{path}: not valid JSON ({first})") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a JSON object")
+    return data

@@ -19,6 +19,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from .env import parse_dtype
 from .errors import GGUFError
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
@@ -243,9 +244,7 @@ def gguf_weights(
 
 
 def _mx_dtype(dtype: str) -> mx.Dtype:
-    if dtype not in ("float32", "float16", "bfloat16"):
-        raise GGUFError(f"unsupported dtype {dtype!r} (use float32, float16 or bfloat16)")
-    return getattr(mx, dtype)
+    return parse_dtype(dtype, "dtype", GGUFError)
 
 
 def _pre_tokenizer(pre: str, path: Path):

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
-import json
 import os
 import re
 from pathlib import Path
@@ -19,7 +18,7 @@ from mlx.utils import tree_flatten, tree_map
 
 from .defaults import default_model_dir
 from .env import default_dtype, parse_dtype
-from .errors import LoadError
+from .errors import LoadError, read_json_object
 from .gguf import convert_gguf
 from .model import Model, ModelArgs
 
@@ -214,29 +213,16 @@ def load_config(path: str | Path) -> dict[str, Any]:
     """config.json, with generation_config.json's eos_token_id folded in (as mlx-lm does)."""
     path = Path(path)
     file = path / "config.json"
-    config = _read_json(file)
+    config = read_json_object(file, LoadError)
     generation_file = path / "generation_config.json"
     if generation_file.is_file():
         try:
-            generation = _read_json(generation_file)
+            generation = read_json_object(generation_file, LoadError)
         except LoadError:
             generation = {}
         if generation.get("eos_token_id") is not None:
             config["eos_token_id"] = generation["eos_token_id"]
     return config
-
-
-def _read_json(file: Path) -> dict[str, Any]:
-    try:
-        with open(file, encoding="utf-8") as f:
-            content = json.load(f)
-    except FileNotFoundError as e:
-        raise LoadError(f"{file}: no such file") from e
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LoadError(f"{file}: invalid JSON ({e})") from e
-    if not isinstance(content, dict):
-        raise LoadError(f"{file}: expected a JSON object")
-    return content
 
 
 def load_tokenizer(path: str | Path, eos_token_ids: int | list[int] | None = None):

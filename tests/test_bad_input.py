@@ -53,7 +53,7 @@ def test_missing_drafter_path(tiny, tmp_path):
 def test_model_config_not_json(tiny, tmp_path):
     bad = shutil.copytree(tiny[0], tmp_path / "m")
     (bad / "config.json").write_text('{"model_type": "llama",')
-    one_red_line(generate(bad, "-p", "hi"), "config.json", "invalid JSON")
+    one_red_line(generate(bad, "-p", "hi"), "config.json", "not valid JSON")
 
 
 def test_model_weights_truncated(tiny, tmp_path):

@@ -159,7 +159,7 @@ def test_unsupported_model_type(tiny_llama_dir):
 def test_invalid_config_json(tiny_llama_dir):
     path = tiny_llama_dir()
     (path / "config.json").write_text("{not json")
-    with pytest.raises(LoadError, match=r"config\.json: invalid JSON"):
+    with pytest.raises(LoadError, match=r"config\.json: not valid JSON"):
         load_model(path)
 
 

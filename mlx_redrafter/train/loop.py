@@ -26,7 +26,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from ..drafter import init_drafter, load_drafter, save_drafter
-from ..env import machine
+from ..env import DTYPES, machine
 from ..errors import TrainError, TrainInterrupted
 from ..loading import load
 from .data import (
@@ -519,7 +519,7 @@ def fit(
     state = _start(model, plan, work_dir / "checkpoint", resume)
     _train(model, data, plan, state, work_dir, progress, callback)
     if config.save_dtype is not None and config.save_dtype != "float32":
-        state.drafter.set_dtype(getattr(mx, config.save_dtype))
+        state.drafter.set_dtype(DTYPES[config.save_dtype])
     save_drafter(state.drafter, out_dir)
     return _fit_log(plan, state, out_dir, time.perf_counter() - t_start)
 
