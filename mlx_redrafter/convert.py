@@ -18,15 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
-import mlx.nn as nn
-from mlx.utils import tree_flatten
 from tqdm import tqdm
 
 from .drafter import Drafter, DrafterArgs, quantize_drafter, save_drafter
 from .env import DTYPES, parse_dtype
 from .errors import ConvertError, DrafterError, read_json_object
 from .gguf import convert_gguf
-from .loading import load_config, resolve_model_path
+from .loading import check_weights, load_config, resolve_model_path
 from .model import SUPPORTED_MODEL_TYPES, Model, ModelArgs, UnsupportedModelError
 
 Q_BITS = (2, 3, 4, 5, 6, 8)
@@ -169,36 +167,6 @@ def _names(keys: Iterable[str], limit: int = 4) -> str:
     keys = sorted(keys)
     shown = ", ".join(keys[:limit])
     return shown + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
-
-
-def check_weights(
-    weights: dict[str, mx.array],
-    module: nn.Module,
-    source: Path | str,
-    origin: dict[str, Path] | None = None,
-    hint: str = "",
-) -> None:
-    """Raise ConvertError unless `weights` holds exactly the module's parameters and shapes.
-
-    origin maps a key to the file it came from, so a bad key is reported with its file.
-    """
-    origin = origin or {}
-    expected = dict(tree_flatten(module.parameters()))
-    missing = sorted(expected.keys() - weights.keys())
-    extra = sorted(weights.keys() - expected.keys())
-    if missing:
-        raise ConvertError(f"{source}: missing keys: {_names(missing)}{hint}")
-    if extra:
-        where = origin.get(extra[0], source)
-        raise ConvertError(f"{where}: unknown keys: {_names(extra)}{hint}")
-    wrong = [k for k in sorted(expected) if tuple(weights[k].shape) != tuple(expected[k].shape)]
-    if wrong:
-        shown = ", ".join(
-            f"{k} {tuple(weights[k].shape)} (expected {tuple(expected[k].shape)})"
-            for k in wrong[:3]
-        )
-        more = f" (+{len(wrong) - 3} more)" if len(wrong) > 3 else ""
-        raise ConvertError(f"{origin.get(wrong[0], source)}: shape mismatch: {shown}{more}{hint}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -416,7 +384,7 @@ def _convert_hf_dir(
 
     model = Model(args)
     weights = model.sanitize(weights)
-    check_weights(weights, model, src, origin)
+    check_weights(model, weights, src, ConvertError, origin=origin)
     model.load_weights(list(weights.items()))
     del weights
     if dtype is not None:
@@ -645,7 +613,7 @@ def convert_drafter(
                 f"{2 * h} ({config_path.name}) requires"
             )
         drafter = Drafter(args)
-        check_weights(weights, drafter, weights_path)
+        check_weights(drafter, weights, weights_path, ConvertError)
         drafter.load_weights(list(weights.items()))
         if target is not None:
             drafter.set_dtype(target)

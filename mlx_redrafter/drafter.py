@@ -24,10 +24,16 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from .env import compute_dtype
 from .errors import DrafterError, read_json_object
+from .loading import check_weights, read_safetensors
 
 MODEL_TYPE = "recurrent_drafting_drafter"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+# Advice for the usual mismatches between a checkpoint's weights and its config.json.
+WEIGHT_HINTS = {
+    "emb_norm.": ' (set "emb_norm": true in config.json)',
+    "input_proj.": " (exit_dim in config.json decides whether input_proj exists)",
+}
 
 
 @dataclass
@@ -479,12 +485,6 @@ def save_drafter(drafter: Drafter, path: str | os.PathLike) -> Path:
     return path
 
 
-def _keys(names, limit: int = 6) -> str:
-    names = sorted(names)
-    more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
-
-
 def load_drafter(path: str | os.PathLike, base=None, dtype: mx.Dtype | None = None) -> Drafter:
     """Load a drafter directory (config.json + model.safetensors; Apple's layout or ours).
 
@@ -520,15 +520,7 @@ def load_drafter(path: str | os.PathLike, base=None, dtype: mx.Dtype | None = No
                 f"but the base model has {b.vocab_size}"
             )
 
-    try:
-        weights = mx.load(str(weights_path))
-    except Exception as e:  # mlx checks the header and offsets (RuntimeError/ValueError)
-        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DrafterError(
-            f"{weights_path}: truncated or corrupt safetensors file: {detail}"
-        ) from None
-    if not isinstance(weights, dict):
-        raise DrafterError(f"{weights_path}: not a safetensors file")
+    weights = read_safetensors(weights_path, DrafterError)
     drafter = Drafter(args)
     if args.quantization:
         q = args.quantization
@@ -540,30 +532,7 @@ def load_drafter(path: str | os.PathLike, base=None, dtype: mx.Dtype | None = No
             class_predicate=lambda p, m: isinstance(m, nn.Linear) and f"{p}.scales" in weights,
         )
 
-    expected = dict(tree_flatten(drafter.parameters()))
-    missing = set(expected) - set(weights)
-    extra = set(weights) - set(expected)
-    if missing or extra:
-        parts = []
-        if missing:
-            parts.append(f"missing {_keys(missing)}")
-        if extra:
-            parts.append(f"unexpected {_keys(extra)}")
-        hint = ""
-        if "emb_norm.weight" in extra:
-            hint = ' (set "emb_norm": true in config.json)'
-        elif any(k.startswith("input_proj.") for k in missing | extra):
-            hint = " (exit_dim in config.json decides whether input_proj exists)"
-        raise DrafterError(f"{weights_path}: {'; '.join(parts)}{hint}")
-    wrong = [
-        f"{name} has shape {tuple(weights[name].shape)}, "
-        f"config.json implies {tuple(expected[name].shape)}"
-        for name in sorted(weights)
-        if weights[name].shape != expected[name].shape
-    ]
-    if wrong:
-        more = f" (+{len(wrong) - 3} more)" if len(wrong) > 3 else ""
-        raise DrafterError(f"{weights_path}: {'; '.join(wrong[:3])}{more}")
+    check_weights(drafter, weights, weights_path, DrafterError, WEIGHT_HINTS)
 
     drafter.load_weights(list(weights.items()))
     if dtype is None and base is not None:

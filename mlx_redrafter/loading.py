@@ -18,7 +18,7 @@ from mlx.utils import tree_flatten, tree_map
 
 from .defaults import default_model_dir
 from .env import default_dtype, parse_dtype
-from .errors import LoadError, read_json_object
+from .errors import LoadError, RedrafterError, read_json_object
 from .gguf import convert_gguf
 from .model import Model, ModelArgs
 
@@ -252,33 +252,59 @@ def load_weights(path: str | Path) -> dict[str, mx.array]:
         raise LoadError(f"{path}: no *.safetensors weights{hint}")
     weights: dict[str, mx.array] = {}
     for file in files:
-        try:
-            weights.update(mx.load(str(file)))
-        except Exception as e:  # mlx checks headers and offsets, raising RuntimeError/ValueError
-            detail = re.sub(r"^\[\w+\]\s*", "", str(e).strip())
-            raise LoadError(f"{file}: truncated or corrupt safetensors file: {detail}") from e
+        weights.update(read_safetensors(file))
     return weights
 
 
-def _check_weights(model: nn.Module, weights: dict[str, mx.array], path: Path) -> None:
-    expected = dict(tree_flatten(model.parameters()))
+def read_safetensors(file: Path, error: type[RedrafterError] = LoadError) -> dict[str, mx.array]:
+    """The arrays of one safetensors file; `error` naming it if it is truncated or corrupt."""
+    try:
+        weights = mx.load(str(file))
+    except Exception as e:  # mlx checks headers and offsets, raising RuntimeError/ValueError
+        text = str(e).strip()
+        detail = re.sub(r"^\[\w+\]\s*", "", text.splitlines()[0]) if text else type(e).__name__
+        raise error(f"{file}: truncated or corrupt safetensors file: {detail}") from None
+    if not isinstance(weights, dict):
+        raise error(f"{file}: not a safetensors file")
+    return weights
+
+
+def check_weights(
+    module: nn.Module,
+    weights: dict[str, mx.array],
+    where,
+    error: type[RedrafterError] = LoadError,
+    hints: dict[str, str] | None = None,
+    origin: dict[str, Path] | None = None,
+) -> None:
+    """`error` naming `where` unless `weights` has exactly `module`'s parameters, shape for
+    shape. `hints` maps a parameter-name prefix to advice added when a named key has it;
+    `origin` maps a key to the file it came from (a sharded checkpoint), named instead."""
+    origin = origin or {}
+    expected = dict(tree_flatten(module.parameters()))
     missing = sorted(set(expected) - set(weights))
     extra = sorted(set(weights) - set(expected))
 
     def some(keys: list[str]) -> str:
         return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
 
+    def hint(keys: list[str]) -> str:
+        found = [h for p, h in (hints or {}).items() if any(k.startswith(p) for k in keys)]
+        return found[0] if found else ""
+
     if missing:
-        raise LoadError(f"{path}: weights missing for {some(missing)}")
+        raise error(f"{where}: weights missing for {some(missing)}{hint(missing)}")
     if extra:
-        raise LoadError(f"{path}: unexpected weights {some(extra)}")
+        where = origin.get(extra[0], where)
+        raise error(f"{where}: unexpected weights {some(extra)}{hint(extra)}")
     wrong = [
         f"{k} {tuple(weights[k].shape)} (expected {tuple(v.shape)})"
         for k, v in expected.items()
         if tuple(weights[k].shape) != tuple(v.shape)
     ]
     if wrong:
-        raise LoadError(f"{path}: shape mismatch: {some(wrong)}")
+        where = origin.get(wrong[0].split(" ", 1)[0], where)
+        raise error(f"{where}: shape mismatch: {some(wrong)}")
 
 
 def _quantize(model: nn.Module, quantization: dict[str, Any], weights: dict, path: Path) -> None:
@@ -312,7 +338,7 @@ def load_model(path: str | Path, dtype: str | None = None, lazy: bool = False):
     weights = model.sanitize(load_weights(path))
     if config.get("quantization") is not None:
         _quantize(model, config["quantization"], weights, path)
-    _check_weights(model, weights, path)
+    check_weights(model, weights, path)
     try:
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as e:
