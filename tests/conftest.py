@@ -9,6 +9,7 @@ from pathlib import Path
 import mlx.core as mx  # the root conftest imported mlx_redrafter (and its BLAS) first
 import numpy as np
 import pytest
+from helpers import save_tokenizer, tiny_llama_config
 from mlx.utils import tree_flatten
 
 from mlx_redrafter import loading
@@ -21,14 +22,8 @@ CHATML = (
 TINY_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 TINY_MERGES = ["Ġ t", "h e", "Ġt he"]
 
+# The tiny checkpoint's config: tiny_llama_config(len(tiny_vocab()), 64) with these keys.
 TINY_CONFIG = dict(
-    model_type="llama",
-    hidden_size=64,
-    num_hidden_layers=2,
-    intermediate_size=128,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    rms_norm_eps=1e-5,
     rope_theta=10000.0,
     max_position_embeddings=512,
     tie_word_embeddings=True,
@@ -68,15 +63,13 @@ def write_tiny_tokenizer(path: Path) -> None:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in TINY_SPECIALS])
-    tok.save(str(path / "tokenizer.json"))
     config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": "<|im_start|>",
         "eos_token": "<|im_end|>",
         "unk_token": "<|endoftext|>",
         "chat_template": CHATML,
     }
-    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    save_tokenizer(tok, path, config)
 
 
 @pytest.fixture
@@ -87,7 +80,7 @@ def tiny_llama_dir(tmp_path):
     """
 
     def make(name: str = "tiny", seed: int = 0, **overrides) -> Path:
-        config = {**TINY_CONFIG, "vocab_size": len(tiny_vocab()), **overrides}
+        config = {**tiny_llama_config(len(tiny_vocab()), 64, **TINY_CONFIG), **overrides}
         family = {"mistral": "llama"}.get(config["model_type"], config["model_type"])
         module = importlib.import_module(f"mlx_lm.models.{family}")
         mx.random.seed(seed)

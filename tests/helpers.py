@@ -1,6 +1,9 @@
-"""Tiny on-disk models for CLI tests: a random Llama with a real (byte-level BPE) tokenizer and
+"""Shared test helpers (plain functions; the pytest fixtures are in conftest.py).
+
+Tiny on-disk models for CLI tests: a random Llama with a real (byte-level BPE) tokenizer and
 a ChatML template, readable by `mlx_redrafter.loading.load` and by `mlx_lm.load`, plus a
-random drafter for it. Nothing is downloaded.
+random drafter for it. Nothing is downloaded. Tiny in-memory models: their configs, the model
+families, random weights, a literal draft tree. Comparing numbers computed in different orders.
 """
 
 from __future__ import annotations
@@ -36,6 +39,14 @@ _CORPUS = [
 ]
 
 
+def save_tokenizer(tok, path: Path, config: dict, indent: int | None = None) -> None:
+    """Write a `tokenizers.Tokenizer` as path/tokenizer.json, and path/tokenizer_config.json
+    for a PreTrainedTokenizerFast with `config`'s keys."""
+    tok.save(str(path / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", **config}
+    (path / "tokenizer_config.json").write_text(json.dumps(config, indent=indent))
+
+
 def write_tokenizer(path: Path, vocab_size: int = 320) -> int:
     """A byte-level BPE over printable ASCII only, so random models print readable text.
     Returns the vocabulary size."""
@@ -54,9 +65,7 @@ def write_tokenizer(path: Path, vocab_size: int = 320) -> int:
     )
     tok.train_from_iterator(_CORPUS, trainer)
     path.mkdir(parents=True, exist_ok=True)
-    tok.save(str(path / "tokenizer.json"))
     config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": None,
         "eos_token": "<|im_end|>",
         "unk_token": "<|endoftext|>",
@@ -75,7 +84,7 @@ def write_tokenizer(path: Path, vocab_size: int = 320) -> int:
             for i, s in enumerate(SPECIAL)
         },
     }
-    (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    save_tokenizer(tok, path, config, indent=2)
     return tok.get_vocab_size()
 
 
@@ -181,25 +190,115 @@ def invoke(args: list[str], env: dict[str, str] | None = None, input: str | None
 
 
 # ---------------------------------------------------------------------------------------------
+# Tiny random models
+
+
+def tiny_llama_config(
+    vocab_size: int,
+    hidden_size: int = 32,
+    num_hidden_layers: int = 2,
+    intermediate_size: int | None = None,
+    num_key_value_heads: int = 2,
+    **extra,
+) -> dict:
+    """A tiny llama config: 4 attention heads, RMS-norm eps 1e-5, an MLP twice as wide as the
+    hidden size unless told; `extra` keys (max_position_embeddings, tie_word_embeddings, ...)
+    follow in their order."""
+    return dict(
+        model_type="llama",
+        hidden_size=hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        intermediate_size=intermediate_size or 2 * hidden_size,
+        num_attention_heads=4,
+        num_key_value_heads=num_key_value_heads,
+        rms_norm_eps=1e-5,
+        vocab_size=vocab_size,
+        **extra,
+    )
+
+
+# The base config of the model-family tests (test_model, test_fused): each family, those below
+# and each file's own, sets its model_type and keys on top.
+TINY_ARGS = tiny_llama_config(
+    101, 64, intermediate_size=96, max_position_embeddings=256, rope_theta=10000.0
+)
+
+TINY_FAMILIES = {
+    "llama": dict(model_type="llama", tie_word_embeddings=False),
+    "llama3-rope": dict(
+        model_type="llama",
+        tie_word_embeddings=False,
+        rope_theta=500000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32,
+        },
+    ),
+    "mistral": dict(model_type="mistral", tie_word_embeddings=False),
+    "qwen2": dict(model_type="qwen2", tie_word_embeddings=True),
+    "qwen3": dict(model_type="qwen3", tie_word_embeddings=True, head_dim=32),
+}
+
+
+def random_model(config: dict, seed: int):
+    """Our Model for `config` with the default initial weights drawn after
+    mx.random.seed(seed), evaluated."""
+    import mlx.core as mx
+
+    from mlx_redrafter.model import Model, ModelArgs
+
+    mx.random.seed(seed)
+    model = Model(ModelArgs.from_dict(config))
+    mx.eval(model.parameters())
+    return model
+
+
+def random_params(model) -> list:
+    """New (name, value) pairs for every parameter of `model`, drawn from the current random
+    state: 0.5 x N(0, 1), plus 1 for norms. Random non-trivial norms and biases, so every
+    parameter matters."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    return [
+        (k, mx.random.normal(v.shape) * 0.5 + (1.0 if "norm" in k else 0.0))
+        for k, v in tree_flatten(model.parameters())
+    ]
+
+
+def literal_tree(prefix_len: int):
+    """A literal tree after `prefix_len` cached tokens: root r, children a and b, a has child c,
+    b has children d and e.
+
+    Nodes 0=r 1=a 2=c 3=b 4=d 5=e. Returns (depths (6,) numpy, mask (1, 1, 6, prefix_len + 6)
+    mx bool: all of the prefix and each node's ancestors and itself, root-to-leaf branches).
+    """
+    import mlx.core as mx
+
+    parents = [-1, 0, 1, 0, 3, 3]
+    depths = np.array([0, 1, 2, 1, 2, 2])
+    n = len(parents)
+    ancestors = np.zeros((n, n), bool)
+    for i in range(n):
+        j = i
+        while j >= 0:
+            ancestors[i, j] = True
+            j = parents[j]
+    mask = np.concatenate([np.ones((n, prefix_len), bool), ancestors], axis=1)
+    branches = [[0, 1, 2], [0, 3, 4], [0, 3, 5]]
+    return depths, mx.array(mask)[None, None], branches
+
+
+# ---------------------------------------------------------------------------------------------
 # Comparing numbers computed in different orders
 
 # The same float maths computed in another order (another BLAS or thread count, another CPU's
 # kernels, a batched or tree-shaped pass instead of one token at a time) rounds differently,
 # and the difference grows with depth: float32 logits of a 2-layer random model differ by up
 # to ~1.5e-5 of their largest magnitude across CPUs. Tolerances are relative to that scale.
-# A tiny random model's config (every family test adds model_type and its own keys).
-TINY_ARGS = dict(
-    hidden_size=64,
-    num_hidden_layers=2,
-    intermediate_size=96,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    rms_norm_eps=1e-5,
-    vocab_size=101,
-    max_position_embeddings=256,
-    rope_theta=10000.0,
-)
-
 RTOL = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from helpers import assert_close
+from helpers import assert_close, random_model, save_tokenizer, tiny_llama_config
 
 from mlx_redrafter.convert import ConvertError, convert_drafter, convert_model, drafter_key
 from mlx_redrafter.drafter import beam_search, load_drafter
@@ -21,17 +21,7 @@ from mlx_redrafter.model import Model, ModelArgs
 
 VOCAB = 40  # < 50, so Apple's top-50 warp keeps every token and plain log-softmax is exact
 HIDDEN = 32
-BASE_CONFIG = dict(
-    model_type="llama",
-    hidden_size=HIDDEN,
-    num_hidden_layers=1,
-    intermediate_size=64,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    rms_norm_eps=1e-5,
-    vocab_size=VOCAB,
-    tie_word_embeddings=True,
-)
+BASE_CONFIG = tiny_llama_config(VOCAB, HIDDEN, num_hidden_layers=1, tie_word_embeddings=True)
 
 
 def leftovers(dst: Path) -> list[str]:
@@ -59,9 +49,7 @@ def assert_fails_cleanly(fn, dst: Path, *needles: str) -> str:
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory) -> Path:
     """A tiny MLX llama directory (the drafters' base model)."""
-    mx.random.seed(7)
-    model = Model(ModelArgs.from_dict(BASE_CONFIG))
-    mx.eval(model.parameters())
+    model = random_model(BASE_CONFIG, seed=7)
     path = tmp_path_factory.mktemp("base")
     model.save_weights(str(path / "model.safetensors"))
     (path / "config.json").write_text(json.dumps(BASE_CONFIG))
@@ -444,14 +432,12 @@ def write_word_tokenizer(path: Path, vocab: int) -> None:
 
     tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab)}, unk_token="w0"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.save(str(path / "tokenizer.json"))
     config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
         "eos_token": "w1",
         "unk_token": "w0",
         "chat_template": "{% for m in messages %}{{ m['content'] }} {% endfor %}",
     }
-    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    save_tokenizer(tok, path, config)
 
 
 def write_bin_shards(path: Path, state: dict, shards: int, index: bool) -> None:
@@ -475,17 +461,8 @@ def hf_llama(tmp_path_factory):
     """(torch model, directory factory) for a tiny random Llama checkpoint."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-    )
+    shape = tiny_llama_config(96, 64, max_position_embeddings=128, tie_word_embeddings=False)
+    config = transformers.LlamaConfig(**{k: v for k, v in shape.items() if k != "model_type"})
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).eval()
     with torch.no_grad():

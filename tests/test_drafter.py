@@ -11,7 +11,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from helpers import RTOL, assert_close
+from helpers import RTOL, assert_close, random_model, tiny_llama_config
 from mlx.utils import tree_flatten
 
 from mlx_redrafter.drafter import (
@@ -24,20 +24,13 @@ from mlx_redrafter.drafter import (
     quantize_drafter,
     save_drafter,
 )
-from mlx_redrafter.model import Model, ModelArgs
 
 H, V = 32, 64
 DRAFT_IDS = [3, 60, 7, 11, 2, 40, 41, 19, 23, 5, 50, 33]  # K = 12, deliberately unsorted
 
-BASE_CONFIG = dict(
-    model_type="llama",
-    hidden_size=H,
-    num_hidden_layers=2,
-    intermediate_size=48,
-    num_attention_heads=4,
-    rms_norm_eps=1e-5,
-    vocab_size=V,
-    tie_word_embeddings=True,
+# As many KV heads as attention heads (4).
+BASE_CONFIG = tiny_llama_config(
+    V, H, intermediate_size=48, num_key_value_heads=4, tie_word_embeddings=True
 )
 
 VARIANTS = {
@@ -52,10 +45,7 @@ VARIANTS = {
 
 @pytest.fixture(scope="module")
 def base():
-    mx.random.seed(1)
-    model = Model(ModelArgs.from_dict(BASE_CONFIG))
-    mx.eval(model.parameters())
-    return model
+    return random_model(BASE_CONFIG, seed=1)
 
 
 def make_drafter(base, sharpen: float = 4.0, seed: int = 0, **kwargs) -> Drafter:

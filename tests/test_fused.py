@@ -6,7 +6,14 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from helpers import TINY_ARGS, assert_close
+from helpers import (
+    TINY_ARGS,
+    TINY_FAMILIES,
+    assert_close,
+    literal_tree,
+    random_model,
+    random_params,
+)
 from mlx.utils import tree_flatten
 
 from mlx_redrafter import model as model_lib
@@ -15,26 +22,11 @@ from mlx_redrafter.model import Model, ModelArgs, fast_attention, fast_exp, fast
 BASE = TINY_ARGS
 
 FAMILIES = {
-    "llama": dict(model_type="llama", tie_word_embeddings=False),
+    **TINY_FAMILIES,
     "llama-mha": dict(model_type="llama", tie_word_embeddings=True, num_key_value_heads=4),
-    "llama3-rope": dict(
-        model_type="llama",
-        tie_word_embeddings=False,
-        rope_theta=500000.0,
-        rope_scaling={
-            "rope_type": "llama3",
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 32,
-        },
-    ),
     "linear-rope": dict(
         model_type="llama", tie_word_embeddings=True, rope_scaling={"type": "linear", "factor": 2.0}
     ),
-    "mistral": dict(model_type="mistral", tie_word_embeddings=False),
-    "qwen2": dict(model_type="qwen2", tie_word_embeddings=True),
-    "qwen3": dict(model_type="qwen3", tie_word_embeddings=True, head_dim=32),
 }
 
 needs_kernels = pytest.mark.skipif(
@@ -43,17 +35,8 @@ needs_kernels = pytest.mark.skipif(
 
 
 def plain_model(family: str, bits: int | None = None, seed: int = 0) -> Model:
-    mx.random.seed(seed)
-    model = Model(ModelArgs.from_dict({**BASE, **FAMILIES[family]}))
-    # Random non-trivial norms and biases so every parameter matters.
-    model.update(
-        nn.utils.tree_unflatten(
-            [
-                (k, mx.random.normal(v.shape) * 0.5 + (1.0 if "norm" in k else 0.0))
-                for k, v in tree_flatten(model.parameters())
-            ]
-        )
-    )
+    model = random_model({**BASE, **FAMILIES[family]}, seed)
+    model.update(nn.utils.tree_unflatten(random_params(model)))
     if bits is not None:
         nn.quantize(model, group_size=32, bits=bits)
     mx.eval(model.parameters())
@@ -71,18 +54,9 @@ def copy_of(model: Model) -> Model:
 
 
 def tree_inputs(prefix_len: int):
-    """Root r; children a, b; a -> c; b -> d, e. Nodes r a c b d e, depths 0 1 2 1 2 2."""
-    parents = [-1, 0, 1, 0, 3, 3]
-    depths = np.array([0, 1, 2, 1, 2, 2])
-    n = len(parents)
-    ancestors = np.zeros((n, n), bool)
-    for i in range(n):
-        j = i
-        while j >= 0:
-            ancestors[i, j] = True
-            j = parents[j]
-    mask = np.concatenate([np.ones((n, prefix_len), bool), ancestors], axis=1)
-    return mx.array(prefix_len + depths)[None], mx.array(mask)[None, None]
+    """Positions and mask of helpers.literal_tree (depths 0 1 2 1 2 2) after the prefix."""
+    depths, mask, _ = literal_tree(prefix_len)
+    return mx.array(prefix_len + depths)[None], mask
 
 
 def run_all(model: Model, prompt: mx.array, nodes: mx.array) -> list[mx.array]:

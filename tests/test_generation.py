@@ -8,7 +8,7 @@ import math
 import mlx.core as mx
 import numpy as np
 import pytest
-from helpers import assert_greedy_equal, reference_logits
+from helpers import assert_greedy_equal, random_model, reference_logits, tiny_llama_config
 
 from mlx_redrafter.accept import process_logits, sample_accept_batch, sample_token
 from mlx_redrafter.drafter import init_drafter
@@ -20,7 +20,7 @@ from mlx_redrafter.generation import (
     stream_generate,
     verify_tree,
 )
-from mlx_redrafter.model import Model, ModelArgs
+from mlx_redrafter.model import Model
 
 
 class FakeDetokenizer:
@@ -55,22 +55,10 @@ class FakeTokenizer:
 
 
 def tiny_model(seed: int, vocab: int = 64, layers: int = 2, hidden: int = 48) -> Model:
-    mx.random.seed(seed)
-    args = ModelArgs.from_dict(
-        dict(
-            model_type="llama",
-            hidden_size=hidden,
-            num_hidden_layers=layers,
-            intermediate_size=2 * hidden,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            rms_norm_eps=1e-5,
-            vocab_size=vocab,
-            max_position_embeddings=1024,
-            tie_word_embeddings=False,
-        )
+    config = tiny_llama_config(
+        vocab, hidden, layers, max_position_embeddings=1024, tie_word_embeddings=False
     )
-    model = Model(args)
+    model = random_model(config, seed)
     # Sharper logits than the default init, so greedy runs have structure (and no ties).
     model.lm_head.weight = model.lm_head.weight * 4.0
     mx.eval(model.parameters())
@@ -453,31 +441,33 @@ SAMPLING_CASES = [
 ]
 
 
-@pytest.mark.parametrize("W,L,temperature,top_k,top_p", SAMPLING_CASES)
-def test_sampling_is_lossless_end_to_end(W, L, temperature, top_k, top_p):
+def sampled_and_exact(prompt, seed, W, L, sampling, exact_sampling=None, make_tree=None):
+    """(counts, exact) for the first three tokens on a small model (V = 12): counts over 20000
+    draws through the engine with `sampling` = (temperature, top_k, top_p), made after
+    mx.random.seed(seed); exact, their probabilities (flattened) under `exact_sampling`
+    (default: the same)."""
     V = 12
     model = tiny_model(21, vocab=V, hidden=32)
     # A drafter that is right often enough that deep acceptances happen.
     drafter = init_drafter(model, seed=5)
-    prompt = [1, 5, 3]
-    mx.random.seed(1234)
-    exact = exact_first_three(model, prompt, temperature, top_k, top_p, V).reshape(-1)
+    mx.random.seed(seed)
+    exact = exact_first_three(model, prompt, *(exact_sampling or sampling), V).reshape(-1)
     counts = redrafter_first_three(
-        model, drafter, prompt, W, L, temperature, top_k, top_p, 20000, V
+        model, drafter, prompt, W, L, *sampling, 20000, V, make_tree=make_tree
     )
+    return counts, exact
+
+
+@pytest.mark.parametrize("W,L,temperature,top_k,top_p", SAMPLING_CASES)
+def test_sampling_is_lossless_end_to_end(W, L, temperature, top_k, top_p):
+    counts, exact = sampled_and_exact([1, 5, 3], 1234, W, L, (temperature, top_k, top_p))
     assert counts.sum() == 20000
     assert chi2_pvalue(counts.reshape(-1), exact) > 1e-4
 
 
 def test_the_chi_square_check_can_fail():
     """The same statistic rejects a distribution that is off (temperature 1.0 vs 0.8)."""
-    V = 12
-    model = tiny_model(21, vocab=V, hidden=32)
-    drafter = init_drafter(model, seed=5)
-    prompt = [1, 5, 3]
-    mx.random.seed(99)
-    exact = exact_first_three(model, prompt, 0.8, 0, 1.0, V).reshape(-1)
-    counts = redrafter_first_three(model, drafter, prompt, 2, 3, 1.0, 0, 1.0, 20000, V)
+    counts, exact = sampled_and_exact([1, 5, 3], 99, 2, 3, (1.0, 0, 1.0), (0.8, 0, 1.0))
     assert chi2_pvalue(counts.reshape(-1), exact) < 1e-6
 
 
@@ -591,27 +581,16 @@ def mixed_tree(model, drafter, context, g0, W, L, history):
 
 @pytest.mark.parametrize("W,L,temperature,top_k,top_p", [(1, 3, 1.0, 0, 1.0), (2, 2, 0.8, 0, 0.9)])
 def test_sampling_is_lossless_with_mixed_trees(W, L, temperature, top_k, top_p):
-    V = 12
-    model = tiny_model(21, vocab=V, hidden=32)
-    drafter = init_drafter(model, seed=5)
     prompt = [1, 5, 3, 1, 5, 3, 1]  # lookup always has something to copy
-    mx.random.seed(4321)
-    exact = exact_first_three(model, prompt, temperature, top_k, top_p, V).reshape(-1)
-    counts = redrafter_first_three(
-        model, drafter, prompt, W, L, temperature, top_k, top_p, 20000, V, make_tree=mixed_tree
-    )
+    sampling = (temperature, top_k, top_p)
+    counts, exact = sampled_and_exact(prompt, 4321, W, L, sampling, make_tree=mixed_tree)
     assert counts.sum() == 20000
     assert chi2_pvalue(counts.reshape(-1), exact) > 1e-4
 
 
 def test_the_chi_square_check_can_fail_with_mixed_trees():
-    V = 12
-    model = tiny_model(21, vocab=V, hidden=32)
-    drafter = init_drafter(model, seed=5)
     prompt = [1, 5, 3, 1, 5, 3, 1]
-    mx.random.seed(77)
-    exact = exact_first_three(model, prompt, 0.8, 0, 1.0, V).reshape(-1)
-    counts = redrafter_first_three(
-        model, drafter, prompt, 2, 3, 1.0, 0, 1.0, 20000, V, make_tree=mixed_tree
+    counts, exact = sampled_and_exact(
+        prompt, 77, 2, 3, (1.0, 0, 1.0), (0.8, 0, 1.0), make_tree=mixed_tree
     )
     assert chi2_pvalue(counts.reshape(-1), exact) < 1e-6

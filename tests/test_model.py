@@ -4,34 +4,15 @@ import importlib
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 import pytest
-from helpers import TINY_ARGS, assert_close
+from helpers import TINY_ARGS, TINY_FAMILIES, assert_close, literal_tree, random_params
 from mlx.utils import tree_flatten
 
 from mlx_redrafter.model import Model, ModelArgs, UnsupportedModelError
 
 BASE = TINY_ARGS
 
-FAMILIES = {
-    "llama": dict(model_type="llama", tie_word_embeddings=False),
-    "llama-tied": dict(model_type="llama", tie_word_embeddings=True),
-    "llama3-rope": dict(
-        model_type="llama",
-        tie_word_embeddings=False,
-        rope_theta=500000.0,
-        rope_scaling={
-            "rope_type": "llama3",
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 32,
-        },
-    ),
-    "mistral": dict(model_type="mistral", tie_word_embeddings=False),
-    "qwen2": dict(model_type="qwen2", tie_word_embeddings=True),
-    "qwen3": dict(model_type="qwen3", tie_word_embeddings=True, head_dim=32),
-}
+FAMILIES = {**TINY_FAMILIES, "llama-tied": dict(model_type="llama", tie_word_embeddings=True)}
 
 
 def pair(family: str, seed: int = 0):
@@ -42,11 +23,7 @@ def pair(family: str, seed: int = 0):
     name = {"mistral": "llama"}.get(cfg["model_type"], cfg["model_type"])
     module = importlib.import_module(f"mlx_lm.models.{name}")
     ref = module.Model(module.ModelArgs.from_dict(cfg))
-    # Random non-trivial norms and biases so every parameter matters.
-    params = [
-        (k, mx.random.normal(v.shape) * 0.5 + (1.0 if "norm" in k else 0.0))
-        for k, v in tree_flatten(ref.parameters())
-    ]
+    params = random_params(ref)
     ref.load_weights(params)
     ours = Model(ModelArgs.from_dict(cfg))
     ours.load_weights(params, strict=True)
@@ -108,32 +85,13 @@ def close(a, b):
     assert_close(a, b)
 
 
-def _tree_inputs(prefix_len: int):
-    """A literal tree: root r, children a and b, a has child c, b has children d and e.
-
-    nodes: 0=r 1=a 2=c 3=b 4=d 5=e ; depths 0 1 2 1 2 2
-    """
-    parents = [-1, 0, 1, 0, 3, 3]
-    depths = np.array([0, 1, 2, 1, 2, 2])
-    n = len(parents)
-    anc = np.zeros((n, n), bool)
-    for i in range(n):
-        j = i
-        while j >= 0:
-            anc[i, j] = True
-            j = parents[j]
-    mask = np.concatenate([np.ones((n, prefix_len), bool), anc], axis=1)
-    branches = [[0, 1, 2], [0, 3, 4], [0, 3, 5]]
-    return depths, mx.array(mask)[None, None], branches
-
-
 @pytest.mark.parametrize("family", ["llama", "llama3-rope", "qwen2", "qwen3"])
 def test_tree_verify_matches_sequential_and_commit_continues(family):
     ours, _, cfg = pair(family, seed=3)
     V = cfg["vocab_size"]
     prompt = mx.random.randint(0, V, (1, 9))
     node_tokens = mx.array([[5, 17, 33, 42, 60, 77]])
-    depths, mask, branches = _tree_inputs(prompt.shape[1])
+    depths, mask, branches = literal_tree(prompt.shape[1])
 
     cache = ours.make_cache()
     ours(prompt, cache)

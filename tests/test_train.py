@@ -7,7 +7,14 @@ from dataclasses import replace
 import mlx.core as mx
 import numpy as np
 import pytest
-from helpers import RTOL, assert_close, assert_greedy_equal, reference_logits
+from helpers import (
+    RTOL,
+    assert_close,
+    assert_greedy_equal,
+    random_model,
+    reference_logits,
+    tiny_llama_config,
+)
 from mlx.utils import tree_flatten
 
 import mlx_redrafter.train.data as train_data
@@ -16,7 +23,6 @@ from mlx_redrafter.batch import generate_greedy_batch, teacher_forced_hidden
 from mlx_redrafter.drafter import beam_search, init_drafter, load_drafter
 from mlx_redrafter.errors import PromptError
 from mlx_redrafter.generation import DecodeStats, SamplingConfig, plain_steps
-from mlx_redrafter.model import Model, ModelArgs
 from mlx_redrafter.prompts import encode_chat, read_prompts
 from mlx_redrafter.train import (
     FitConfig,
@@ -51,22 +57,10 @@ class TinyTokenizer:
 
 
 def tiny_model(seed=0, hidden=32, layers=2):
-    mx.random.seed(seed)
-    args = ModelArgs.from_dict(
-        dict(
-            model_type="llama",
-            hidden_size=hidden,
-            num_hidden_layers=layers,
-            intermediate_size=64,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            rms_norm_eps=1e-5,
-            vocab_size=VOCAB,
-            tie_word_embeddings=False,
-        )
+    config = tiny_llama_config(
+        VOCAB, hidden, layers, intermediate_size=64, tie_word_embeddings=False
     )
-    model = Model(args)
-    mx.eval(model.parameters())
+    model = random_model(config, seed)
     model.freeze()
     return model
 
@@ -111,15 +105,9 @@ def data(model, prompts_file, tmp_path_factory):
     )
 
 
-FIT = FitConfig(
-    epochs=2,
-    learning_rate=3e-3,
-    batch_size=32,
-    num_predict=3,
-    num_layers=1,
-    eval_fraction=0.1,
-    checkpoint_every=1000,
-)
+# The small training settings of every run here (fit's FitConfig and train_drafter's keywords).
+SMALL = dict(learning_rate=3e-3, batch_size=32, num_predict=3, num_layers=1, eval_fraction=0.1)
+FIT = FitConfig(epochs=2, **SMALL, checkpoint_every=1000)
 RUN = dict(progress=False, eos_token_ids=[EOS])
 
 
@@ -261,13 +249,19 @@ def test_relabel_target_is_the_greedy_choice_after_each_answer_prefix(
 # The training forward is the inference forward
 
 
-def test_positions_align_heads_with_tokens():
-    data = train.DistillData(
+def one_sequence(labels=None):
+    """Distillation data of one sequence, the tokens 10 to 14 (its hidden states are zeros)."""
+    return train.DistillData(
         tokens=[np.array([10, 11, 12, 13, 14], np.int32)],
         hidden=np.zeros((4, 2), np.float16),
         hidden_start=np.array([0, 4]),
         prompt_index=np.array([0]),
+        labels=labels,
     )
+
+
+def test_positions_align_heads_with_tokens():
+    data = one_sequence()
     pos = make_positions(data, [0], num_predict=2)
     # t = 0, 1, 2: H_t with x_{t+1} (g0) and then x_{t+2}, x_{t+3}; -1 past the end.
     assert pos.rows.tolist() == [0, 1, 2]
@@ -279,13 +273,7 @@ def test_positions_align_heads_with_tokens():
 
 
 def test_relabelled_positions_read_tokens_and_predict_labels():
-    data = train.DistillData(
-        tokens=[np.array([10, 11, 12, 13, 14], np.int32)],
-        hidden=np.zeros((4, 2), np.float16),
-        hidden_start=np.array([0, 4]),
-        prompt_index=np.array([0]),
-        labels=[np.array([-1, 21, 22, 23, 24], np.int32)],
-    )
+    data = one_sequence(labels=[np.array([-1, 21, 22, 23, 24], np.int32)])
     pos = make_positions(data, [0], num_predict=2)
     # The RNN still reads the tokens x; head i predicts y_{t+i+1} instead of x_{t+i+1}.
     assert pos.windows.tolist() == [[11, 12, 13], [12, 13, 14], [13, 14, -1]]
@@ -340,14 +328,10 @@ def test_training_lowers_loss_and_writes_a_loadable_drafter(model, prompts_file,
         num_prompts=None,
         new_tokens=14,
         epochs=4,
-        learning_rate=3e-3,
-        batch_size=32,
-        num_predict=3,
-        num_layers=1,
+        **SMALL,
         draft_vocab_size=12,
         gen_batch_size=8,
         shard_size=8,
-        eval_fraction=0.1,
         progress=False,
         save_dtype="float16",
     )
