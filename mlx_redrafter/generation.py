@@ -444,16 +444,11 @@ def stream_generate(
     beam_width, beam_length = resolve_beam(model, beam_width, beam_length)
     look = resolve_lookup(lookup, lookup_max)
     ids = encode_prompt(tokenizer, prompt)
-    extra = lookahead_tokens(drafter is not None, beam_length, look)
-    limit = model.context_length
-    if limit and len(ids) + max_tokens + extra > limit:
-        raise GenerationError(
-            f"prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) exceeds the model's "
-            f"context length of {limit} tokens"
-        )
+    _check_fits(
+        model, len(ids), max_tokens, lookahead_tokens(drafter is not None, beam_length, look)
+    )
     if seed is not None:
         mx.random.seed(seed)
-
     if cache is None:
         cache = model.make_cache()
         cache.tokens = []
@@ -465,49 +460,22 @@ def stream_generate(
     else:
         policy = tree_policy(model) if look is not None else None
         steps = redrafter_steps(
-            model,
-            drafter,
-            cache,
-            new_ids,
-            sampling,
-            stats,
-            beam_width,
-            beam_length,
-            profile,
-            lookup=look,
-            policy=policy,
-            history=ids,
-        )
+            model, drafter, cache, new_ids, sampling, stats, beam_width, beam_length, profile,
+            lookup=look, policy=policy, history=ids,
+        )  # fmt: skip
 
-    eos = eos_ids(tokenizer)
-    detok = tokenizer.detokenizer
-    detok.reset()
-    matcher = _StopMatcher(stop)
+    text_out = _TextOut(tokenizer, stop, max_tokens)
     emitted: list[int] = []
     t_first = None
-    finish = None
     try:
         for run in steps:
             for i, token in enumerate(run):
                 emitted.append(token)
                 now = time.perf_counter()
-                if t_first is None:
-                    t_first = now
+                t_first = now if t_first is None else t_first
                 stats.num_tokens = len(emitted)
                 stats.decode_time = now - t_first
-                if token in eos:
-                    finish = "stop"
-                    detok.finalize()
-                    text = matcher.feed(detok.last_segment)[0] + matcher.flush()
-                else:
-                    detok.add_token(token)
-                    text, stopped = matcher.feed(detok.last_segment)
-                    if stopped:
-                        finish = "stop"
-                    elif len(emitted) >= max_tokens:
-                        finish = "length"
-                        detok.finalize()
-                        text += matcher.feed(detok.last_segment)[0] + matcher.flush()
+                text, finish = text_out.add(token, len(emitted))
                 yield GenerationResponse(
                     text=text,
                     token=token,
@@ -528,6 +496,42 @@ def stream_generate(
         # if a prefill was interrupted (Ctrl-C) before all of it was committed.
         cache.tokens = (list(ids) + emitted[:-1])[: cache.offset]
         cache.trim(cache.offset - len(cache.tokens))
+
+
+def _check_fits(model, prompt_tokens: int, max_tokens: int, lookahead: int) -> None:
+    limit = model.context_length
+    if limit and prompt_tokens + max_tokens + lookahead > limit:
+        raise GenerationError(
+            f"prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) exceeds the model's "
+            f"context length of {limit} tokens"
+        )
+
+
+class _TextOut:
+    """Tokens -> text pieces: the streaming detokenizer, stop strings, EOS and max_tokens
+    decide each token's text and whether it ends the generation ("stop", "length")."""
+
+    def __init__(self, tokenizer, stop: Sequence[str], max_tokens: int):
+        self.eos = eos_ids(tokenizer)
+        self.detok = tokenizer.detokenizer
+        self.detok.reset()
+        self.matcher = _StopMatcher(stop)
+        self.max_tokens = max_tokens
+
+    def add(self, token: int, count: int) -> tuple[str, str | None]:
+        """The text `token` (the `count`-th) adds, and the finish reason if it is the last."""
+        detok, matcher = self.detok, self.matcher
+        if token in self.eos:
+            detok.finalize()
+            return matcher.feed(detok.last_segment)[0] + matcher.flush(), "stop"
+        detok.add_token(token)
+        text, stopped = matcher.feed(detok.last_segment)
+        if stopped:
+            return text, "stop"
+        if count >= self.max_tokens:
+            detok.finalize()
+            return text + matcher.feed(detok.last_segment)[0] + matcher.flush(), "length"
+        return text, None
 
 
 def resolve_beam(model, beam_width: int | None, beam_length: int | None) -> tuple[int, int]:
