@@ -10,6 +10,7 @@ import pytest
 from helpers import REPO_ROOT, cli_env, invoke, run_cli, write_tiny_drafter, write_tiny_model
 
 from mlx_redrafter.chat import ChatSession, ContextFullError
+from mlx_redrafter.cli.chat import stats_report
 from mlx_redrafter.drafter import load_drafter
 from mlx_redrafter.generation import stream_generate
 from mlx_redrafter.loading import load
@@ -158,6 +159,27 @@ def test_piped_stdin(tiny, loaded):
     assert "last answer: 8 tokens" in proc.stderr
     assert "1 turn," in proc.stderr
     assert ">>>" not in proc.stdout + proc.stderr
+
+
+def test_stats_report_names_each_source(loaded):
+    model, tokenizer, drafter = loaded
+    text = "red green blue red green blue red green blue red green blue"
+    both = ChatSession(model, tokenizer, drafter, max_tokens=24)
+    list(both.send(text))
+    report = stats_report(both)
+    stats = both.turns[-1].stats
+    assert "context lookup + ReDrafter W=" in report and "tokens/step" in report
+    assert sum(stats.accepted_from.values()) == sum(stats.accepted)
+    for source, n in stats.accepted_from.items():
+        assert f"{source} {n}" in report
+    alone = ChatSession(model, tokenizer, None, max_tokens=24)
+    list(alone.send(text))
+    assert "  context lookup: " in stats_report(alone) and "accepted by source:" in stats_report(
+        alone
+    )
+    plain = ChatSession(model, tokenizer, None, max_tokens=8, lookup=False)
+    list(plain.send(text))
+    assert "tokens/step" not in stats_report(plain)
 
 
 def test_bad_option_is_one_line(tiny):

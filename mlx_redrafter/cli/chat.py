@@ -37,6 +37,7 @@ from mlx_redrafter.cli.common import (
 )
 from mlx_redrafter.env import device_name
 from mlx_redrafter.errors import ContextFullError, GenerationError, NotTextError
+from mlx_redrafter.generation import resolve_lookup
 
 
 @friendly_errors
@@ -171,12 +172,16 @@ def stats_report(session: ChatSession) -> str:
             f"{s.decode_tps:.1f} tok/s decode; {last.prompt_tokens} prompt tokens prefilled "
             f"at {s.prefill_tps:.0f} tok/s"
         )
-        if session.drafter is not None:
+        looked = resolve_lookup(session.lookup, session.lookup_max) is not None
+        if session.drafter is not None or looked:
+            how = ["context lookup"] if looked else []
+            if session.drafter is not None:
+                how.append(f"ReDrafter W={session.beam_width} L={session.beam_length}")
             depth = " ".join(f"{a:.2f}" for a in s.accept_by_depth) or "-"
+            sources = ", ".join(f"{k} {v}" for k, v in sorted(s.accepted_from.items()))
             lines.append(
-                f"  ReDrafter W={session.beam_width} L={session.beam_length}: "
-                f"{s.tokens_per_step:.2f} tokens/step over {s.steps} rounds, "
-                f"acceptance by depth {depth}"
+                f"  {' + '.join(how)}: {s.tokens_per_step:.2f} tokens/step over {s.steps} "
+                f"rounds, acceptance by depth {depth}; accepted by source: {sources or 'none'}"
             )
     limit = session.context_length
     used = f"{session.context_used} of {limit}" if limit else f"{session.context_used}"
