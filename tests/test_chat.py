@@ -4,6 +4,7 @@ with the same output as a fresh run); the terminal UI through a pseudo-terminal 
 from __future__ import annotations
 
 import re
+import signal
 import sys
 
 import pytest
@@ -192,6 +193,12 @@ def test_bad_option_is_one_line(tiny):
 STATS = re.compile(r"(\d+) tokens · [\d.]+ tok/s · [\d.]+ tokens/step · prompt (\d+) tokens")
 
 
+def _default_sigint():
+    # A suite started in the background (`cmd &` in a script) runs with SIGINT ignored, and
+    # the child would inherit that: Python then never raises KeyboardInterrupt on Ctrl-C.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def spawn_chat(pexpect, tiny, max_tokens: int, *extra: str):
     model_dir, drafter_dir = tiny
     env = cli_env(config_dir=model_dir.parent / "config")
@@ -214,6 +221,7 @@ def spawn_chat(pexpect, tiny, max_tokens: int, *extra: str):
         encoding="utf-8",
         timeout=120,
         dimensions=(40, 200),
+        preexec_fn=_default_sigint,
     )
     child.expect(r"mlx-redrafter chat · ([^\r\n]*)")
     child.title = child.match.group(1)
@@ -269,9 +277,7 @@ def test_terminal_turns_reset_and_ctrl_d(tiny, loaded):
 
 def test_terminal_ctrl_c_stops_the_answer_and_keeps_history(tiny):
     pexpect = pytest.importorskip("pexpect")
-    # Without lookup: the tiny model's repetitive answers copy ~5 tokens a round, and 3000
-    # tokens could stream out before the Ctrl-C lands.
-    child = spawn_chat(pexpect, tiny, 3000, "--no-lookup")
+    child = spawn_chat(pexpect, tiny, 3000)
     child.sendline("Tell me a story")
     child.expect(r"Tell me a story\r?\n")  # the echo
     child.expect(r"[^\r\n]{30}")  # the answer is streaming
