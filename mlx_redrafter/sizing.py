@@ -25,7 +25,7 @@ DRAFTER = "drafter"
 LOOKUP = "lookup"
 
 # t(n)/t(1) measured on a 2-core x86 CPU (SmolLM2-135M, float32, the fast path; `tune
-# --curve-only`, BENCHMARKS.md section 8): used when `tune` has stored no curve for the device
+# --curve-only`, BENCHMARKS.md section 7): used when `tune` has stored no curve for the device
 # and model. Not monotonic: the 16-token pass hits faster kernels than 9-15 tokens do.
 CPU_COST_POINTS = {
     1: 1.0, 2: 1.15, 3: 1.23, 4: 1.43, 5: 1.49, 6: 1.52, 7: 1.53, 8: 1.58,
