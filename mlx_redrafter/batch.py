@@ -12,10 +12,10 @@ import numpy as np
 from .errors import GenerationError
 
 
-def _prefill_group(model, prompts: Sequence[Sequence[int]]):
+def _prefill_group(model, prompts: Sequence[Sequence[int]], features: Sequence[int] = ()):
     """Left-padded prefill of a few prompts in their own cache.
 
-    -> (cache, last hidden (b, h), first tokens (b,), left pads (b,)). Every row gets its own
+    -> (cache, last hidden (b, h), last logits (b, V), left pads (b,)). Every row gets its own
     positions and a boolean mask over its real tokens, so it computes what it would alone.
     Padding queries attend to themselves: a fully masked row gives NaN, and NaN values poison
     the other rows even under a False mask (0 * NaN).
@@ -33,10 +33,23 @@ def _prefill_group(model, prompts: Sequence[Sequence[int]]):
     mask |= np.eye(P, dtype=bool)[None]
     cache = model.make_cache()
     hidden, logits = model(
-        mx.array(tokens), cache, mx.array(positions, mx.int32), mx.array(mask[:, None])
+        mx.array(tokens),
+        cache,
+        mx.array(positions, mx.int32),
+        mx.array(mask[:, None]),
+        features=features,
     )
     cache.commit()
-    return cache, hidden[:, -1], mx.argmax(logits[:, -1], axis=-1), pad
+    return cache, hidden[:, -1], logits[:, -1], pad
+
+
+def top_log_probs(logits: mx.array, k: int) -> tuple[mx.array, mx.array]:
+    """The k most likely tokens of each row of logits (..., V): (ids int32 (..., k), their
+    log-probabilities float32 (..., k)), in no particular order."""
+    logits = logits.astype(mx.float32)
+    ids = mx.argpartition(-logits, k - 1, axis=-1)[..., :k].astype(mx.int32)
+    lse = mx.logsumexp(logits, axis=-1, keepdims=True)
+    return ids, mx.take_along_axis(logits, ids, axis=-1) - lse
 
 
 def generate_greedy_batch(
@@ -46,13 +59,18 @@ def generate_greedy_batch(
     stop_ids: Sequence[int],
     batch_size: int | None = None,
     on_finish: Callable[[int], None] | None = None,
-) -> list[tuple[list[int], np.ndarray]]:
+    features: Sequence[int] = (),
+    top_k: int = 0,
+) -> list[tuple]:
     """Greedy responses to prompts, with the hidden state that produced each token.
 
     Returns per prompt (response ids, hidden (len(response), h) float32): hidden[k] is the
     post-norm hidden state of the token fed before response[k] (the last prompt token for
     k = 0), i.e. what a teacher-forced pass over prompt + response gives at those positions.
-    A response ends at a stop id (kept) or after max_new_tokens.
+    A response ends at a stop id (kept) or after max_new_tokens. With `features` (block
+    indices) each hidden row also carries those layers' states (see Model.__call__); with
+    `top_k` > 0 each entry gains (ids (len, k) int32, log-probs (len, k) float32): the base's
+    k most likely tokens at each response position, from the same logits as the greedy choice.
 
     Continuous batching: up to `batch_size` rows decode together in one cache, each with its
     own positions and a mask over its own columns. A finished row leaves the cache, and when
@@ -71,21 +89,29 @@ def generate_greedy_batch(
     stop = set(int(t) for t in stop_ids)
     responses: list[list[int]] = [[] for _ in range(n)]
     hiddens: list[list[np.ndarray]] = [[] for _ in range(n)]
+    tops: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(n)]
 
-    def record(rows: list[int], tokens: mx.array, hidden: mx.array) -> list[int]:
-        """Append each row's new token and hidden state; the positions of unfinished rows."""
-        mx.eval(tokens, hidden)
+    def record(rows: list[int], logits: mx.array, hidden: mx.array) -> tuple[list[int], mx.array]:
+        """Append each row's greedy token and hidden state (and top-k); -> (the positions of
+        unfinished rows, the tokens)."""
+        tokens = mx.argmax(logits, axis=-1).astype(mx.int32)
+        top = top_log_probs(logits, top_k) if top_k else ()
+        mx.eval(tokens, hidden, *top)
         tok_np = np.array(tokens).reshape(-1)
         h_np = np.array(hidden.astype(mx.float32))
+        if top_k:
+            top_ids, top_lp = np.array(top[0]), np.array(top[1])
         going = []
         for j, b in enumerate(rows):
             responses[b].append(int(tok_np[j]))
             hiddens[b].append(h_np[j])
+            if top_k:
+                tops[b].append((top_ids[j], top_lp[j]))
             if int(tok_np[j]) not in stop and len(responses[b]) < max_new_tokens:
                 going.append(j)
             elif on_finish is not None:
                 on_finish(len(responses[b]))
-        return going
+        return going, tokens
 
     queue = list(range(n))
     cache = None
@@ -96,8 +122,10 @@ def generate_greedy_batch(
         free = batch_size - len(live)
         if queue and (free >= refill_at or not live):
             group, queue = queue[:free], queue[free:]
-            g_cache, g_hidden, g_tokens, g_pad = _prefill_group(model, [prompts[i] for i in group])
-            going = record(group, g_tokens, g_hidden)
+            g_cache, g_hidden, g_logits, g_pad = _prefill_group(
+                model, [prompts[i] for i in group], features
+            )
+            going, g_tokens = record(group, g_logits, g_hidden)
             if going:
                 keep = np.array(going)
                 if not live:
@@ -117,11 +145,14 @@ def generate_greedy_batch(
         # The fed token is response[-1], at position len(prompt) + len(response) - 1.
         positions = np.array([len(prompts[b]) + len(responses[b]) - 1 for b in live])
         hidden, logits = model(
-            feed[:, None], cache, mx.array(positions[:, None], mx.int32), mx.array(mask)
+            feed[:, None],
+            cache,
+            mx.array(positions[:, None], mx.int32),
+            mx.array(mask),
+            features=features,
         )
         cache.commit()
-        tokens = mx.argmax(logits[:, 0], axis=-1).astype(mx.int32)
-        going = record(live, tokens, hidden[:, 0])
+        going, tokens = record(live, logits[:, 0], hidden[:, 0])
         if len(going) < len(live):
             keep = np.array(going, dtype=np.int64)
             if going:
@@ -134,6 +165,11 @@ def generate_greedy_batch(
                 start = cache.drop_columns_before(start)
             live = [live[j] for j in going]
         feed = tokens
+    if top_k:
+        return [
+            (responses[b], np.stack(hiddens[b]), *(np.stack(x) for x in zip(*tops[b], strict=True)))
+            for b in range(n)
+        ]
     return [(responses[b], np.stack(hiddens[b])) for b in range(n)]
 
 
@@ -142,28 +178,36 @@ def teacher_forced_hidden(
     prompts: Sequence[Sequence[int]],
     responses: Sequence[Sequence[int]],
     with_labels: bool = False,
+    features: Sequence[int] = (),
+    top_k: int = 0,
 ) -> list:
     """Hidden states (len(response), h) float32 before each response token, in one pass.
 
-    Rows are right-padded, so the plain causal mask and default positions are exact. With
-    `with_labels`, each entry is (hidden, labels): labels[k] is the base model's greedy choice
-    for response[k] given the prompt and response[:k] (logits only at those rows).
+    Rows are right-padded, so the plain causal mask and default positions are exact. Each
+    entry is the hidden array alone, or a tuple: (hidden, labels) with `with_labels`
+    (labels[k] is the base model's greedy choice for response[k] given the prompt and
+    response[:k]), then (ids, log-probs) (len(response), top_k) with `top_k` > 0: the base's
+    most likely tokens at those positions. Logits are computed only at the response rows.
+    `features` appends those blocks' states to each hidden row (see Model.__call__).
     """
     seqs = [list(p) + list(r[:-1]) for p, r in zip(prompts, responses, strict=True)]
     T = max(len(s) for s in seqs)
     tokens = np.zeros((len(seqs), T), np.int32)
     for b, s in enumerate(seqs):
         tokens[b, : len(s)] = s
-    hidden, _ = model(mx.array(tokens), return_logits=False)
+    hidden, _ = model(mx.array(tokens), return_logits=False, features=features)
     spans = [(len(p) - 1, len(p) - 1 + len(r)) for p, r in zip(prompts, responses, strict=True)]
-    labels = []
-    if with_labels:
-        labels = [
-            mx.argmax(model.logits(hidden[b, s:e]), axis=-1) for b, (s, e) in enumerate(spans)
-        ]
-        mx.eval(labels)
+    extras = [[] for _ in spans]
+    if with_labels or top_k:
+        for b, (s, e) in enumerate(spans):
+            logits = model.logits(hidden[b, s:e])
+            if with_labels:
+                extras[b].append(mx.argmax(logits, axis=-1).astype(mx.int32))
+            if top_k:
+                extras[b] += top_log_probs(logits, top_k)
+        mx.eval(extras)
     hidden = np.array(hidden.astype(mx.float32))
     out = [hidden[b, s:e] for b, (s, e) in enumerate(spans)]
-    if with_labels:
-        return [(h, np.array(y.astype(mx.int32))) for h, y in zip(out, labels, strict=True)]
-    return out
+    if not (with_labels or top_k):
+        return out
+    return [(h, *(np.array(x) for x in more)) for h, more in zip(out, extras, strict=True)]

@@ -49,6 +49,9 @@ class DrafterArgs:
     # Ours, absent in Apple checkpoints: the head predicts only these K token ids.
     draft_vocab_ids: list[int] | None = None
     quantization: dict[str, Any] | None = None
+    # Ours: base blocks whose (RMS-normalised) outputs the context also reads, fused with the
+    # last post-norm state by a learned projection. None: the last state only (Apple's).
+    feature_layers: list[int] | None = None
 
     def __post_init__(self):
         if self.model_type != MODEL_TYPE:
@@ -74,6 +77,13 @@ class DrafterArgs:
             if len(set(ids)) != len(ids):
                 raise DrafterError("draft_vocab_ids has duplicate ids")
             self.draft_vocab_ids = ids
+        if self.feature_layers is not None:
+            layers = [int(i) for i in self.feature_layers]
+            if not layers or min(layers) < 0 or len(set(layers)) != len(layers):
+                raise DrafterError(
+                    f"feature_layers must be distinct block indices >= 0, got {layers}"
+                )
+            self.feature_layers = layers
 
     @property
     def head_size(self) -> int:
@@ -103,6 +113,8 @@ class DrafterArgs:
         }
         if self.quantization:
             out["quantization"] = dict(self.quantization)
+        if self.feature_layers is not None:
+            out["feature_layers"] = list(self.feature_layers)
         if self.draft_vocab_ids is not None:
             out["draft_vocab_ids"] = list(self.draft_vocab_ids)
         return out
@@ -128,6 +140,9 @@ class Drafter(nn.Module):
         super().__init__()
         self.args = args
         h, e = args.hidden_size, args.exit_dim
+        if args.feature_layers:
+            # (1 + F) h -> h: the context the head reads, from the last state and F layers.
+            self.fuse = nn.Linear((1 + len(args.feature_layers)) * h, h)
         if e != 2 * h:
             self.input_proj = nn.Linear(2 * h, e)
         # A list, so names are lm_head.{i}.linear.* and lm_head.{N}.weight as in torch's Sequential.
@@ -157,6 +172,17 @@ class Drafter(nn.Module):
     @property
     def head_size(self) -> int:
         return self.args.head_size
+
+    @property
+    def feature_layers(self) -> tuple[int, ...]:
+        """Base blocks whose states the context carries besides the last one (see
+        Model.__call__'s `features`); () for a last-layer drafter."""
+        return tuple(self.args.feature_layers or ())
+
+    @property
+    def context_size(self) -> int:
+        """Width of the context vector the drafter reads: (1 + len(feature_layers)) * h."""
+        return (1 + len(self.feature_layers)) * self.args.hidden_size
 
     @property
     def draft_vocab_ids(self) -> mx.array | None:
@@ -191,6 +217,8 @@ class Drafter(nn.Module):
         a = self.args
         kind = "RNN" if a.rnn else "embedding-sum"
         vocab = f"draft vocab {a.head_size}/{a.vocab_size}" if a.draft_vocab_ids else "full vocab"
+        if a.feature_layers:
+            vocab += f", features from layers {','.join(map(str, a.feature_layers))} + last"
         q = a.quantization
         dtype = f"{q['bits']}-bit" if q else str(self.dtype).split(".")[-1]
         return (
@@ -229,8 +257,12 @@ class Drafter(nn.Module):
         return self.next_state(state, base_model.embed(tokens))
 
     def head(self, context: mx.array, state: mx.array) -> mx.array:
-        """Logits (..., V or K) from the context c (..., h; broadcast to the state) and s_t."""
-        context = mx.broadcast_to(context.astype(state.dtype), state.shape)
+        """Logits (..., V or K) from the context c (..., context_size; broadcast to the
+        state) and s_t. A multi-layer context is first fused to h."""
+        context = context.astype(state.dtype)
+        if "fuse" in self:
+            context = self.fuse(context)
+        context = mx.broadcast_to(context, state.shape)
         z = mx.concatenate([context, state], axis=-1)  # (..., 2h), context first
         if "input_proj" in self:
             z = self.input_proj(z)
@@ -323,7 +355,7 @@ def beam_search(
     compiled=True runs each step through mx.compile; on a 2-core x86 CPU it made no
     measurable difference, so it is off by default.
     """
-    h = drafter.args.hidden_size
+    h = drafter.context_size  # the head's fuse (if any) maps it to hidden_size
     K = drafter.head_size
     if beam_width < 1:
         raise ValueError(f"beam_width must be >= 1, got {beam_width}")
@@ -370,6 +402,7 @@ def init_drafter(
     rnn: bool = True,
     draft_vocab_ids=None,
     dtype: mx.Dtype | None = None,
+    feature_layers=None,
 ) -> Drafter:
     """A randomly initialised drafter for `base_model`, reproducible from `seed`.
 
@@ -377,7 +410,8 @@ def init_drafter(
     for the weights that read token embeddings: those are scaled so that their output has
     unit variance. Trained embedding tables are small (RMS ~0.02-0.1) next to a post-norm
     context (~1); without this the state is noise to the head and the drafts barely depend
-    on the tokens drafted so far.
+    on the tokens drafted so far. A multi-layer drafter's fuse starts as [I 0 ... 0]: the
+    last state passes through unchanged and the other layers' weights grow from zero.
     """
     args = DrafterArgs(
         vocab_size=base_model.args.vocab_size,
@@ -386,11 +420,18 @@ def init_drafter(
         num_draft_layers=num_draft_layers,
         rnn=rnn,
         draft_vocab_ids=draft_vocab_ids,
+        feature_layers=list(feature_layers) if feature_layers else None,
     )
+    if args.feature_layers:
+        base_model.check_features(args.feature_layers)
     drafter = Drafter(args)
     h = args.hidden_size
     linears = sorted(
-        ((name, m) for name, m in drafter.named_modules() if isinstance(m, nn.Linear)),
+        (
+            (name, m)
+            for name, m in drafter.named_modules()
+            if isinstance(m, nn.Linear) and name != "fuse"  # fuse: set below
+        ),
         key=lambda item: item[0],
     )
     keys = mx.random.split(mx.random.key(seed), 2 * len(linears))
@@ -413,6 +454,11 @@ def init_drafter(
         if f"{first}.weight" in params:
             w = params[f"{first}.weight"]
             params[f"{first}.weight"] = mx.concatenate([w[:, :h], w[:, h:] * inv_rms], axis=1)
+    if "fuse" in drafter:
+        eye = mx.eye(h)
+        rest = mx.zeros((h, drafter.context_size - h))
+        params["fuse.weight"] = mx.concatenate([eye, rest], axis=1)
+        params["fuse.bias"] = mx.zeros((h,))
     drafter.update(tree_unflatten(list(params.items())))
     if dtype is not None:
         drafter.set_dtype(dtype)
@@ -518,6 +564,11 @@ def load_drafter(path: str | os.PathLike, base=None, dtype: mx.Dtype | None = No
             raise DrafterError(
                 f"drafter {path} has vocab_size {args.vocab_size} "
                 f"but the base model has {b.vocab_size}"
+            )
+        if args.feature_layers and max(args.feature_layers) >= b.num_hidden_layers:
+            raise DrafterError(
+                f"drafter {path} reads feature layers {args.feature_layers} "
+                f"but the base model has {b.num_hidden_layers} layers"
             )
 
     weights = read_safetensors(weights_path, DrafterError)

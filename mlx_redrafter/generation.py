@@ -140,12 +140,20 @@ def _sample(logits: mx.array, sampling: SamplingConfig) -> mx.array:
     return sample_token(logits, sampling.temperature, sampling.top_k, sampling.top_p)
 
 
-def prefill(model, cache: KVCache, tokens: Sequence[int], chunk: int = PREFILL_CHUNK) -> mx.array:
-    """Run the prompt through the model into the cache; return the last hidden state (h,)."""
+def prefill(
+    model,
+    cache: KVCache,
+    tokens: Sequence[int],
+    chunk: int = PREFILL_CHUNK,
+    features: Sequence[int] = (),
+) -> mx.array:
+    """Run the prompt through the model into the cache; return the last hidden state (h,),
+    with the `features` layers' states appended (a multi-layer drafter's context)."""
     hidden = None
     for start in range(0, len(tokens), chunk):
         part = mx.array(tokens[start : start + chunk], dtype=mx.int32)[None]
-        hidden, _ = model(part, cache, return_logits=False)
+        last = start + chunk >= len(tokens)
+        hidden, _ = model(part, cache, return_logits=False, features=features if last else ())
         cache.commit()
         if start + chunk < len(tokens):
             mx.eval(cache.state())
@@ -208,15 +216,26 @@ def draft_beams(
     return np.array(beams), None
 
 
-def verify_tree(model, cache: KVCache, tree: Tree) -> tuple[mx.array, mx.array]:
-    """One base forward over the packed nodes: hidden (N, h) and float32 logits (N, V).
+def drafter_features(drafter) -> tuple[int, ...]:
+    """The base layers a drafter's context carries besides the last (none for no drafter,
+    an Apple-layout drafter, or a drafter object of another kind)."""
+    return tuple(getattr(drafter, "feature_layers", ()) or ())
+
+
+def verify_tree(
+    model, cache: KVCache, tree: Tree, features: Sequence[int] = ()
+) -> tuple[mx.array, mx.array]:
+    """One base forward over the packed nodes: hidden (N, h) and float32 logits (N, V);
+    with `features`, hidden carries those layers' states too (from this same pass).
 
     Node u sits at position offset + depth(u) and attends to the committed cache and to its
     ancestors; its K/V are written at offset + u until `cache.commit` keeps the accepted path.
     """
     tokens = mx.array(tree.tokens, dtype=mx.int32)[None]
     positions = mx.array(tree.positions(cache.offset), dtype=mx.int32)[None]
-    hidden, logits = model(tokens, cache, positions, tree.attention_mask(cache.offset))
+    hidden, logits = model(
+        tokens, cache, positions, tree.attention_mask(cache.offset), features=features
+    )
     return hidden[0], logits[0].astype(mx.float32)
 
 
@@ -245,6 +264,7 @@ class _RoundState:
     def __init__(self, drafter, beam, lookup: LookupConfig | None, policy, history, profile):
         self.profile = profile  # evaluate the verify forward on its own (exact time split)
         self.drafter = drafter
+        self.features = drafter_features(drafter)
         self.beam = beam  # (W, L) for the drafter
         self.lookup = lookup
         self.policy = policy  # TreePolicy, or None: verify every drafter beam as drafted
@@ -275,7 +295,7 @@ def speculative_round(model, cache: KVCache, state: _RoundState, context, g0, sa
         choice = policy.select(candidates, with_drafter) if candidates else None
         sequences = choice.sequences if choice else [(g0,)]
     tree = pack_sequences(sequences)  # pack
-    hidden, logits = verify_tree(model, cache, tree)  # verify
+    hidden, logits = verify_tree(model, cache, tree, state.features)  # verify
     if state.profile:
         mx.eval(hidden, logits)
     t_verify = time.perf_counter()
@@ -343,7 +363,7 @@ def redrafter_steps(
     """
     stats.beam_length = beam_length
     t0 = time.perf_counter()
-    context = prefill(model, cache, prompt)
+    context = prefill(model, cache, prompt, features=drafter_features(drafter))
     g0 = _sample(model.logits(context).astype(mx.float32), sampling)
     mx.eval(g0, context)
     g0 = g0.item()

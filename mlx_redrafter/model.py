@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +20,7 @@ import numpy as np
 
 from .cache import KVCache, LayerCache
 from .env import fast_path
-from .errors import UnsupportedModelError
+from .errors import DrafterError, UnsupportedModelError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -480,8 +481,14 @@ class Model(nn.Module):
         positions: mx.array | None = None,
         mask: mx.array | str | None = None,
         return_logits: bool = True,
+        features: Sequence[int] = (),
     ) -> tuple[mx.array, mx.array | None]:
         """tokens (B, T) int32 -> (hidden (B, T, h), logits (B, T, V) or None).
+
+        features: block indices whose outputs are appended to the hidden state, each
+        RMS-normalised (no weight): hidden is then (B, T, (1 + len(features)) * h), the
+        post-norm last layer first (what a multi-layer drafter reads; `logits` reads only the
+        first h columns). The states come from this same pass.
 
         positions: (B, T) int32, default `offset + arange(T)` with offset = cache.offset.
         mask: boolean (B, 1, T, S) with True = attend and S = cache.offset + T, or "causal",
@@ -498,15 +505,35 @@ class Model(nn.Module):
         fast = self.fast_kernels and h.dtype == mx.float32
         if fast and mask is not None:
             mask = additive_mask(mask, T, offset + T)  # once per forward, not per layer
+        if features:
+            self.check_features(features)
+        taken = {}
         for i, layer in enumerate(self.model.layers):
             layer_cache = cache.layers[i] if cache is not None else None
             h = layer(h, mask, layer_cache, offset, positions, fast)
+            if i in features:
+                taken[i] = mx.fast.rms_norm(h, None, self.args.rms_norm_eps)
         if cache is not None:
             cache.written(T)
         hidden = self.model.norm(h)
-        return hidden, (self.logits(hidden) if return_logits else None)
+        logits = self.logits(hidden) if return_logits else None
+        if features:
+            hidden = mx.concatenate([hidden] + [taken[i] for i in features], axis=-1)
+        return hidden, logits
+
+    def check_features(self, features: Sequence[int]) -> None:
+        """Raise DrafterError unless `features` are distinct block indices of this model."""
+        n = len(self.model.layers)
+        if len(set(features)) != len(features) or any(not 0 <= i < n for i in features):
+            raise DrafterError(
+                f"feature layers {list(features)} must be distinct block indices in 0..{n - 1}"
+            )
 
     def logits(self, hidden: mx.array) -> mx.array:
+        """Logits from the post-norm hidden state (the first h columns of a hidden state that
+        carries feature layers)."""
+        if hidden.shape[-1] != self.args.hidden_size:
+            hidden = hidden[..., : self.args.hidden_size]
         if self.args.tie_word_embeddings:
             return self.model.embed_tokens.as_linear(hidden)
         return self.lm_head(hidden)

@@ -19,14 +19,17 @@ import numpy as np
 
 from ..batch import generate_greedy_batch
 from ..drafter import beam_search
-from ..generation import stream_generate
+from ..generation import drafter_features, stream_generate
 from ..prompts import eos_ids
 
 DEFAULT_BATCH = 32  # prompts decoded together for the references
 
 
-def reference_decode(model, tokenizer, ids: Sequence[int], max_tokens: int, lookahead: int):
-    """Plain greedy tokens (max_tokens + lookahead of them, or up to EOS) and hidden states."""
+def reference_decode(
+    model, tokenizer, ids: Sequence[int], max_tokens: int, lookahead: int, features=()
+):
+    """Plain greedy tokens (max_tokens + lookahead of them, or up to EOS) and hidden states
+    (with the `features` layers' states: a multi-layer drafter's context)."""
     ref = []
     finish = None
     for r in stream_generate(
@@ -37,16 +40,18 @@ def reference_decode(model, tokenizer, ids: Sequence[int], max_tokens: int, look
             finish = len(ref)
     limit = finish if finish is not None else max_tokens
     seq = mx.array([list(ids) + ref], dtype=mx.int32)
-    hidden, _ = model(seq, return_logits=False)
+    hidden, _ = model(seq, return_logits=False, features=features)
     return ref, min(limit, len(ref)), hidden[0]
 
 
-def reference_batch(model, tokenizer, prompts, max_tokens: int, lookahead: int):
+def reference_batch(model, tokenizer, prompts, max_tokens: int, lookahead: int, features=()):
     """reference_decode for many prompts at once through batched greedy generation (the
     training data generator: continuous batching, the hidden states kept as they come).
     Yields (ref, limit, hidden) with hidden[k] the state before ref[k], i.e. prompt_len 1."""
     stop = eos_ids(tokenizer)  # as stream_generate
-    out = generate_greedy_batch(model, prompts, max_tokens + lookahead, stop, DEFAULT_BATCH)
+    out = generate_greedy_batch(
+        model, prompts, max_tokens + lookahead, stop, DEFAULT_BATCH, features=features
+    )
     for ref, hidden in out:
         ends = [i + 1 for i, t in enumerate(ref) if t in stop]
         limit = ends[0] if ends and ends[0] <= max_tokens else max_tokens
@@ -91,11 +96,15 @@ def acceptance_grid(
     rounds: dict[tuple[int, int], list[int]] = {s: [] for s in shapes}
     per_prompt = []
     prompts = [list(p) for p in prompts]
+    features = drafter_features(drafter)
     if batched:
-        refs = ((1, r) for r in reference_batch(model, tokenizer, prompts, max_tokens, longest))
+        refs = (
+            (1, r)
+            for r in reference_batch(model, tokenizer, prompts, max_tokens, longest, features)
+        )
     else:
         refs = (
-            (len(ids), reference_decode(model, tokenizer, ids, max_tokens, longest))
+            (len(ids), reference_decode(model, tokenizer, ids, max_tokens, longest, features))
             for ids in prompts
         )
     for prompt_len, (ref, limit, hidden) in refs:

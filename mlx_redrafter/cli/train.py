@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from mlx_redrafter.cli.common import check_options, friendly_errors
-from mlx_redrafter.errors import TrainInterrupted
+from mlx_redrafter.errors import RedrafterError, TrainInterrupted
 from mlx_redrafter.train import train_drafter
 
 
@@ -109,13 +109,101 @@ def train(
         ),
     ] = None,
     dtype: Annotated[str | None, typer.Option(help="Cast the base model to this dtype.")] = None,
+    loss: Annotated[
+        str,
+        typer.Option(
+            "--loss",
+            help="ce: cross-entropy to the base's greedy token; kd: to the base's top-k "
+            "distribution at that position (needs --top-k data); mix: --kd-weight of kd, "
+            "the rest ce.",
+        ),
+    ] = "ce",
+    kd_weight: Annotated[
+        float, typer.Option("--kd-weight", help="Weight of the distribution in --loss mix.")
+    ] = 0.5,
+    top_k: Annotated[
+        int | None,
+        typer.Option(
+            "--top-k",
+            help="Base log-probabilities kept per position in the data (default 32 for kd/mix, "
+            "else 0).",
+        ),
+    ] = None,
+    feature_layers: Annotated[
+        str | None,
+        typer.Option(
+            "--feature-layers",
+            help="Base blocks (0-based, comma-separated, or 'auto' = one third and two thirds "
+            "deep) whose states the drafter reads besides the last.",
+        ),
+    ] = None,
+    data_feature_layers: Annotated[
+        str | None,
+        typer.Option(
+            "--data-feature-layers",
+            help="Blocks whose states the data keeps (default: --feature-layers); a superset "
+            "lets drafters with fewer layers share one work dir's data.",
+        ),
+    ] = None,
+    feature_noise: Annotated[
+        float,
+        typer.Option(
+            "--feature-noise", help="Gaussian noise on the drafter's input, times its RMS."
+        ),
+    ] = 0.0,
+    weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW's.")] = 0.0,
+    patience: Annotated[
+        int | None,
+        typer.Option(
+            "--patience",
+            help="Early stopping: evaluations without better held-out predicted tokens/step "
+            "before stopping; the best drafter is kept.",
+        ),
+    ] = None,
+    eval_every: Annotated[
+        int | None,
+        typer.Option(
+            "--eval-every", help="Steps between held-out evaluations (default: each epoch)."
+        ),
+    ] = None,
+    draft_vocab_coverage: Annotated[
+        float | None,
+        typer.Option(
+            "--draft-vocab-coverage",
+            help="Draft vocabulary: the fewest tokens covering this share of training "
+            "targets (e.g. 0.97; overrides -K).",
+        ),
+    ] = None,
+    time_budget: Annotated[
+        str | None,
+        typer.Option(
+            "--time-budget",
+            help="Stop data generation after this long (e.g. 90m, 2h, 600s) and train on "
+            "what was made; a later run goes on from there.",
+        ),
+    ] = None,
+    workers: Annotated[
+        int,
+        typer.Option(
+            "--workers", help="Data generation processes (2 on a 2-core CPU: ~2x faster)."
+        ),
+    ] = 1,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ):
     """Distil a ReDrafter drafter for a base model from its own greedy responses to prompts.
 
     Resumable: Ctrl-C saves a checkpoint, and running the same command again continues.
     """
-    check_options(num_prompts=(num_prompts, 0), epochs=(epochs, 1))
+    check_options(
+        num_prompts=(num_prompts, 0),
+        epochs=(epochs, 1),
+        top_k=(top_k, 0),
+        workers=(workers, 1),
+        patience=(patience, 1),
+        eval_every=(eval_every, 1),
+    )
+    layers = parse_layers(feature_layers, "--feature-layers")
+    data_layers = parse_layers(data_feature_layers, "--data-feature-layers")
     try:
         log = train_drafter(
             model,
@@ -140,11 +228,49 @@ def train(
             dtype=dtype,
             gen_batch_size=gen_batch_size,
             save_dtype=save_dtype,
+            loss=loss,
+            kd_weight=kd_weight,
+            top_k=top_k,
+            feature_layers=layers or (),
+            data_feature_layers=data_layers,
+            feature_noise=feature_noise,
+            weight_decay=weight_decay,
+            patience=patience,
+            eval_every=eval_every,
+            draft_vocab_coverage=draft_vocab_coverage,
+            time_budget=parse_duration(time_budget, "--time-budget"),
+            workers=workers,
         )
     except TrainInterrupted as exc:
         typer.secho(str(exc), fg=typer.colors.YELLOW, err=True)
         raise typer.Exit(130) from None
     typer.echo(_summary(log, out))
+
+
+def parse_duration(text: str | None, flag: str) -> float | None:
+    """'90m', '2h', '600s' or '600' -> seconds."""
+    if text is None:
+        return None
+    units = {"s": 1, "m": 60, "h": 3600}
+    t = text.strip().lower()
+    scale = units.get(t[-1:], None)
+    try:
+        value = float(t[:-1] if scale else t) * (scale or 1)
+    except ValueError:
+        raise RedrafterError(f"{flag}: not a duration: {text!r} (e.g. 90m, 2h, 600s)") from None
+    if value <= 0:
+        raise RedrafterError(f"{flag} must be > 0, got {text!r}")
+    return value
+
+
+def parse_layers(text: str | None, flag: str) -> tuple[int, ...] | str | None:
+    """'9,19' -> (9, 19); 'auto' stays 'auto' (resolved once the model is loaded)."""
+    if text is None or text.strip().lower() == "auto":
+        return None if text is None else "auto"
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise RedrafterError(f"{flag}: not a comma-separated list of layers: {text!r}") from None
 
 
 def _summary(log: dict, out: str) -> str:

@@ -18,15 +18,17 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from queue import Empty
 
 import mlx.core as mx
 import numpy as np
 
 from ..batch import generate_greedy_batch, teacher_forced_hidden
 from ..errors import TrainError, TrainInterrupted
+from ..loading import load
 from ..prompts import Prompt, encode_chat, encode_plain, eos_ids, main_eos, read_prompts
 
 DATA_SEED = 0  # the prompt selection does not depend on the training seed, so data is reused
@@ -114,6 +116,13 @@ class DistillData:
     fingerprint: dict = field(default_factory=dict)
     stats: dict = field(default_factory=dict)
     labels: list[np.ndarray] | None = None  # per sequence (T,) int32, or None: the tokens
+    # The base's top-k at each hidden row (the distribution over the token after it): ids
+    # (rows, k) int32 and log-probabilities (rows, k) float16; None when not stored.
+    top_ids: np.ndarray | None = None
+    top_logprobs: np.ndarray | None = None
+    # Feature layers' states at each hidden row, (rows, len(feature_layers) * h) float16.
+    features: np.ndarray | None = None
+    feature_layers: tuple[int, ...] = ()
 
     def targets(self, i: int) -> np.ndarray:
         return self.tokens[i] if self.labels is None else self.labels[i]
@@ -128,6 +137,28 @@ class DistillData:
 
     def sequence_hidden(self, i: int) -> np.ndarray:
         return self.hidden[self.hidden_start[i] : self.hidden_start[i + 1]]
+
+    @property
+    def top_k(self) -> int:
+        return 0 if self.top_ids is None else int(self.top_ids.shape[1])
+
+    def context(self, rows: np.ndarray, layers: Sequence[int] = ()) -> np.ndarray:
+        """The drafter's input at hidden `rows`: the post-norm state, then the states of
+        `layers` (a subset of the stored feature layers, in that order), float16."""
+        if not layers:
+            return self.hidden[rows]
+        missing = [i for i in layers if i not in self.feature_layers]
+        if missing:
+            raise TrainError(
+                f"the data holds feature layers {list(self.feature_layers)}, not {missing}: "
+                "make the data with those --feature-layers"
+            )
+        h = self.hidden.shape[1]
+        cols = [self.hidden[rows]]
+        for i in layers:
+            k = self.feature_layers.index(i)
+            cols.append(self.features[rows, k * h : (k + 1) * h])
+        return np.concatenate(cols, axis=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,12 +185,26 @@ def build_dataset(
     shard_size: int = DEFAULT_SHARD_SIZE,
     resume: bool = True,
     progress: bool = True,
+    top_k: int = 0,
+    feature_layers: Sequence[int] = (),
+    time_budget: float | None = None,
+    workers: int = 1,
+    model_source: tuple[str | None, str | None] | None = None,
 ) -> DistillData:
     """Make (or load) the distillation data in `work_dir/data`, one shard at a time.
 
     The prompts are a fixed random selection of the file (the first `num_prompts` of one
     seeded permutation, so a larger count extends the same data). Finished shards are kept;
-    an interrupted run resumes at the first missing one.
+    an interrupted run resumes at the first missing one. `top_k` > 0 stores the base's k most
+    likely tokens and their log-probabilities at every position (for distillation losses);
+    `feature_layers` stores those blocks' states beside the last hidden state (for
+    multi-layer drafters). `time_budget` (seconds) stops starting new shards once spent: the
+    data is then the shards finished so far, and a later run goes on from there.
+
+    `workers` > 1 makes shards in that many processes at once, each with its own copy of the
+    base loaded from `model_source` = (model name or path, dtype): batched decoding keeps
+    about one core busy on a CPU, so two workers on two cores make data about twice as fast.
+    Each shard is made alone either way, so the data does not depend on `workers`.
     """
     if target not in TARGETS:
         raise TrainError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
@@ -167,6 +212,19 @@ def build_dataset(
         raise TrainError(f"new_tokens must be >= 2, got {new_tokens}")
     if batch_size < 1 or shard_size < 1:
         raise TrainError("batch_size and shard_size must be >= 1")
+    if top_k < 0 or top_k > model.args.vocab_size:
+        raise TrainError(f"top_k must be in 0..{model.args.vocab_size}, got {top_k}")
+    feature_layers = tuple(int(i) for i in feature_layers)
+    try:
+        model.check_features(feature_layers)
+    except ValueError as e:
+        raise TrainError(str(e)) from None
+    if time_budget is not None and time_budget <= 0:
+        raise TrainError(f"time_budget must be > 0 seconds, got {time_budget}")
+    if workers < 1:
+        raise TrainError(f"workers must be >= 1, got {workers}")
+    if workers > 1 and model_source is None:
+        raise TrainError("data workers load the base model themselves: give it by name or path")
     prompts_file = Path(prompts_file)
     prompts, selection = _choose_prompts(prompts_file, num_prompts, target)
 
@@ -180,22 +238,45 @@ def build_dataset(
         "data_seed": DATA_SEED,
         "max_prompt_tokens": MAX_PROMPT_TOKENS,
     }
+    # Only when used, so that data made before these existed is still recognised.
+    if top_k:
+        fingerprint["top_k"] = top_k
+    if feature_layers:
+        fingerprint["feature_layers"] = list(feature_layers)
     _open_data_dir(data_dir, fingerprint, work_dir, resume)
 
     gen = _Generation(
-        model, tokenizer, prompts, new_tokens, target, stop_ids(tokenizer), batch_size
+        model,
+        tokenizer,
+        prompts,
+        new_tokens,
+        target,
+        stop_ids(tokenizer),
+        batch_size,
+        top_k,
+        feature_layers,
     )
     n = len(selection)
     ranges = [(s, min(s + shard_size, n)) for s in range(0, n, shard_size)]
     todo = [r for r in ranges if not _shard_path(data_dir, *r).exists()]
     t_start = time.perf_counter()
-    made = _make_shards(gen, selection, todo, data_dir, Path(work_dir), progress)
-    data = _load_shards(data_dir, ranges, fingerprint)
+    if workers > 1 and len(todo) > 1:
+        job = _WorkerJob(
+            model_source, prompts_file, new_tokens, target, batch_size, top_k, feature_layers
+        )
+        made = _make_shards_in_workers(
+            job, selection, todo, data_dir, Path(work_dir), progress, time_budget, workers
+        )
+    else:
+        made = _make_shards(gen, selection, todo, data_dir, Path(work_dir), progress, time_budget)
+    done = [r for r in ranges if _shard_path(data_dir, *r).exists()]
+    data = _load_shards(data_dir, done, fingerprint)
     data.stats.update(
         prompts_selected=n,
         generated_this_run_tokens=made,
         generated_this_run_seconds=round(time.perf_counter() - t_start, 2) if todo else 0.0,
         generation_batch_size=batch_size,
+        shards_missing=len(ranges) - len(done),
     )
     return data
 
@@ -260,10 +341,15 @@ class _Generation:
     target: str
     stop: list[int]
     batch_size: int
+    top_k: int = 0
+    feature_layers: tuple[int, ...] = ()
 
 
-def _make_shards(gen: _Generation, selection, todo, data_dir: Path, work_dir: Path, progress):
-    """Make and write the shards `todo` (selection ranges); -> the tokens made."""
+def _make_shards(
+    gen: _Generation, selection, todo, data_dir: Path, work_dir: Path, progress, budget=None
+):
+    """Make and write the shards `todo` (selection ranges), none started after `budget`
+    seconds; -> the tokens made."""
     bar = progress_bar(
         progress, total=sum(e - s for s, e in todo), desc="generating", unit="prompt"
     )
@@ -278,6 +364,8 @@ def _make_shards(gen: _Generation, selection, todo, data_dir: Path, work_dir: Pa
 
     try:
         for start, end in todo:
+            if budget is not None and time.perf_counter() - t_start >= budget:
+                break
             shard = _make_shard(gen, selection[start:end], start, finished)
             _write_npz(_shard_path(data_dir, start, end), **shard)
     except KeyboardInterrupt:
@@ -311,34 +399,53 @@ def _make_shard(
             gen.stop,
             gen.batch_size,
             on_finish,
+            gen.feature_layers,
+            gen.top_k,
         )
+        out = [(r[0], r[1], None, *r[2:]) for r in out]  # no labels
     else:
         out = _forced_responses(gen, chosen, encoded, keep, on_finish)
     t_gen = time.perf_counter() - t0
     results = dict(zip(keep, out, strict=True))
     order = sorted(results)  # back to selection order
     seqs = [np.array([encoded[k][-1]] + results[k][0], np.int32) for k in order]
-    hidden = [results[k][1] for k in order]
-    tok_off = np.cumsum([0] + [len(s) for s in seqs]).astype(np.int64)
-    hid = np.concatenate(hidden) if hidden else np.zeros((0, gen.model.args.hidden_size))
+    h = gen.model.args.hidden_size
+    width = h * (1 + len(gen.feature_layers))
+    hid = _stack([results[k][1] for k in order], (0, width), np.float32)
     extra = {}
     if gen.target == "relabel":
         labels = [np.array([-1] + list(results[k][2]), np.int32) for k in order]
-        extra["labels"] = np.concatenate(labels) if labels else np.zeros((0,), np.int32)
+        extra["labels"] = _stack(labels, (0,), np.int32)
+    if gen.top_k:
+        extra["top_ids"] = _stack([results[k][3] for k in order], (0, gen.top_k), np.int32)
+        lp = _stack([results[k][4] for k in order], (0, gen.top_k), np.float32)
+        extra["top_logprobs"] = np.maximum(lp, -60000).astype(np.float16)
+    if gen.feature_layers:
+        extra["features"] = _to_float16(hid[:, h:])
+    tok_off = np.cumsum([0] + [len(s) for s in seqs]).astype(np.int64)
     return {
         **extra,
-        "tokens": np.concatenate(seqs) if seqs else np.zeros((0,), np.int32),
+        "tokens": _stack(seqs, (0,), np.int32),
         "token_offsets": tok_off,
-        "hidden": np.clip(hid, -65000, 65000).astype(np.float16),
+        "hidden": _to_float16(hid[:, :h]),
         "prompt_index": np.array([start + k for k in order], np.int64),
         "skipped": np.array(skipped),
         "gen_seconds": np.array(t_gen),
     }
 
 
+def _stack(parts: list[np.ndarray], empty_shape: tuple, dtype) -> np.ndarray:
+    return np.concatenate(parts).astype(dtype) if parts else np.zeros(empty_shape, dtype)
+
+
+def _to_float16(x: np.ndarray) -> np.ndarray:
+    return np.clip(x, -65000, 65000).astype(np.float16)
+
+
 def _forced_responses(gen: _Generation, chosen, encoded, keep, on_finish) -> list[tuple]:
     """The file's answers (cut to new_tokens, ending in EOS) run teacher-forced, in `keep`'s
-    order: (answer, hidden) per prompt, plus the greedy labels for target "relabel"."""
+    order: (answer, hidden, greedy labels or None, top ids, top log-probs) per prompt (the
+    last two only with top_k)."""
     eos = main_eos(gen.tokenizer)
     out = []
     for b in range(0, len(keep), gen.batch_size):
@@ -347,16 +454,140 @@ def _forced_responses(gen: _Generation, chosen, encoded, keep, on_finish) -> lis
             encode_plain(gen.tokenizer, gen.prompts[chosen[k]].answer)[: gen.new_tokens - 1] + [eos]
             for k in batch
         ]
+        relabel = gen.target == "relabel"
         forced = teacher_forced_hidden(
-            gen.model, [encoded[k] for k in batch], answers, with_labels=gen.target == "relabel"
+            gen.model,
+            [encoded[k] for k in batch],
+            answers,
+            with_labels=relabel,
+            features=gen.feature_layers,
+            top_k=gen.top_k,
         )
-        if gen.target == "relabel":
-            out += [(a, h, y) for a, (h, y) in zip(answers, forced, strict=True)]
-        else:
-            out += list(zip(answers, forced, strict=True))
+        for a, f in zip(answers, forced, strict=True):
+            f = f if isinstance(f, tuple) else (f,)
+            out.append((a, f[0], f[1] if relabel else None, *f[1 + relabel :]))
         for a in answers:
             on_finish(len(a))
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Several worker processes
+
+
+@dataclass(frozen=True)
+class _WorkerJob:
+    """What a worker process needs to make shards on its own (picklable)."""
+
+    model_source: tuple[str | None, str | None]
+    prompts_file: Path
+    new_tokens: int
+    target: str
+    batch_size: int
+    top_k: int
+    feature_layers: tuple[int, ...]
+
+
+def _worker(job: _WorkerJob, selection, ranges, data_dir: Path, deadline, queue) -> None:
+    """A worker process: load the base, make `ranges`' shards (none started after the
+    wall-clock `deadline`), report each finished response's length on `queue`."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops workers on Ctrl-C
+    try:
+        model, tokenizer = load(job.model_source[0], dtype=job.model_source[1])
+        prompts = read_prompts(job.prompts_file)
+        gen = _Generation(
+            model,
+            tokenizer,
+            prompts,
+            job.new_tokens,
+            job.target,
+            stop_ids(tokenizer),
+            job.batch_size,
+            job.top_k,
+            job.feature_layers,
+        )
+        for start, end in ranges:
+            if deadline is not None and time.time() >= deadline:
+                break
+            shard = _make_shard(gen, selection[start:end], start, lambda n: queue.put(n))
+            _write_npz(_shard_path(data_dir, start, end), **shard)
+    except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it
+        queue.put(f"{type(e).__name__}: {e}")
+    finally:
+        queue.put(None)
+
+
+def _make_shards_in_workers(
+    job: _WorkerJob, selection, todo, data_dir, work_dir, progress, budget, workers
+) -> int:
+    """_make_shards over `workers` processes (shard i to worker i mod workers)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    deadline = None if budget is None else time.time() + budget
+    bar = progress_bar(
+        progress, total=sum(e - s for s, e in todo), desc="generating", unit="prompt"
+    )
+    saved = os.environ.get("OPENBLAS_NUM_THREADS")
+    os.environ["OPENBLAS_NUM_THREADS"] = "1"  # one core each; spawned children copy it now
+    procs = []
+    try:
+        for w in range(workers):
+            p = ctx.Process(
+                target=_worker,
+                args=(job, selection, todo[w::workers], data_dir, deadline, queue),
+                daemon=True,
+            )
+            p.start()
+            procs.append(p)
+    finally:
+        if saved is None:
+            del os.environ["OPENBLAS_NUM_THREADS"]
+        else:
+            os.environ["OPENBLAS_NUM_THREADS"] = saved
+    t_start, made, running, error = time.perf_counter(), 0, len(procs), None
+    try:
+        while running:
+            try:
+                msg = queue.get(timeout=1.0)
+            except Empty:
+                dead = [p for p in procs if p.exitcode not in (None, 0)]
+                if dead and not error:  # died before it could report (e.g. at start-up)
+                    error = f"worker exited with code {dead[0].exitcode}"
+                if all(p.exitcode is not None for p in procs) and queue.empty():
+                    break
+                continue
+            if msg is None:
+                running -= 1
+            elif isinstance(msg, str):
+                error = error or msg
+            else:
+                made += msg
+                if bar is not None:
+                    rate = made / max(time.perf_counter() - t_start, 1e-9)
+                    bar.set_postfix_str(f"{made} tokens, {rate:.1f} tok/s", refresh=False)
+                    bar.update(1)
+        for p in procs:
+            p.join()
+    except KeyboardInterrupt:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.join()
+        raise TrainInterrupted(
+            f"data generation interrupted; finished shards are kept in {data_dir}, run again "
+            "to resume",
+            work_dir=work_dir,
+        ) from None
+    finally:
+        if bar is not None:
+            bar.close()
+    if error:
+        raise TrainError(f"a data worker failed: {error}")
+    return made
 
 
 # ---------------------------------------------------------------------------------------------
@@ -375,6 +606,7 @@ def _shard_path(data_dir: Path, start: int, end: int) -> Path:
 
 def _load_shards(data_dir: Path, ranges, fingerprint) -> DistillData:
     tokens, hiddens, index, labels = [], [], [], []
+    extra = {"top_ids": [], "top_logprobs": [], "features": []}
     skipped, seconds = 0, 0.0
     for start, end in ranges:
         with np.load(_shard_path(data_dir, start, end)) as z:
@@ -382,6 +614,9 @@ def _load_shards(data_dir: Path, ranges, fingerprint) -> DistillData:
             tokens += [flat[off[i] : off[i + 1]] for i in range(len(off) - 1)]
             if "labels" in z:
                 labels += [z["labels"][off[i] : off[i + 1]] for i in range(len(off) - 1)]
+            for name in extra:
+                if name in z:
+                    extra[name].append(z[name])
             hiddens.append(z["hidden"])
             index.append(z["prompt_index"])
             skipped += int(z["skipped"])
@@ -395,7 +630,13 @@ def _load_shards(data_dir: Path, ranges, fingerprint) -> DistillData:
         prompt_index=np.concatenate(index) if index else np.zeros((0,), np.int64),
         fingerprint=fingerprint,
         labels=labels if fingerprint.get("target") == "relabel" else None,
+        feature_layers=tuple(fingerprint.get("feature_layers", ())),
     )
+    if fingerprint.get("top_k") and hiddens:
+        data.top_ids = np.concatenate(extra["top_ids"])
+        data.top_logprobs = np.concatenate(extra["top_logprobs"])
+    if data.feature_layers and hiddens:
+        data.features = np.concatenate(extra["features"])
     data.stats = {
         "sequences": data.num_sequences,
         "response_tokens": data.num_response_tokens,

@@ -27,7 +27,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from ..drafter import init_drafter, load_drafter, save_drafter
 from ..env import DTYPES, machine
-from ..errors import TrainError, TrainInterrupted
+from ..errors import DrafterError, TrainError, TrainInterrupted
 from ..loading import load
 from .data import (
     DATA_SEED,
@@ -42,6 +42,7 @@ from .data import (
     stop_ids,
 )
 from .objective import (
+    LOSSES,
     Batches,
     Positions,
     coverage,
@@ -50,12 +51,14 @@ from .objective import (
     head_targets,
     loss_terms,
     make_positions,
+    size_for_coverage,
     summarise,
     target_counts,
     vocabulary_index,
 )
 
 DEFAULT_CHECKPOINT_EVERY = 200
+DEFAULT_TOP_K = 32  # the teacher's distribution kept per position for the distillation losses
 SAVE_DTYPES = (None, "float32", "float16", "bfloat16")
 
 
@@ -67,6 +70,13 @@ class FitConfig:
     seeded order. The learning rate warms up linearly over `warmup_fraction` of the steps to
     `learning_rate`, then follows a cosine to 0. `max_steps` stops early (with a checkpoint);
     `save_dtype` is the saved drafter's dtype (None: float32).
+
+    Drafter v2 levers: `loss` "ce" (labels), "kd" (the base's top-k distribution) or "mix"
+    (`kd_weight` on the distribution, the rest on the label); `feature_layers` (base blocks
+    the context reads besides the last); `feature_noise` (Gaussian noise on the context,
+    times its RMS); `patience` (stop after that many evaluations without a better held-out
+    predicted tokens per step, and keep the best); `draft_vocab_coverage` (the smallest
+    draft vocabulary covering that share of the training targets; overrides the size).
     """
 
     epochs: int = 1
@@ -85,6 +95,17 @@ class FitConfig:
     max_grad_norm: float = 1.0
     save_dtype: str | None = None
     max_steps: int | None = None
+    loss: str = "ce"
+    kd_weight: float = 0.5
+    feature_layers: tuple[int, ...] = ()
+    feature_noise: float = 0.0
+    patience: int | None = None
+    draft_vocab_coverage: float | None = None
+
+    @property
+    def kd(self) -> float:
+        """The weight of the distillation term."""
+        return {"ce": 0.0, "kd": 1.0, "mix": self.kd_weight}[self.loss]
 
     def check(self) -> None:
         """Raise TrainError for a setting out of range."""
@@ -101,6 +122,14 @@ class FitConfig:
                 raise TrainError(f"{name} must be >= {low}, got {value}")
         if self.learning_rate <= 0:
             raise TrainError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.loss not in LOSSES:
+            raise TrainError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if not 0.0 <= self.kd_weight <= 1.0:
+            raise TrainError(f"kd_weight must be in [0, 1], got {self.kd_weight}")
+        if self.feature_noise < 0:
+            raise TrainError(f"feature_noise must be >= 0, got {self.feature_noise}")
+        if self.patience is not None and self.patience < 1:
+            raise TrainError(f"patience must be >= 1, got {self.patience}")
         if self.save_dtype not in SAVE_DTYPES:
             raise TrainError(
                 f"save_dtype must be float32, float16 or bfloat16, got {self.save_dtype!r}"
@@ -202,6 +231,7 @@ class _Plan:
     counts_train: np.ndarray
     counts_eval: np.ndarray
     vocab: np.ndarray | None
+    head_index: np.ndarray | None
     train_pos: Positions
     eval_pos: Positions
     train_targets: np.ndarray
@@ -218,8 +248,16 @@ class _Plan:
         max_steps = self.config.max_steps
         return self.total if max_steps is None else min(self.total, max_steps)
 
-    def eval_due(self, step: int) -> bool:
+    @property
+    def eval_every(self) -> int | None:
+        """Steps between evaluations besides epoch ends (early stopping needs a few)."""
         every = self.config.eval_every
+        if every is None and self.config.patience:
+            every = max(1, self.steps_per_epoch // 4)
+        return every
+
+    def eval_due(self, step: int) -> bool:
+        every = self.eval_every
         return (
             step == self.total
             or step % self.steps_per_epoch == 0
@@ -242,6 +280,21 @@ def _check_inputs(model, data: DistillData, config: FitConfig) -> None:
         raise TrainError(
             f"the data was made for another base model ({describe_model(data.fingerprint['base_model'])})"
         )
+    try:
+        model.check_features(config.feature_layers)
+    except DrafterError as e:
+        raise TrainError(str(e)) from None
+    missing = [i for i in config.feature_layers if i not in data.feature_layers]
+    if missing:
+        raise TrainError(
+            f"the data holds feature layers {list(data.feature_layers)}, not {missing}: make "
+            "it with those feature layers"
+        )
+    if config.kd and data.top_ids is None:
+        raise TrainError(
+            "the distillation losses need the base's top-k in the data: make it with "
+            "--top-k (e.g. 32)"
+        )
 
 
 def _plan(model, data: DistillData, config: FitConfig, eos_token_ids: Sequence[int]) -> _Plan:
@@ -249,7 +302,13 @@ def _plan(model, data: DistillData, config: FitConfig, eos_token_ids: Sequence[i
     train_seqs, eval_seqs = split_sequences(data.num_sequences, config.eval_fraction)
     counts_train = target_counts(data, train_seqs, V)
     counts_eval = target_counts(data, eval_seqs, V)
-    vocab = draft_vocabulary(counts_train, config.draft_vocab_size, eos_token_ids)
+    size = config.draft_vocab_size
+    if config.draft_vocab_coverage is not None:
+        size = size_for_coverage(counts_train, config.draft_vocab_coverage)
+        if size:  # EOS ids are always in; count those the most frequent would not hold
+            top = set(np.lexsort((np.arange(V), -counts_train))[:size].tolist())
+            size += len({int(t) for t in eos_token_ids if 0 <= int(t) < V} - top)
+    vocab = draft_vocabulary(counts_train, size, eos_token_ids)
     head_index = vocabulary_index(vocab, V)
     train_pos = make_positions(data, train_seqs, config.num_predict)
     eval_pos = make_positions(data, eval_seqs, config.num_predict)
@@ -265,6 +324,7 @@ def _plan(model, data: DistillData, config: FitConfig, eos_token_ids: Sequence[i
         counts_train=counts_train,
         counts_eval=counts_eval,
         vocab=vocab,
+        head_index=head_index,
         train_pos=train_pos,
         eval_pos=eval_pos,
         train_targets=head_targets(train_pos.labels, head_index),
@@ -297,6 +357,12 @@ def _settings(plan: _Plan, data: DistillData) -> dict:
         "max_grad_norm": c.max_grad_norm,
         "total_steps": plan.total,
         "train_positions": len(plan.train_pos),
+        "loss": c.loss,
+        "kd_weight": c.kd_weight,
+        "feature_layers": list(c.feature_layers),
+        "feature_noise": c.feature_noise,
+        "patience": c.patience,
+        "draft_vocab_coverage": c.draft_vocab_coverage,
         "data": {k: v for k, v in data.fingerprint.items()},
         "sequences": data.num_sequences,
     }
@@ -346,6 +412,7 @@ def _start(model, plan: _Plan, ckpt_dir: Path, resume: bool) -> _State:
         exit_dim=c.exit_dim,
         num_draft_layers=c.num_layers,
         draft_vocab_ids=None if plan.vocab is None else plan.vocab.tolist(),
+        feature_layers=c.feature_layers,
     )
     optimizer = optim.AdamW(
         learning_rate=lr_schedule(c.learning_rate, plan.warmup, plan.total),
@@ -376,13 +443,15 @@ def _start(model, plan: _Plan, ckpt_dir: Path, resume: bool) -> _State:
 # Steps and evaluations
 
 
-def _step_function(state: _State, max_grad_norm: float):
+def _step_function(state: _State, max_grad_norm: float, kd: float):
     """The compiled update: loss and gradients, clipping, the optimizer step."""
     drafter, optimizer = state.drafter, state.optimizer
     loss_and_grad = nn.value_and_grad(drafter, loss_terms)
 
-    def train_step(hidden, embeddings, targets):
-        (loss, head_loss, counts), grads = loss_and_grad(drafter, hidden, embeddings, targets)
+    def train_step(hidden, embeddings, targets, *teacher):
+        (loss, head_loss, counts), grads = loss_and_grad(
+            drafter, hidden, embeddings, targets, *teacher, kd=kd
+        )
         if max_grad_norm:
             grads, _ = optim.clip_grad_norm(grads, max_grad_norm)
         optimizer.update(drafter, grads)
@@ -400,7 +469,7 @@ def _one_step(state: _State, plan: _Plan, train_step, batches: Batches) -> dict:
     bs = plan.batch_size
     idx = state.order[k * bs : (k + 1) * bs]
     t0 = time.perf_counter()
-    loss, head_loss, counts = train_step(*batches.get(idx))
+    loss, head_loss, counts = train_step(*batches.get(idx, state.step))
     mx.eval(loss, head_loss, counts, state.drafter.parameters(), state.optimizer.state)
     metrics = summarise(np.array(head_loss, np.float64), np.array(counts, np.int64))
     state.curves["loss"].append(float(loss.item()))
@@ -450,8 +519,19 @@ def _train(model, data, plan: _Plan, state: _State, work_dir: Path, progress, ca
     """Step from the state's step to the plan's last, evaluating and checkpointing; on Ctrl-C
     save a checkpoint of the last finished step and raise TrainInterrupted."""
     ckpt_dir = work_dir / "checkpoint"
-    train_step = _step_function(state, plan.config.max_grad_norm)
-    batches = Batches(model, data, plan.train_pos, plan.train_targets)
+    c = plan.config
+    train_step = _step_function(state, c.max_grad_norm, c.kd)
+    batches = Batches(
+        model,
+        data,
+        plan.train_pos,
+        plan.train_targets,
+        features=c.feature_layers,
+        head_index=plan.head_index,
+        teacher=c.kd > 0,
+        noise=c.feature_noise,
+        seed=c.seed,
+    )
     bar = progress_bar(progress, total=plan.total, initial=state.step, desc="training", unit="step")
     snapshot = None  # the state before the step under way, None between steps
     try:
@@ -462,16 +542,22 @@ def _train(model, data, plan: _Plan, state: _State, work_dir: Path, progress, ca
             and not (state.evals and state.evals[-1]["step"] == step)
         ):
             _evaluate_now(state, plan, model, data)  # interrupted during this step's evaluation
-        while state.step < plan.last:
+            _keep_best(state, plan, work_dir)
+        while state.step < plan.last and not _stop_early(state, plan):
             snapshot = (state.drafter.parameters(), tree_map(lambda x: x, state.optimizer.state))
             metrics = _one_step(state, plan, train_step, batches)
             snapshot = None
             if plan.eval_due(state.step):
                 _evaluate_now(state, plan, model, data)
+                _keep_best(state, plan, work_dir)
             _show(bar, state, metrics)
             if callback is not None:
                 callback(state.step, {"loss": state.curves["loss"][-1], **metrics})
-            if state.step % plan.config.checkpoint_every == 0 or state.step == plan.last:
+            if (
+                state.step % plan.config.checkpoint_every == 0
+                or state.step == plan.last
+                or _stop_early(state, plan)
+            ):
                 state.save(ckpt_dir, plan.settings)
     except KeyboardInterrupt:
         if snapshot is not None:  # the step did not finish: keep the state from before it
@@ -487,6 +573,34 @@ def _train(model, data, plan: _Plan, state: _State, work_dir: Path, progress, ca
     finally:
         if bar is not None:
             bar.close()
+
+
+SCORE = "expected_tokens_per_step_w1"  # what early stopping maximises
+
+
+def _best_eval(state: _State) -> dict | None:
+    """The held-out evaluation with the most predicted tokens per step (the first of ties)."""
+    best = None
+    for e in state.evals:
+        if best is None or e[SCORE] > best[SCORE]:
+            best = e
+    return best
+
+
+def _keep_best(state: _State, plan: _Plan, work_dir: Path) -> None:
+    """With early stopping, save the drafter of the best evaluation so far beside the
+    checkpoint (the drafter written at the end)."""
+    if plan.config.patience and state.evals and _best_eval(state) is state.evals[-1]:
+        save_drafter(state.drafter, work_dir / "best")
+
+
+def _stop_early(state: _State, plan: _Plan) -> bool:
+    """Whether `patience` evaluations have passed without beating the best one."""
+    patience = plan.config.patience
+    if not patience or not state.evals:
+        return False
+    best = _best_eval(state)
+    return len(state.evals) - 1 - state.evals.index(best) >= patience
 
 
 def fit(
@@ -517,7 +631,12 @@ def fit(
     work_dir, out_dir = Path(work_dir), Path(out_dir)
     plan = _plan(model, data, config, eos_token_ids)
     state = _start(model, plan, work_dir / "checkpoint", resume)
+    if state.step == 0:  # an earlier run's best is not this run's
+        shutil.rmtree(work_dir / "best", ignore_errors=True)
     _train(model, data, plan, state, work_dir, progress, callback)
+    if config.patience and state.evals and (work_dir / "best").exists():
+        best = load_drafter(work_dir / "best", base=model, dtype=mx.float32)
+        state.drafter.update(best.parameters())
     if config.save_dtype is not None and config.save_dtype != "float32":
         state.drafter.set_dtype(DTYPES[config.save_dtype])
     save_drafter(state.drafter, out_dir)
@@ -526,8 +645,11 @@ def fit(
 
 def _fit_log(plan: _Plan, state: _State, out_dir: Path, this_run: float) -> dict:
     seconds, vocab, drafter = state.seconds, plan.vocab, state.drafter
+    best = _best_eval(state) if plan.config.patience else None
     return {
-        "finished": state.step == plan.total,
+        "finished": state.step == plan.total or _stop_early(state, plan),
+        "stopped_early": state.step < plan.total and _stop_early(state, plan),
+        "best_step": best["step"] if best else None,
         "steps": state.step,
         "settings": plan.settings,
         "draft_vocab": {
@@ -551,7 +673,7 @@ def _fit_log(plan: _Plan, state: _State, out_dir: Path, this_run: float) -> dict
         },
         "curves": state.curves,
         "evals": state.evals,
-        "final_eval": state.evals[-1] if state.evals else None,
+        "final_eval": best or (state.evals[-1] if state.evals else None),
         "seconds": {
             "train": round(seconds["train"], 2),
             "eval": round(seconds["eval"], 2),
@@ -594,6 +716,17 @@ def train_drafter(
     eval_every: int | None = None,
     max_steps: int | None = None,
     callback: Callable[[int, dict], None] | None = None,
+    loss: str = "ce",
+    kd_weight: float = 0.5,
+    top_k: int | None = None,
+    feature_layers: Sequence[int] | str = (),
+    data_feature_layers: Sequence[int] | str | None = None,
+    feature_noise: float = 0.0,
+    weight_decay: float = 0.0,
+    patience: int | None = None,
+    draft_vocab_coverage: float | None = None,
+    time_budget: float | None = None,
+    workers: int = 1,
 ) -> dict:
     """Distil a drafter for `model` from `prompts_file` into `out_dir`; return the log.
 
@@ -602,7 +735,23 @@ def train_drafter(
     model.safetensors, loadable with `load_drafter`) and `training_log.json` to `out_dir`;
     data shards and checkpoints go to `work_dir` (default: `<out_dir>-work` beside it).
     Interrupted runs (Ctrl-C raises TrainInterrupted) resume from there when called again.
+
+    The data stores the base's top-`top_k` distribution (default 32 for the "kd" and "mix"
+    losses, else none) and the states of `data_feature_layers` (default: the drafter's
+    `feature_layers`; a superset lets drafters with fewer layers share the data); "auto"
+    for either is the blocks one third and two thirds deep.
+    `time_budget` (seconds) bounds data generation; `workers` processes make it (see
+    build_dataset). See FitConfig for the rest.
     """
+    t0 = time.perf_counter()
+    out_dir, work_dir = _output_dirs(out_dir, work_dir)
+    model_arg = model
+    model, tokenizer, model_name = _base_model(model, tokenizer, dtype)
+    t_load = time.perf_counter() - t0
+    n_blocks = model.args.num_hidden_layers
+    feature_layers = auto_feature_layers(n_blocks) if feature_layers == "auto" else feature_layers
+    if data_feature_layers == "auto":
+        data_feature_layers = auto_feature_layers(n_blocks)
     config = FitConfig(
         epochs=epochs,
         learning_rate=learning_rate,
@@ -617,11 +766,24 @@ def train_drafter(
         checkpoint_every=checkpoint_every,
         save_dtype=save_dtype,
         max_steps=max_steps,
+        loss=loss,
+        kd_weight=kd_weight,
+        feature_layers=tuple(int(i) for i in feature_layers),
+        feature_noise=feature_noise,
+        weight_decay=weight_decay,
+        patience=patience,
+        draft_vocab_coverage=draft_vocab_coverage,
     )
-    t0 = time.perf_counter()
-    out_dir, work_dir = _output_dirs(out_dir, work_dir)
-    model, tokenizer, model_name = _base_model(model, tokenizer, dtype)
-    t_load = time.perf_counter() - t0
+    config.check()
+    if top_k is None:
+        top_k = DEFAULT_TOP_K if config.kd else 0
+    data_layers = config.feature_layers if data_feature_layers is None else data_feature_layers
+    data_layers = tuple(int(i) for i in data_layers)
+    missing = [i for i in config.feature_layers if i not in data_layers]
+    if missing:
+        raise TrainError(f"the data's feature layers {list(data_layers)} lack {missing}")
+    by_name = isinstance(model_arg, (str, os.PathLike)) or model_arg is None
+    source = (None if model_arg is None else str(model_arg), dtype) if by_name else None
 
     t1 = time.perf_counter()
     data = build_dataset(
@@ -636,6 +798,11 @@ def train_drafter(
         shard_size=shard_size,
         resume=resume,
         progress=progress,
+        top_k=top_k,
+        feature_layers=data_layers,
+        time_budget=time_budget,
+        workers=workers,
+        model_source=source,
     )
     t_data = time.perf_counter() - t1
     result = fit(
@@ -655,6 +822,9 @@ def train_drafter(
         "new_tokens": new_tokens,
         "target": target,
         "gen_batch_size": gen_batch_size,
+        "top_k": top_k,
+        "data_feature_layers": list(data_layers),
+        "workers": workers,
         "save_dtype": save_dtype,
         "work_dir": str(work_dir.resolve()),
     }
@@ -687,6 +857,12 @@ def _job_log(model, model_name, data, result: dict, job: dict, times: dict, t0: 
     )
     log["machine"] = machine()
     return log
+
+
+def auto_feature_layers(num_blocks: int) -> tuple[int, ...]:
+    """The blocks one third and two thirds deep (EAGLE-3 reads a low, a middle and a high
+    layer; the last is always read)."""
+    return tuple(sorted({max(0, num_blocks // 3 - 1), max(0, 2 * num_blocks // 3 - 1)}))
 
 
 def _output_dirs(out_dir, work_dir) -> tuple[Path, Path]:
