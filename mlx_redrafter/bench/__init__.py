@@ -33,7 +33,13 @@ from .methods import (
     needs_drafter,
 )
 from .profile_ops import CATEGORIES, format_profile, profile_forward
-from .replay import acceptance_grid, reference_batch, reference_decode, replay_rounds
+from .replay import (
+    acceptance_grid,
+    acceptance_grids,
+    reference_batch,
+    reference_decode,
+    replay_rounds,
+)
 from .report import (
     BenchResult,
     check_outputs,
@@ -66,6 +72,7 @@ __all__ = [
     "Method",
     "Prompt",
     "acceptance_grid",
+    "acceptance_grids",
     "beam_shapes",
     "benchmark",
     "check_outputs",

@@ -92,11 +92,40 @@ def acceptance_grid(
 
     batched: make the plain greedy references for all prompts together (about 4x faster on
     a CPU; equal to one-at-a-time decoding up to float rounding in near ties)."""
+    return acceptance_grids(
+        model, tokenizer, [drafter], prompts, shapes, max_tokens, on_prompt, batched
+    )[0]
+
+
+def context_columns(hidden: mx.array, carried: Sequence[int], wanted: Sequence[int], h: int):
+    """The columns of a hidden state that carries the `carried` feature layers which a drafter
+    reading `wanted` (a subset) needs: the last state, then its layers in its order."""
+    blocks = [hidden[..., :h]]
+    for layer in wanted:
+        k = 1 + list(carried).index(layer)
+        blocks.append(hidden[..., k * h : (k + 1) * h])
+    return blocks[0] if len(blocks) == 1 else mx.concatenate(blocks, axis=-1)
+
+
+def acceptance_grids(
+    model,
+    tokenizer,
+    drafters: Sequence,
+    prompts: Iterable[Sequence[int]],
+    shapes: Sequence[tuple[int, int]],
+    max_tokens: int,
+    on_prompt: Callable[[], None] | None = None,
+    batched: bool = True,
+) -> list[dict]:
+    """acceptance_grid for several drafters of one base over one set of references (made
+    once, carrying every feature layer any of them reads)."""
     longest = max(length for _, length in shapes)
-    rounds: dict[tuple[int, int], list[int]] = {s: [] for s in shapes}
-    per_prompt = []
+    rounds = [{s: [] for s in shapes} for _ in drafters]
+    per_prompt: list[list] = [[] for _ in drafters]
     prompts = [list(p) for p in prompts]
-    features = drafter_features(drafter)
+    wanted = [drafter_features(d) for d in drafters]
+    features = tuple(dict.fromkeys(f for w in wanted for f in w))
+    h = model.args.hidden_size
     if batched:
         refs = (
             (1, r)
@@ -108,14 +137,20 @@ def acceptance_grid(
             for ids in prompts
         )
     for prompt_len, (ref, limit, hidden) in refs:
-        row = {}
-        for W, L in shapes:
-            acc = replay_rounds(drafter, model, hidden, prompt_len, ref, limit, W, L)
-            rounds[(W, L)].extend(acc)
-            row[f"{W}x{L}"] = float(np.mean(acc)) + 1.0 if acc else 1.0
-        per_prompt.append({"num_tokens": limit, "tokens_per_step": row})
+        for d, drafter in enumerate(drafters):
+            context = context_columns(hidden, features, wanted[d], h)
+            row = {}
+            for W, L in shapes:
+                acc = replay_rounds(drafter, model, context, prompt_len, ref, limit, W, L)
+                rounds[d][(W, L)].extend(acc)
+                row[f"{W}x{L}"] = float(np.mean(acc)) + 1.0 if acc else 1.0
+            per_prompt[d].append({"num_tokens": limit, "tokens_per_step": row})
         if on_prompt is not None:
             on_prompt()
+    return [_grid(r, p) for r, p in zip(rounds, per_prompt, strict=True)]
+
+
+def _grid(rounds: dict, per_prompt: list) -> dict:
     table = {}
     for (W, L), acc in rounds.items():
         arr = np.asarray(acc)

@@ -24,6 +24,7 @@ from mlx_redrafter.cli.common import (
     load_for,
     progress_bar,
 )
+from mlx_redrafter.drafter import load_drafter
 from mlx_redrafter.env import model_dtype
 from mlx_redrafter.errors import RedrafterError
 from mlx_redrafter.prompts import encode_chat, load_prompts
@@ -91,6 +92,14 @@ def bench(
             "greedy decode per prompt (no timing).",
         ),
     ] = False,
+    compare: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--compare",
+            help="With --acceptance: more drafter directories replayed over the same "
+            "references (repeat the option).",
+        ),
+    ] = None,
     dtype: Annotated[str | None, typer.Option(help="Cast the models to this dtype.")] = None,
 ):
     """Decode speed of ReDrafter against plain decoding and mlx-lm, on the same prompts."""
@@ -104,7 +113,11 @@ def bench(
     if acceptance:
         if loaded.draft is None:
             raise RedrafterError("--acceptance needs a drafter: pass --drafter")
-        return _acceptance(loaded, prompt_list, _shapes(widths, lengths), max_tokens, json_out)
+        others = [load_drafter(path, base=loaded.base) for path in compare or []]
+        shapes = _shapes(widths, lengths)
+        return _acceptance(loaded, others, compare or [], prompt_list, shapes, max_tokens, json_out)
+    if compare:
+        raise RedrafterError("--compare needs --acceptance")
     shapes = _shapes(widths, lengths) if sweep else [(loaded.beam_width, loaded.beam_length)]
     method_list = bench_lib.make_methods(names, shapes, sweep=sweep)
     lm_model, lm_tokenizer = (
@@ -169,17 +182,31 @@ def _shapes(widths: str, lengths: str) -> list[tuple[int, int]]:
     return bench_lib.beam_shapes(int_list(widths, "--widths"), int_list(lengths, "--lengths"))
 
 
-def _acceptance(loaded: Loaded, prompt_list, shapes, max_tokens: int, json_out) -> None:
-    """bench --acceptance: tokens per step of every shape, replayed, as a W x L table."""
+def _acceptance(
+    loaded: Loaded, others, other_paths, prompt_list, shapes, max_tokens: int, json_out
+) -> None:
+    """bench --acceptance: tokens per step of every shape, replayed, as a W x L table (one per
+    drafter with --compare, all over the same references)."""
     ids = [encode_chat(loaded.tokenizer, p.text) for p in prompt_list]
     bar, advance = progress_bar(len(ids), "acceptance")
+    drafters = [loaded.draft, *others]
     with bar:
-        grid = bench_lib.acceptance_grid(
-            loaded.base, loaded.tokenizer, loaded.draft, ids, shapes, max_tokens, on_prompt=advance
+        grids = bench_lib.acceptance_grids(
+            loaded.base, loaded.tokenizer, drafters, ids, shapes, max_tokens, on_prompt=advance
         )
-    typer.echo(bench_lib.format_acceptance(grid, max_tokens))
+    if not others:
+        typer.echo(bench_lib.format_acceptance(grids[0], max_tokens))
+        if json_out:
+            _write_json(json_out, grids[0])
+        return
+    names = [str(loaded.drafter_path), *other_paths]
+    for name, grid in zip(names, grids, strict=True):
+        typer.echo(f"\n{name}")
+        typer.echo(bench_lib.format_acceptance(grid, max_tokens))
     if json_out:
-        _write_json(json_out, grid)
+        _write_json(
+            json_out, {"drafters": [{"path": n, **g} for n, g in zip(names, grids, strict=True)]}
+        )
 
 
 def _write_json(path: str, data: dict) -> None:

@@ -6,13 +6,17 @@ The pipeline, one file per stage, each resumable from a work directory:
                 response) with the base's hidden state before each token, in float16 shards
                 on disk (`build_dataset`, `DistillData`); the response is the base's greedy
                 output (target "self") or the prompt file's answer (targets "dataset" and
-                "relabel").
-  objective.py  what is learnt: the draft vocabulary, the training examples (one per
-                position), the teacher-forced forward that equals beam search's
-                (`draft_logits`), the cross-entropy loss and the evaluation.
+                "relabel"). Optionally the base's top-k log-probabilities at each position
+                and the states of a few more layers, from the same forward; several worker
+                processes and a time budget.
+  objective.py  what is learnt: the draft vocabulary (by size or by coverage), the training
+                examples (one per position), the teacher-forced forward that equals beam
+                search's (`draft_logits`), the losses (cross-entropy to the label, to the
+                teacher's top-k, or a mix) and the evaluation.
   loop.py       the training loop (`fit`, its hyperparameters in one `FitConfig`): the
                 learning-rate schedule, checkpoints (a resumed run is bit-identical to an
-                uninterrupted one), and `train_drafter`, the whole job.
+                uninterrupted one), early stopping on held-out predicted tokens per step,
+                and `train_drafter`, the whole job.
 The library never prints; progress goes through tqdm bars that `progress=False` turns off.
 """
 
