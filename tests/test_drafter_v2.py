@@ -10,7 +10,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from helpers import RTOL, assert_close, assert_greedy_equal, reference_logits
+from helpers import RTOL, assert_close, assert_greedy_equal, reference_logits, write_tiny_model
 from mlx.utils import tree_flatten
 from test_generation import FakeTokenizer, NoisyOracle, tokens_of
 from test_generation import tiny_model as sharp_model
@@ -22,6 +22,7 @@ from mlx_redrafter.batch import generate_greedy_batch, teacher_forced_hidden
 from mlx_redrafter.drafter import beam_search, init_drafter, load_drafter, save_drafter
 from mlx_redrafter.errors import DrafterError
 from mlx_redrafter.generation import prefill, stream_generate, verify_tree
+from mlx_redrafter.loading import load
 from mlx_redrafter.prompts import encode_chat, read_prompts
 from mlx_redrafter.train import (
     DistillData,
@@ -925,3 +926,26 @@ def test_fit_with_an_out_of_range_feature_layer_is_a_train_error(model, data, tm
             model, data, tmp_path / "o", work_dir=tmp_path / "w",
             config=replace(MIX_FIT, feature_layers=(5,)), **RUN,
         )  # fmt: skip
+
+
+def test_data_workers_make_the_same_shards_as_one_process(tmp_path):
+    """--workers 2: shards made in two spawned processes equal one process's."""
+    model_dir = write_tiny_model(tmp_path / "model")
+    model, tok = load(model_dir)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(
+        "".join(json.dumps({"turns": [f"question number {i} about x"]}) + "\n" for i in range(8))
+    )
+    kw = dict(new_tokens=6, shard_size=2, progress=False, top_k=4, feature_layers=(0,))
+    one = build_dataset(model, tok, prompts, tmp_path / "one", **kw)
+    two = build_dataset(
+        model, tok, prompts, tmp_path / "two", workers=2, model_source=(str(model_dir), None), **kw
+    )
+    assert len(list((tmp_path / "two" / "data").glob("shard-*.npz"))) == 4
+    for a, b in zip(one.tokens, two.tokens, strict=True):
+        np.testing.assert_array_equal(a, b)
+    # Workers run one BLAS thread: other summation orders, equal up to float16 rounding.
+    for name in ("hidden", "features", "top_logprobs"):
+        a, b = getattr(two, name).astype(np.float32), getattr(one, name).astype(np.float32)
+        assert_close(a, b, rtol=2e-3, what=f"{name}: ")
+    np.testing.assert_array_equal(one.prompt_index, two.prompt_index)

@@ -204,7 +204,8 @@ def build_dataset(
     `workers` > 1 makes shards in that many processes at once, each with its own copy of the
     base loaded from `model_source` = (model name or path, dtype): batched decoding keeps
     about one core busy on a CPU, so two workers on two cores make data about twice as fast.
-    Each shard is made alone either way, so the data does not depend on `workers`.
+    Each shard is made alone either way: the same tokens, and states equal up to float
+    rounding (a worker runs one BLAS thread).
     """
     if target not in TARGETS:
         raise TrainError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
