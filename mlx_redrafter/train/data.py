@@ -346,6 +346,14 @@ class _Generation:
     feature_layers: tuple[int, ...] = ()
 
 
+def _interrupted(data_dir: Path, work_dir: Path) -> TrainInterrupted:
+    return TrainInterrupted(
+        f"data generation interrupted; finished shards are kept in {data_dir}, run again "
+        "to resume",
+        work_dir=work_dir,
+    )
+
+
 def _make_shards(
     gen: _Generation, selection, todo, data_dir: Path, work_dir: Path, progress, budget=None
 ):
@@ -370,11 +378,7 @@ def _make_shards(
             shard = _make_shard(gen, selection[start:end], start, finished)
             _write_npz(_shard_path(data_dir, start, end), **shard)
     except KeyboardInterrupt:
-        raise TrainInterrupted(
-            f"data generation interrupted; finished shards are kept in {data_dir}, run again "
-            "to resume",
-            work_dir=work_dir,
-        ) from None
+        raise _interrupted(data_dir, work_dir) from None
     finally:
         if bar is not None:
             bar.close()
@@ -578,11 +582,7 @@ def _make_shards_in_workers(
             p.terminate()
         for p in procs:
             p.join()
-        raise TrainInterrupted(
-            f"data generation interrupted; finished shards are kept in {data_dir}, run again "
-            "to resume",
-            work_dir=work_dir,
-        ) from None
+        raise _interrupted(data_dir, work_dir) from None
     finally:
         if bar is not None:
             bar.close()
