@@ -348,8 +348,7 @@ class _Generation:
 
 def _interrupted(data_dir: Path, work_dir: Path) -> TrainInterrupted:
     return TrainInterrupted(
-        f"data generation interrupted; finished shards are kept in {data_dir}, run again "
-        "to resume",
+        f"data generation interrupted; finished shards are kept in {data_dir}, run again to resume",
         work_dir=work_dir,
     )
 
