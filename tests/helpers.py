@@ -184,9 +184,13 @@ def invoke(args: list[str], env: dict[str, str] | None = None, input: str | None
     from mlx_redrafter.cli import app
 
     extra = {"HF_HUB_OFFLINE": "1", "MLX_REDRAFTER_DEBUG": None, **(env or {})}
-    # Never read or write the user's own tuned shapes.
-    extra.setdefault("MLX_REDRAFTER_CONFIG_DIR", tempfile.mkdtemp(prefix="mlx-redrafter-cfg-"))
-    return Invoked(CliRunner().invoke(app, args, input=input, env=extra))
+    if extra.get("MLX_REDRAFTER_CONFIG_DIR"):
+        return Invoked(CliRunner().invoke(app, args, input=input, env=extra))
+    # Never read or write the user's own tuned shapes: a config dir of the call's own, removed
+    # after it.
+    with tempfile.TemporaryDirectory(prefix="mlx-redrafter-cfg-") as config_dir:
+        extra["MLX_REDRAFTER_CONFIG_DIR"] = config_dir
+        return Invoked(CliRunner().invoke(app, args, input=input, env=extra))
 
 
 # ---------------------------------------------------------------------------------------------

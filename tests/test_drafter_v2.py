@@ -949,3 +949,10 @@ def test_data_workers_make_the_same_shards_as_one_process(tmp_path):
         a, b = getattr(two, name).astype(np.float32), getattr(one, name).astype(np.float32)
         assert_close(a, b, rtol=2e-3, what=f"{name}: ")
     np.testing.assert_array_equal(one.prompt_index, two.prompt_index)
+    # Two processes' shard times overlap: the stats count each at half (a wall-clock share).
+    shard_seconds = 0.0
+    for path in sorted((tmp_path / "two" / "data").glob("shard-*.npz")):
+        with np.load(path) as z:
+            assert int(z["gen_processes"]) == 2
+            shard_seconds += float(z["gen_seconds"])
+    assert two.stats["generation_seconds"] == pytest.approx(shard_seconds / 2, abs=0.01)

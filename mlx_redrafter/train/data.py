@@ -263,7 +263,14 @@ def build_dataset(
     t_start = time.perf_counter()
     if workers > 1 and len(todo) > 1:
         job = _WorkerJob(
-            model_source, prompts_file, new_tokens, target, batch_size, top_k, feature_layers
+            model_source,
+            prompts_file,
+            new_tokens,
+            target,
+            batch_size,
+            top_k,
+            feature_layers,
+            min(workers, len(todo)),
         )
         made = _make_shards_in_workers(
             job, selection, todo, data_dir, Path(work_dir), progress, time_budget, workers
@@ -344,6 +351,7 @@ class _Generation:
     batch_size: int
     top_k: int = 0
     feature_layers: tuple[int, ...] = ()
+    processes: int = 1  # processes making shards at once (their times overlap)
 
 
 def _interrupted(data_dir: Path, work_dir: Path) -> TrainInterrupted:
@@ -435,6 +443,7 @@ def _make_shard(
         "prompt_index": np.array([start + k for k in order], np.int64),
         "skipped": np.array(skipped),
         "gen_seconds": np.array(t_gen),
+        "gen_processes": np.array(gen.processes),
     }
 
 
@@ -490,6 +499,7 @@ class _WorkerJob:
     batch_size: int
     top_k: int
     feature_layers: tuple[int, ...]
+    processes: int
 
 
 def _worker(job: _WorkerJob, selection, ranges, data_dir: Path, deadline, queue) -> None:
@@ -511,6 +521,7 @@ def _worker(job: _WorkerJob, selection, ranges, data_dir: Path, deadline, queue)
             job.batch_size,
             job.top_k,
             job.feature_layers,
+            job.processes,
         )
         for start, end in ranges:
             if deadline is not None and time.time() >= deadline:
@@ -620,7 +631,10 @@ def _load_shards(data_dir: Path, ranges, fingerprint) -> DistillData:
             hiddens.append(z["hidden"])
             index.append(z["prompt_index"])
             skipped += int(z["skipped"])
-            seconds += float(z["gen_seconds"])
+            # Wall-clock share: shards made by N processes at once overlap N-fold.
+            seconds += float(z["gen_seconds"]) / int(
+                z["gen_processes"] if "gen_processes" in z else 1
+            )
     starts = np.cumsum([0] + [len(t) - 1 for t in tokens]).astype(np.int64)
     hidden = np.concatenate(hiddens) if hiddens else np.zeros((0, 0), np.float16)
     data = DistillData(
