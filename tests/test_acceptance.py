@@ -1,8 +1,8 @@
 """Offline acceptance replay equals what the real ReDrafter loop accepts."""
 
-import mlx.core as mx
 import numpy as np
 import pytest
+from test_drafter_v2 import random_drafter
 from test_generation import FakeTokenizer, tiny_model
 
 from mlx_redrafter.bench.replay import acceptance_grid, acceptance_grids
@@ -47,12 +47,8 @@ def test_replay_matches_the_real_loop(seed, batched, eos):
 @pytest.mark.parametrize("batched", [True, False])
 def test_replay_of_a_multi_layer_drafter_matches_the_real_loop(batched):
     model = tiny_model(1, vocab=6, hidden=32)
-    drafter = init_drafter(model, seed=1, feature_layers=[0])
-    # Give the fuse weight on the extra layer, or the drafter is the last-layer one.
-    h = model.args.hidden_size
-    w = np.array(drafter.fuse.weight)
-    w[:, h:] = np.random.default_rng(0).normal(0, 0.5, (h, h))
-    drafter.fuse.weight = mx.array(w)
+    # A random fuse: with its identity start the drafter would read the last layer only.
+    drafter = random_drafter(model, seed=1, feature_layers=[0])
     prompts = [[1, 2, 3], [4, 0, 5, 1]]
     grid = acceptance_grid(
         model, FakeTokenizer(()), drafter, prompts, [(2, 4)], max_tokens=30, batched=batched
@@ -77,11 +73,7 @@ def test_replay_of_a_multi_layer_drafter_matches_the_real_loop(batched):
 def test_grids_of_several_drafters_equal_one_at_a_time():
     model = tiny_model(3, vocab=6, hidden=32)
     plain = init_drafter(model, seed=3)
-    multi = init_drafter(model, seed=4, feature_layers=[0])
-    h = model.args.hidden_size
-    w = np.array(multi.fuse.weight)
-    w[:, h:] = np.random.default_rng(1).normal(0, 0.5, (h, h))
-    multi.fuse.weight = mx.array(w)
+    multi = random_drafter(model, seed=4, feature_layers=[0])
     prompts = [[1, 2, 3], [4, 0, 5, 1]]
     shapes = [(1, 3), (2, 4)]
     together = acceptance_grids(model, FakeTokenizer(()), [plain, multi], prompts, shapes, 30)
