@@ -273,7 +273,7 @@ def build_dataset(
             min(workers, len(todo)),
         )
         made = _make_shards_in_workers(
-            job, selection, todo, data_dir, Path(work_dir), progress, time_budget, workers
+            job, selection, todo, data_dir, Path(work_dir), progress, time_budget
         )
     else:
         made = _make_shards(gen, selection, todo, data_dir, Path(work_dir), progress, time_budget)
@@ -535,9 +535,9 @@ def _worker(job: _WorkerJob, selection, ranges, data_dir: Path, deadline, queue)
 
 
 def _make_shards_in_workers(
-    job: _WorkerJob, selection, todo, data_dir, work_dir, progress, budget, workers
+    job: _WorkerJob, selection, todo, data_dir, work_dir, progress, budget
 ) -> int:
-    """_make_shards over `workers` processes (shard i to worker i mod workers)."""
+    """_make_shards over `job.processes` processes (shard i to worker i mod processes)."""
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
@@ -550,10 +550,10 @@ def _make_shards_in_workers(
     os.environ["OPENBLAS_NUM_THREADS"] = "1"  # one core each; spawned children copy it now
     procs = []
     try:
-        for w in range(workers):
+        for w in range(job.processes):
             p = ctx.Process(
                 target=_worker,
-                args=(job, selection, todo[w::workers], data_dir, deadline, queue),
+                args=(job, selection, todo[w :: job.processes], data_dir, deadline, queue),
                 daemon=True,
             )
             p.start()
