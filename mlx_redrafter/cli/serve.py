@@ -1,7 +1,9 @@
-"""`mlx-redrafter serve`: a local OpenAI-compatible server on one model (and drafter)."""
+"""`mlx-redrafter serve`: a local OpenAI- and Anthropic-compatible server on one model (and
+drafter), locked to its clients (docs/serving.md)."""
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import sys
 from pathlib import Path
@@ -69,13 +71,61 @@ def serve(
         float, typer.Option("--prompt-cache-gb", help="Most memory the kept caches may hold.")
     ] = 2.0,
     dtype: Dtype = None,
+    api_key: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--api-key",
+            envvar="MLX_REDRAFTER_API_KEY",
+            help="Require this key (Authorization: Bearer KEY or x-api-key) on every route but "
+            "/health; repeat for several clients (each gets its own prompt caches). "
+            "Env: MLX_REDRAFTER_API_KEY (several separated by spaces).",
+        ),
+    ] = None,
+    allowed_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allowed-host",
+            help="A Host name to answer besides localhost and IP addresses (DNS rebinding "
+            "guard); '*' answers any. Repeatable.",
+        ),
+    ] = None,
+    allowed_origins: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allowed-origins",
+            help="Web origins (https://app.example) whose pages may call the server, besides "
+            "localhost ones; '*' allows any. Repeatable or comma-separated.",
+        ),
+    ] = None,
+    max_body_mb: Annotated[
+        float, typer.Option("--max-body-mb", min=0.001, help="Largest request body (413 above).")
+    ] = 4.0,
+    request_timeout: Annotated[
+        float,
+        typer.Option("--request-timeout", min=1, help="Seconds a request may take, queue included."),
+    ] = 600.0,
+    header_timeout: Annotated[
+        float,
+        typer.Option("--header-timeout", min=0.1, help="Seconds a connection has to send a request."),
+    ] = 10.0,
 ):
-    """A local OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models)."""
+    """A local OpenAI- and Anthropic-compatible server (/v1/chat/completions, /v1/completions,
+    /v1/messages, /v1/models), for this machine's apps and agents only."""
     # The web stack (starlette, uvicorn) loads only for this command.
-    from mlx_redrafter.server import Engine, bind, url_of
+    from mlx_redrafter.server import DoorSettings, Engine, Limits, bind, url_of
     from mlx_redrafter.server import serve as run_server
 
     SamplingConfig(temp, top_p, top_k).validate()
+    keys = tuple(k for key in api_key or () for k in key.split() if k)
+    origins = tuple(o.strip() for item in allowed_origins or () for o in item.split(",") if o.strip())
+    door = DoorSettings(
+        api_keys=keys,
+        allowed_hosts=tuple(allowed_host or ()),
+        allowed_origins=origins,
+        max_body_bytes=int(max_body_mb * (1 << 20)),
+        header_timeout=header_timeout,
+    )
+    limits = Limits(max_body_bytes=door.max_body_bytes, request_timeout=request_timeout)
     sock = bind(host, port)  # fail before the model loads if the port is taken
     # The beam shape goes to the engine as given: each request resolves it (and only one
     # with a drafter needs it), so it is not resolved here.
@@ -94,10 +144,7 @@ def serve(
         aliases=tuple(a for a in (model, str(loaded.model_path)) if a),
         drafter_name=Path(loaded.drafter_path).name if loaded.drafter_path else None,
         decode_options=options,
-        max_tokens=max_tokens,
-        temperature=temp,
-        top_p=top_p,
-        top_k=top_k,
+        defaults={"max_tokens": max_tokens, "temperature": temp, "top_p": top_p, "top_k": top_k},
         max_queue=max_queue,
         cache_entries=prompt_cache,
         cache_bytes=int(prompt_cache_gb * (1 << 30)),
@@ -106,13 +153,28 @@ def serve(
     how = _decoding_summary(loaded, beam_width, beam_length)
     url = url_of(sock)
 
+    locked = f"{len(keys)} API key{'s' * (len(keys) != 1)}" if keys else "no API key"
+
     def ready() -> None:
         typer.echo(
             f"mlx-redrafter serve: {url}/v1 · model {loaded.model_path.name} · {how} · "
-            f"{device_name()} · Ctrl-C stops"
+            f"{device_name()} · {locked} · Ctrl-C stops"
         )
+        if not keys and not _is_loopback(host):
+            typer.echo(
+                f"warning: listening on {host} without --api-key: anyone who can reach this "
+                "address can use the model",
+                err=True,
+            )
 
-    run_server(engine, sock, on_ready=ready)
+    run_server(engine, sock, door, limits, on_ready=ready)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _log_requests() -> None:
