@@ -13,17 +13,17 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
 
 import httpx
 import openai
 import pytest
 from helpers import REPO_ROOT, cli_env, write_tiny_drafter, write_tiny_model
+from server_helpers import client, running, user
 
 from mlx_redrafter.drafter import load_drafter
 from mlx_redrafter.generation import stream_generate
 from mlx_redrafter.loading import load
-from mlx_redrafter.server import Engine, PromptCaches, bind, make_server, url_of
+from mlx_redrafter.server import Engine, PromptCaches
 
 TINY_CONTEXT = 512
 PROMPTS = [
@@ -32,31 +32,6 @@ PROMPTS = [
     "Write a short poem about the sea.",
     "What is 12 + 30?",
 ]
-
-
-@contextmanager
-def running(engine: Engine):
-    """Serve `engine` on a free loopback port in a thread; yields the base URL."""
-    sock = bind("127.0.0.1", 0)
-    server = make_server(engine)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "the server did not start in 30 s"
-        assert thread.is_alive(), "the server thread died during start-up"
-        time.sleep(0.02)
-    try:
-        yield url_of(sock)
-    finally:
-        server.should_exit = True
-        thread.join(15)
-        sock.close()
-        assert not thread.is_alive(), "the server did not stop"
-
-
-def client(url: str, timeout: float = 60) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=timeout)
 
 
 def plain_tokens(model, tokenizer, ids, max_tokens, stop=()) -> list[int]:
@@ -80,10 +55,6 @@ def plain_text(model, tokenizer, ids, max_tokens, stop=()) -> str:
 
 def chat_prompt(tokenizer, messages) -> list[int]:
     return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
-
-
-def user(text: str) -> list[dict]:
-    return [{"role": "user", "content": text}]
 
 
 def common_prefix(a, b) -> int:
