@@ -140,10 +140,11 @@ class ToolStream:
         if not text:
             return []
         self.pending_space += text
-        if not self.pending_space.strip():
+        body = self.pending_space.rstrip()
+        if not body:
             return []
-        out, self.pending_space = self.pending_space, ""
-        return [out]
+        self.pending_space = self.pending_space[len(body) :]  # trailing space waits
+        return [body]
 
     def _called(self, call: ParsedCall) -> ParsedCall:
         self.calls += 1
