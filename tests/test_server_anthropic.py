@@ -113,3 +113,13 @@ def test_the_client_raises_bad_request(url):
         api(url).messages.create(model="tiny", max_tokens=4, messages=user("hi"),
                                   extra_body={"temperature": 3})
     assert "temperature" in str(info.value)
+
+
+def test_count_tokens(url, tiny):
+    _, tokenizer = tiny
+    messages = user("Tell me a story")
+    counted = api(url).messages.count_tokens(model="tiny", messages=messages, system="Be brief.")
+    system = [{"role": "system", "content": "Be brief."}]
+    assert counted.input_tokens == len(
+        tokenizer.apply_chat_template(system + messages, add_generation_prompt=True)
+    )

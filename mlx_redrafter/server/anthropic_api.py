@@ -20,6 +20,7 @@ from .protocol import (
     AnthropicToolResult,
     AnthropicToolUse,
     APIError,
+    CountTokensRequest,
     MessagesRequest,
 )
 from .tools import ParsedCall, ToolStream, parse_output
@@ -124,6 +125,15 @@ class AnthropicRoutes:
             **self._message(outcome), "content": blocks, "stop_reason": reason,
             "stop_sequence": sequence,
         })
+
+    async def count_tokens(self, request: Request) -> Response:
+        gw = self.gw
+        body: CountTokensRequest = await gw.read(request, CountTokensRequest)
+        gw.check_model(body.model)
+        tools = _tools(body)
+        ids = await gw.off_loop(render_chat, gw.engine.tokenizer, gw.facts, message_turns(body),
+                                tools)
+        return JSONResponse({"input_tokens": len(ids)})
 
     def _message(self, outcome: Outcome | None) -> dict:
         return {

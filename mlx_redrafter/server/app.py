@@ -110,6 +110,7 @@ def create_app(
         Route("/v1/chat/completions", _guarded(openai.chat), methods=["POST"]),
         Route("/v1/completions", _guarded(openai.completions), methods=["POST"]),
         Route("/v1/messages", _guarded(anthropic.messages), methods=["POST"]),
+        Route("/v1/messages/count_tokens", _guarded(anthropic.count_tokens), methods=["POST"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={HTTPException: _http_error})

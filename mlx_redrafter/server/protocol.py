@@ -351,3 +351,9 @@ class MessagesRequest(Body):
         if self.tools and len(self.tools) > limits.max_tools:
             raise APIError(400, f"tools: at most {limits.max_tools} tools", "tools")
         self.stop_sequences = check_stop(self.stop_sequences or [], limits, "stop_sequences")
+
+
+class CountTokensRequest(MessagesRequest):
+    """`/v1/messages/count_tokens`: a Messages request without max_tokens."""
+
+    max_tokens: int | None = Field(None, ge=1)
