@@ -322,3 +322,35 @@ def test_a_request_past_its_deadline_gets_504(tiny):
             f"{base}/v1/chat/completions", json={"messages": user("hi"), "max_tokens": 2},
             timeout=30,
         ).status_code == 200
+
+
+class _SlowTemplate:
+    """The tokenizer with a chat template that takes 1.5 s (a huge prompt's templating)."""
+
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+    def apply_chat_template(self, *args, **kwargs):
+        time.sleep(1.5)
+        return self._tokenizer.apply_chat_template(*args, **kwargs)
+
+
+def test_templating_runs_off_the_event_loop(tiny):
+    model, tokenizer = tiny
+    engine = Engine(model, _SlowTemplate(tokenizer), None, model_name="tiny")
+    with running(engine) as base:
+        results = []
+        body = {"messages": user("hi"), "max_tokens": 2}
+        thread = threading.Thread(target=lambda: results.append(
+            httpx.post(f"{base}/v1/chat/completions", json=body, timeout=30)))
+        thread.start()
+        time.sleep(0.2)
+        for _ in range(5):
+            t0 = time.monotonic()
+            assert httpx.get(f"{base}/health", timeout=5).status_code == 200
+            assert time.monotonic() - t0 < 0.5
+        thread.join(30)
+        assert results[0].status_code == 200
