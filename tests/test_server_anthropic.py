@@ -36,14 +36,17 @@ def api(url) -> anthropic.Anthropic:
 def plain(tiny, messages, max_tokens, stop=()) -> tuple[str, list]:
     model, tokenizer = tiny
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    out = list(stream_generate(model, tokenizer, ids, None, max_tokens=max_tokens, lookup=False,
-                               stop=stop))
+    out = list(
+        stream_generate(model, tokenizer, ids, None, max_tokens=max_tokens, lookup=False, stop=stop)
+    )
     return "".join(r.text for r in out), out
 
 
 def test_messages_equal_plain_greedy_decoding(url, tiny):
     text, out = plain(tiny, user("Tell me a story"), 20)
-    message = api(url).messages.create(model="tiny", max_tokens=20, messages=user("Tell me a story"))
+    message = api(url).messages.create(
+        model="tiny", max_tokens=20, messages=user("Tell me a story")
+    )
     assert message.type == "message" and message.role == "assistant"
     assert message.content[0].type == "text" and message.content[0].text == text
     assert message.stop_reason == ("max_tokens" if len(out) == 20 else "end_turn")
@@ -60,8 +63,11 @@ def test_streamed_events_add_up_to_the_whole_answer(url):
     assert len(pieces) >= 2
     assert "".join(pieces) == whole.content[0].text == final.content[0].text
     assert final.stop_reason == whole.stop_reason
-    raw = httpx.post(f"{url}/v1/messages", json={"model": "tiny", "max_tokens": 4, "stream": True,
-                                                 "messages": user("hi")}, timeout=30)
+    raw = httpx.post(
+        f"{url}/v1/messages",
+        json={"model": "tiny", "max_tokens": 4, "stream": True, "messages": user("hi")},
+        timeout=30,
+    )
     events = [line.split(": ", 1)[1] for line in raw.text.splitlines() if line.startswith("event")]
     assert events[0] == "message_start" and events[-2:] == ["message_delta", "message_stop"]
     assert "content_block_start" in events and "content_block_stop" in events
@@ -70,8 +76,7 @@ def test_streamed_events_add_up_to_the_whole_answer(url):
 def test_system_prompt_and_content_blocks_reach_the_template(url, tiny):
     system = "You answer in French."
     blocks = [{"type": "text", "text": "Tell me "}, {"type": "text", "text": "a story"}]
-    expected, _ = plain(tiny, [{"role": "system", "content": system}] + user("Tell me a story"),
-                        12)
+    expected, _ = plain(tiny, [{"role": "system", "content": system}] + user("Tell me a story"), 12)
     message = api(url).messages.create(
         model="tiny", max_tokens=12, system=system, messages=[{"role": "user", "content": blocks}]
     )
@@ -83,8 +88,9 @@ def test_multi_turn_and_stop_sequences(url, tiny):
     full, _ = plain(tiny, turns, 32)
     assert len(full) > 8
     stop = full[5:7]
-    message = api(url).messages.create(model="tiny", max_tokens=32, messages=turns,
-                                       stop_sequences=["\x01never", stop])
+    message = api(url).messages.create(
+        model="tiny", max_tokens=32, messages=turns, stop_sequences=["\x01never", stop]
+    )
     assert message.content[0].text == full[: full.find(stop)]
     assert message.stop_reason == "stop_sequence" and message.stop_sequence == stop
 
@@ -110,8 +116,9 @@ def test_bad_requests_get_anthropic_errors(url, body, status):
 
 def test_the_client_raises_bad_request(url):
     with pytest.raises(anthropic.BadRequestError) as info:
-        api(url).messages.create(model="tiny", max_tokens=4, messages=user("hi"),
-                                  extra_body={"temperature": 3})
+        api(url).messages.create(
+            model="tiny", max_tokens=4, messages=user("hi"), extra_body={"temperature": 3}
+        )
     assert "temperature" in str(info.value)
 
 

@@ -58,8 +58,11 @@ def post(url, path="/v1/chat/completions", body=None, key=KEYS[0], headers=None,
     if key:
         sent["Authorization"] = f"Bearer {key}"
     sent.update(headers or {})
-    content = raw if raw is not None else json.dumps(body or {"messages": user("hi"),
-                                                               "max_tokens": 2}).encode()
+    content = (
+        raw
+        if raw is not None
+        else json.dumps(body or {"messages": user("hi"), "max_tokens": 2}).encode()
+    )
     return httpx.post(f"{url}{path}", content=content, headers=sent, timeout=30)
 
 
@@ -222,12 +225,26 @@ def test_an_oversized_body_is_refused_before_it_is_read(url, engine):
 @pytest.mark.parametrize(
     "raw, words",
     [
-        (b'{"messages": [{"role": "user", "content": "hi"}], "x": ' + b"[" * 10000
-         + b"]" * 10000 + b"}", "nest"),
-        (b'{"messages": [{"role": "user", "content": "hi"}], "x": ' + b"[" * 200
-         + b"]" * 200 + b"}", "nest"),
-        (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": ' + b"7" * 5001
-         + b"}", "JSON"),
+        (
+            b'{"messages": [{"role": "user", "content": "hi"}], "x": '
+            + b"[" * 10000
+            + b"]" * 10000
+            + b"}",
+            "nest",
+        ),
+        (
+            b'{"messages": [{"role": "user", "content": "hi"}], "x": '
+            + b"[" * 200
+            + b"]" * 200
+            + b"}",
+            "nest",
+        ),
+        (
+            b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": '
+            + b"7" * 5001
+            + b"}",
+            "JSON",
+        ),
         (b'{"messages": [{"role": "user", "content": "\\ud800"}]}', "Unicode"),
         (b'{"messages": [{"role": "user", "content": "hi"}], "stop": ["\\udfff"]}', "Unicode"),
         (b"\xff\xfe{}", "JSON"),
@@ -318,10 +335,14 @@ def test_a_request_past_its_deadline_gets_504(tiny):
                 f"{base}/v1/chat/completions", json={"messages": user("hi")}, timeout=30
             )
         assert_error(resp, 504, "longer than")
-        assert httpx.post(
-            f"{base}/v1/chat/completions", json={"messages": user("hi"), "max_tokens": 2},
-            timeout=30,
-        ).status_code == 200
+        assert (
+            httpx.post(
+                f"{base}/v1/chat/completions",
+                json={"messages": user("hi"), "max_tokens": 2},
+                timeout=30,
+            ).status_code
+            == 200
+        )
 
 
 class _SlowTemplate:
@@ -344,8 +365,11 @@ def test_templating_runs_off_the_event_loop(tiny):
     with running(engine) as base:
         results = []
         body = {"messages": user("hi"), "max_tokens": 2}
-        thread = threading.Thread(target=lambda: results.append(
-            httpx.post(f"{base}/v1/chat/completions", json=body, timeout=30)))
+        thread = threading.Thread(
+            target=lambda: results.append(
+                httpx.post(f"{base}/v1/chat/completions", json=body, timeout=30)
+            )
+        )
         thread.start()
         time.sleep(0.2)
         for _ in range(5):

@@ -53,25 +53,37 @@ def _assert_healthy(http) -> None:
 words = st.text(alphabet="qwzQWZ!?", min_size=1, max_size=8)
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
     max_leaves=20,
 )
 # Values each field refuses (beside whatever else the request carries).
 BAD_FIELDS = {
     "messages": st.one_of(
-        st.integers(), st.text(), st.just([]), st.lists(st.integers(), min_size=1, max_size=3),
-        st.lists(st.fixed_dictionaries({"role": st.sampled_from(["robot", "", "root"]),
-                                        "content": st.text(max_size=10)}), min_size=1),
-        st.lists(st.fixed_dictionaries({"role": st.just("user"),
-                                        "content": st.integers() | st.booleans()}), min_size=1),
+        st.integers(),
+        st.text(),
+        st.just([]),
+        st.lists(st.integers(), min_size=1, max_size=3),
+        st.lists(
+            st.fixed_dictionaries(
+                {"role": st.sampled_from(["robot", "", "root"]), "content": st.text(max_size=10)}
+            ),
+            min_size=1,
+        ),
+        st.lists(
+            st.fixed_dictionaries(
+                {"role": st.just("user"), "content": st.integers() | st.booleans()}
+            ),
+            min_size=1,
+        ),
     ),
     "max_tokens": st.integers(max_value=0) | words | st.integers(min_value=10**6),
-    "temperature": st.floats(min_value=2.01, max_value=1e300) | st.floats(max_value=-0.01)
-    | words,
+    "temperature": st.floats(min_value=2.01, max_value=1e300) | st.floats(max_value=-0.01) | words,
     "top_p": st.floats(max_value=0.0) | st.floats(min_value=1.01, max_value=1e9),
     "stream": words | st.integers(min_value=2) | st.lists(st.booleans(), min_size=1),
-    "stop": st.integers() | st.lists(st.integers(), min_size=1)
+    "stop": st.integers()
+    | st.lists(st.integers(), min_size=1)
     | st.lists(st.text(max_size=3), min_size=17, max_size=20),
     "model": st.text(min_size=1, max_size=20).filter(lambda s: s != "tiny"),
     "seed": st.integers(max_value=-1) | words,
@@ -84,8 +96,11 @@ def bad_requests(draw):
     body = {"messages": user("hi"), "max_tokens": 2}
     if route == "/v1/completions":
         body = {"prompt": "hi", "max_tokens": 2}
-    extra = draw(st.dictionaries(st.text(min_size=1, max_size=6).map(lambda s: "x_" + s),
-                                 json_values, max_size=3))
+    extra = draw(
+        st.dictionaries(
+            st.text(min_size=1, max_size=6).map(lambda s: "x_" + s), json_values, max_size=3
+        )
+    )
     body.update(extra)  # unknown fields are ignored, whatever they hold
     name = draw(st.sampled_from(sorted(BAD_FIELDS)))
     if route == "/v1/completions" and name == "messages":
@@ -112,8 +127,10 @@ def test_bad_requests_are_4xx_json_and_the_server_stays_healthy(served, case):
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(raw=st.binary(max_size=300) | st.text(max_size=200).map(str.encode),
-       route=st.sampled_from(ROUTES))
+@given(
+    raw=st.binary(max_size=300) | st.text(max_size=200).map(str.encode),
+    route=st.sampled_from(ROUTES),
+)
 def test_arbitrary_bytes_are_4xx_json(served, raw, route):
     http, _ = served
     _assert_client_error(_post(http, route, raw))

@@ -26,14 +26,23 @@ def model_dir(tmp_path_factory):
     return write_tiny_model(tmp_path_factory.mktemp("shutdown") / "tiny", context_length=8192)
 
 
-def _start(model_dir, tmp_path) -> tuple[subprocess.Popen, str]:
+def _start(model_dir, tmp_path, *extra: str, env=None) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(
-        [sys.executable, str(REPO_ROOT / "cli.py"), "serve", "-m", str(model_dir), "--port", "0",
-         "--no-lookup"],
+        [
+            sys.executable,
+            str(REPO_ROOT / "cli.py"),
+            "serve",
+            "-m",
+            str(model_dir),
+            "--port",
+            "0",
+            "--no-lookup",
+            *extra,
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=cli_env(tmp_path / "config"),
+        env={**cli_env(tmp_path / "config"), **(env or {})},
         cwd=REPO_ROOT,
     )
     line = proc.stdout.readline()
@@ -67,8 +76,9 @@ def _stream_lines(base: str, lines: list, started: threading.Event) -> None:
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 0)])
-def test_stopping_while_streaming_ends_streams_and_answers_the_queue(model_dir, tmp_path, sig,
-                                                                     code):
+def test_stopping_while_streaming_ends_streams_and_answers_the_queue(
+    model_dir, tmp_path, sig, code
+):
     proc, base = _start(model_dir, tmp_path)
     try:
         lines: list[str] = []
@@ -78,8 +88,13 @@ def test_stopping_while_streaming_ends_streams_and_answers_the_queue(model_dir, 
         assert started.wait(60), "the stream did not start"
         queued: list = []
         waiters = [
-            threading.Thread(target=lambda: queued.append(httpx.post(
-                f"{base}/v1/chat/completions", json={"messages": user("hi")}, timeout=60)))
+            threading.Thread(
+                target=lambda: queued.append(
+                    httpx.post(
+                        f"{base}/v1/chat/completions", json={"messages": user("hi")}, timeout=60
+                    )
+                )
+            )
             for _ in range(2)
         ]
         for w in waiters:
@@ -107,8 +122,9 @@ def test_stopping_while_streaming_ends_streams_and_answers_the_queue(model_dir, 
 def _serve_once_and_stop(model_dir, tmp_path, sig) -> tuple[int, str]:
     proc, base = _start(model_dir, tmp_path)
     try:
-        resp = httpx.post(f"{base}/v1/completions", json={"prompt": "the", "max_tokens": 4},
-                          timeout=60)
+        resp = httpx.post(
+            f"{base}/v1/completions", json={"prompt": "the", "max_tokens": 4}, timeout=60
+        )
         assert resp.status_code == 200
     except BaseException:
         proc.kill()
@@ -137,7 +153,6 @@ def test_stopping_exits_cleanly_20_times_of_20(model_dir, tmp_path):
 
 def test_the_model_thread_is_parked_at_shutdown_not_joined(model_dir):
 
-
     model, tokenizer = load(model_dir)
     engine = Engine(model, tokenizer, None, model_name="tiny")
     with running(engine) as url:
@@ -148,3 +163,47 @@ def test_the_model_thread_is_parked_at_shutdown_not_joined(model_dir):
     with running(engine) as url:  # and it serves again after a restart
         assert client(url).completions.create(model="tiny", prompt="the", max_tokens=2).choices
     assert engine._thread is thread
+
+
+def test_the_serve_command_takes_keys_from_options_and_the_environment(model_dir, tmp_path):
+    proc, base = _start(
+        model_dir,
+        tmp_path,
+        "--api-key",
+        "opt-key",
+        "--allowed-origins",
+        "https://a.example,https://b.example",
+        env={"MLX_REDRAFTER_API_KEY": "env-1 env-2"},
+    )
+    try:
+        body = {"prompt": "the", "max_tokens": 2}
+        assert httpx.post(f"{base}/v1/completions", json=body, timeout=30).status_code == 401
+        ok = {"Authorization": "Bearer opt-key", "Origin": "https://b.example"}
+        assert (
+            httpx.post(f"{base}/v1/completions", json=body, headers=ok, timeout=30).status_code
+            == 200
+        )
+        # An option given on the command line replaces the environment's keys (click's rule).
+        env_key = {"Authorization": "Bearer env-1"}
+        assert (
+            httpx.post(f"{base}/v1/completions", json=body, headers=env_key, timeout=30).status_code
+            == 401
+        )
+        assert httpx.get(f"{base}/health", timeout=10).status_code == 200
+    finally:
+        code, err = _stop(proc, signal.SIGTERM)
+    assert code == 0, err
+    proc, base = _start(model_dir, tmp_path, env={"MLX_REDRAFTER_API_KEY": "env-1 env-2"})
+    try:
+        env_key = {"Authorization": "Bearer env-2"}
+        assert (
+            httpx.post(
+                f"{base}/v1/completions",
+                json={"prompt": "the", "max_tokens": 2},
+                headers=env_key,
+                timeout=30,
+            ).status_code
+            == 200
+        )
+    finally:
+        _stop(proc, signal.SIGTERM)

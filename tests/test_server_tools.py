@@ -12,7 +12,15 @@ import httpx
 import openai
 import pytest
 from helpers import write_tiny_model
-from server_helpers import HERMES_TEMPLATE, Scripted, client, running, set_template, user
+from server_helpers import (
+    HERMES_TEMPLATE,
+    LLAMA3_TEMPLATE,
+    Scripted,
+    client,
+    running,
+    set_template,
+    user,
+)
 
 from mlx_redrafter.loading import load
 from mlx_redrafter.server import Engine
@@ -59,8 +67,12 @@ def _calls(calls) -> list[tuple[str, dict]]:
     "text, fmt, content, calls",
     [
         (HERMES_ONE, HERMES, None, [("get_weather", {"city": "Paris", "unit": "celsius"})]),
-        (HERMES_TWO, HERMES, "Let me check both.",
-         [("get_weather", {"city": "Paris"}), ("get_time", {"zone": "CET"})]),
+        (
+            HERMES_TWO,
+            HERMES,
+            "Let me check both.",
+            [("get_weather", {"city": "Paris"}), ("get_time", {"zone": "CET"})],
+        ),
         (HERMES_BROKEN, HERMES, HERMES_BROKEN, []),
         (HERMES_UNKNOWN, HERMES, HERMES_UNKNOWN, []),
         (HERMES_CUT, HERMES, None, [("get_time", {"zone": "UTC"})]),
@@ -153,7 +165,7 @@ def test_openai_tool_call_round_trip(tool_model):
         assert second.choices[0].message.content == "It is 18 degrees in Paris."
         assert second.choices[0].finish_reason == "stop"
         prompt = script.prompts[1]
-        assert "<tool_response>\n{\"celsius\": 18}\n</tool_response>" in prompt
+        assert '<tool_response>\n{"celsius": 18}\n</tool_response>' in prompt
         assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"' in prompt
 
 
@@ -191,11 +203,22 @@ def test_bad_tool_requests_are_400s(tool_model):
     with running(engine) as url:
         bad = [
             {"tools": [{"type": "function", "function": {"name": "has space"}}]},
-            {"tools": [WEATHER], "tool_choice": {"type": "function",
-                                                "function": {"name": "nope"}}},
-            {"messages": [{"role": "assistant", "content": "", "tool_calls": [
-                {"id": "1", "type": "function",
-                 "function": {"name": "f", "arguments": "{not json"}}]}]},
+            {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+            {
+                "messages": [
+                    {
+                        "role": "assistant",
+                        "content": "",
+                        "tool_calls": [
+                            {
+                                "id": "1",
+                                "type": "function",
+                                "function": {"name": "f", "arguments": "{not json"},
+                            }
+                        ],
+                    }
+                ]
+            },
         ]
         for extra in bad:
             body = {"messages": user("hi"), **extra}
@@ -207,8 +230,11 @@ def test_bad_tool_requests_are_400s(tool_model):
 def test_anthropic_tool_use_round_trip_and_stream(tool_model):
     _, (model, tokenizer) = tool_model
     engine, script = _engine(model, tokenizer, [HERMES_ONE, "Mild, 18 degrees.", HERMES_TWO])
-    tool = {"name": "get_weather", "description": "The weather",
-            "input_schema": WEATHER["function"]["parameters"]}
+    tool = {
+        "name": "get_weather",
+        "description": "The weather",
+        "input_schema": WEATHER["function"]["parameters"],
+    }
     clock = {"name": "get_time", "input_schema": {"type": "object"}}
     with running(engine) as url:
         api = anthropic.Anthropic(base_url=url, api_key="unused", max_retries=0, timeout=30)
@@ -220,17 +246,43 @@ def test_anthropic_tool_use_round_trip_and_stream(tool_model):
         assert use.input == {"city": "Paris", "unit": "celsius"}
         messages += [
             {"role": "assistant", "content": [b.model_dump() for b in first.content]},
-            {"role": "user", "content": [
-                {"type": "tool_result", "tool_use_id": use.id, "content": "18 C"}]},
+            {
+                "role": "user",
+                "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "18 C"}],
+            },
         ]
-        second = api.messages.create(model="tiny", max_tokens=64, messages=messages,
-                                     tools=[tool])
+        second = api.messages.create(model="tiny", max_tokens=64, messages=messages, tools=[tool])
         assert second.content[0].text == "Mild, 18 degrees." and second.stop_reason == "end_turn"
         assert "<tool_response>\n18 C\n</tool_response>" in script.prompts[1]
-        with api.messages.stream(model="tiny", max_tokens=64, messages=user("Both?"),
-                                 tools=[tool, clock]) as stream:
+        with api.messages.stream(
+            model="tiny", max_tokens=64, messages=user("Both?"), tools=[tool, clock]
+        ) as stream:
             final = stream.get_final_message()
         assert [b.type for b in final.content] == ["text", "tool_use", "tool_use"]
         assert final.content[0].text == "Let me check both."
         assert final.content[2].input == {"zone": "CET"}
         assert final.stop_reason == "tool_use"
+
+
+def test_llama3_json_tool_call_round_trip(tmp_path):
+    model_dir = write_tiny_model(tmp_path / "tiny", context_length=2048)
+    set_template(model_dir, LLAMA3_TEMPLATE)
+    model, tokenizer = load(model_dir)
+    assert tool_format(tokenizer.chat_template) == LLAMA3
+    engine, script = _engine(model, tokenizer, [LLAMA_TAGGED, "It is noon."])
+    with running(engine) as url:
+        api = client(url)
+        messages = user("What time is it?")
+        first = api.chat.completions.create(model="tiny", messages=messages, tools=[CLOCK])
+        (call,) = first.choices[0].message.tool_calls
+        assert call.function.name == "get_time"
+        assert json.loads(call.function.arguments) == {"zone": "UTC"}
+        messages += [
+            first.choices[0].message.model_dump(exclude_none=True),
+            {"role": "tool", "tool_call_id": call.id, "content": "12:00"},
+        ]
+        second = api.chat.completions.create(model="tiny", messages=messages, tools=[CLOCK])
+        assert second.choices[0].message.content == "It is noon."
+    assert '"name": "get_time"' in script.prompts[0]
+    assert '<|python_tag|>{"name": "get_time", "parameters": {"zone": "UTC"}}' in script.prompts[1]
+    assert "<|im_start|>ipython\n12:00<|im_end|>" in script.prompts[1]

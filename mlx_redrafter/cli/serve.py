@@ -102,11 +102,15 @@ def serve(
     ] = 4.0,
     request_timeout: Annotated[
         float,
-        typer.Option("--request-timeout", min=1, help="Seconds a request may take, queue included."),
+        typer.Option(
+            "--request-timeout", min=1, help="Seconds a request may take, queue included."
+        ),
     ] = 600.0,
     header_timeout: Annotated[
         float,
-        typer.Option("--header-timeout", min=0.1, help="Seconds a connection has to send a request."),
+        typer.Option(
+            "--header-timeout", min=0.1, help="Seconds a connection has to send a request."
+        ),
     ] = 10.0,
 ):
     """A local OpenAI- and Anthropic-compatible server (/v1/chat/completions, /v1/completions,
@@ -117,7 +121,9 @@ def serve(
 
     SamplingConfig(temp, top_p, top_k).validate()
     keys = tuple(k for key in api_key or () for k in key.split() if k)
-    origins = tuple(o.strip() for item in allowed_origins or () for o in item.split(",") if o.strip())
+    origins = tuple(
+        o.strip() for item in allowed_origins or () for o in item.split(",") if o.strip()
+    )
     door = DoorSettings(
         api_keys=keys,
         allowed_hosts=tuple(allowed_host or ()),

@@ -49,11 +49,18 @@ def message_turns(body: MessagesRequest) -> list[dict]:
         uses = [b for b in m.content if isinstance(b, AnthropicToolUse)]
         for block in m.content:
             if isinstance(block, AnthropicToolResult):
-                turns.append({"role": "tool", "content": _text_of(block.content),
-                              "tool_call_id": block.tool_use_id})
+                turns.append(
+                    {
+                        "role": "tool",
+                        "content": _text_of(block.content),
+                        "tool_call_id": block.tool_use_id,
+                    }
+                )
         if m.role == "assistant" and uses:
-            calls = [{"id": u.id, "type": "function",
-                      "function": {"name": u.name, "arguments": u.input}} for u in uses]
+            calls = [
+                {"id": u.id, "type": "function", "function": {"name": u.name, "arguments": u.input}}
+                for u in uses
+            ]
             turns.append({"role": "assistant", "content": text, "tool_calls": calls})
         elif text or not any(isinstance(b, AnthropicToolResult) for b in m.content):
             turns.append({"role": m.role, "content": text})
@@ -65,8 +72,14 @@ def _tools(body: MessagesRequest) -> list[dict] | None:
     if not body.tools or (choice is not None and choice.type == "none"):
         return None
     tools = [
-        {"type": "function", "function": {"name": t.name, "description": t.description or "",
-                                          "parameters": t.input_schema}}
+        {
+            "type": "function",
+            "function": {
+                "name": t.name,
+                "description": t.description or "",
+                "parameters": t.input_schema,
+            },
+        }
         for t in body.tools
     ]
     if choice is not None and choice.type == "tool":
@@ -88,8 +101,12 @@ def _usage(outcome: Outcome | None, output_tokens: int | None = None) -> dict:
 
 
 def _tool_block(call: ParsedCall) -> dict:
-    return {"type": "tool_use", "id": call.id.replace("call_", "toolu_"), "name": call.name,
-            "input": call.as_dict()}
+    return {
+        "type": "tool_use",
+        "id": call.id.replace("call_", "toolu_"),
+        "name": call.name,
+        "input": call.as_dict(),
+    }
 
 
 class AnthropicRoutes:
@@ -104,8 +121,7 @@ class AnthropicRoutes:
         tools = _tools(body)
         turns = message_turns(body)
         ids = await gw.off_loop(render_chat, gw.engine.tokenizer, gw.facts, turns, tools)
-        s = Sampling(body.max_tokens, body.temperature, body.top_p, body.top_k,
-                     body.stop_sequences)
+        s = Sampling(body.max_tokens, body.temperature, body.top_p, body.top_k, body.stop_sequences)
         options = generation_options(gw.engine, len(ids), "messages", s, True)
         started = await gw.start(request, "messages", ids, options)
         if started is None:
@@ -121,25 +137,35 @@ class AnthropicRoutes:
         blocks = [{"type": "text", "text": content}] if content else []
         blocks += [_tool_block(c) for c in calls]
         reason, sequence = self._stop(texts, body.stop_sequences, bool(calls))
-        return JSONResponse({
-            **self._message(outcome), "content": blocks, "stop_reason": reason,
-            "stop_sequence": sequence,
-        })
+        return JSONResponse(
+            {
+                **self._message(outcome),
+                "content": blocks,
+                "stop_reason": reason,
+                "stop_sequence": sequence,
+            }
+        )
 
     async def count_tokens(self, request: Request) -> Response:
         gw = self.gw
         body: CountTokensRequest = await gw.read(request, CountTokensRequest)
         gw.check_model(body.model)
         tools = _tools(body)
-        ids = await gw.off_loop(render_chat, gw.engine.tokenizer, gw.facts, message_turns(body),
-                                tools)
+        ids = await gw.off_loop(
+            render_chat, gw.engine.tokenizer, gw.facts, message_turns(body), tools
+        )
         return JSONResponse({"input_tokens": len(ids)})
 
     def _message(self, outcome: Outcome | None) -> dict:
         return {
-            "id": f"msg_{uuid.uuid4().hex[:24]}", "type": "message", "role": "assistant",
-            "model": self.gw.engine.model_name, "content": [], "stop_reason": None,
-            "stop_sequence": None, "usage": _usage(outcome),
+            "id": f"msg_{uuid.uuid4().hex[:24]}",
+            "type": "message",
+            "role": "assistant",
+            "model": self.gw.engine.model_name,
+            "content": [],
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": _usage(outcome),
         }
 
     def _stop(self, texts: list[Text], stops: list[str], called: bool):
@@ -154,7 +180,7 @@ class AnthropicRoutes:
         # Which stop sequence ended it: the decoded tokens run on past the emitted text.
         tokenizer = self.gw.engine.tokenizer
         full = tokenizer.decode([t.token for t in texts])
-        rest = full[len("".join(t.text for t in texts)):]
+        rest = full[len("".join(t.text for t in texts)) :]
         return "stop_sequence", next((s for s in stops if rest.startswith(s)), stops[0])
 
     async def _stream(self, job, first, body, fmt, names) -> AsyncIterator[str]:
@@ -170,19 +196,34 @@ class AnthropicRoutes:
             for piece in pieces:
                 if isinstance(piece, str) and piece:
                     if not open_text:
-                        out.append(_event("content_block_start", index=index,
-                                          content_block={"type": "text", "text": ""}))
+                        out.append(
+                            _event(
+                                "content_block_start",
+                                index=index,
+                                content_block={"type": "text", "text": ""},
+                            )
+                        )
                         open_text = True
-                    out.append(_event("content_block_delta", index=index,
-                                      delta={"type": "text_delta", "text": piece}))
+                    out.append(
+                        _event(
+                            "content_block_delta",
+                            index=index,
+                            delta={"type": "text_delta", "text": piece},
+                        )
+                    )
                 elif isinstance(piece, ParsedCall):
                     if open_text:
                         out.append(_event("content_block_stop", index=index))
                         index, open_text = index + 1, False
                     block = {**_tool_block(piece), "input": {}}
                     out.append(_event("content_block_start", index=index, content_block=block))
-                    out.append(_event("content_block_delta", index=index, delta={
-                        "type": "input_json_delta", "partial_json": piece.arguments}))
+                    out.append(
+                        _event(
+                            "content_block_delta",
+                            index=index,
+                            delta={"type": "input_json_delta", "partial_json": piece.arguments},
+                        )
+                    )
                     out.append(_event("content_block_stop", index=index))
                     index, called = index + 1, True
             return out
@@ -198,9 +239,11 @@ class AnthropicRoutes:
                 if open_text:
                     yield _event("content_block_stop", index=index)
                 reason, sequence = self._stop(texts, body.stop_sequences, called)
-                yield _event("message_delta",
-                             delta={"stop_reason": reason, "stop_sequence": sequence},
-                             usage={"output_tokens": event.outcome.completion_tokens})
+                yield _event(
+                    "message_delta",
+                    delta={"stop_reason": reason, "stop_sequence": sequence},
+                    usage={"output_tokens": event.outcome.completion_tokens},
+                )
                 yield _event("message_stop")
             elif isinstance(event, Failed):
                 yield sse(error_body("/v1/messages", event.error), "error")

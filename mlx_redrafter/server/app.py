@@ -64,8 +64,15 @@ class Info:
 
     async def health(self, request: Request) -> Response:
         e = self.engine
-        return JSONResponse({"status": "stopping" if e.closing else "ok", "model": e.model_name,
-                             "drafter": e.drafter_name, "busy": e.busy, "waiting": e.waiting})
+        return JSONResponse(
+            {
+                "status": "stopping" if e.closing else "ok",
+                "model": e.model_name,
+                "drafter": e.drafter_name,
+                "busy": e.busy,
+                "waiting": e.waiting,
+            }
+        )
 
     async def models(self, request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [self._card()]})
@@ -77,8 +84,12 @@ class Info:
         return JSONResponse(self._card())
 
     def _card(self) -> dict:
-        return {"id": self.engine.model_name, "object": "model", "created": self.engine.started,
-                "owned_by": "mlx-redrafter"}
+        return {
+            "id": self.engine.model_name,
+            "object": "model",
+            "created": self.engine.started,
+            "owned_by": "mlx-redrafter",
+        }
 
 
 def create_app(
@@ -112,8 +123,9 @@ def create_app(
         Route("/v1/messages", _guarded(anthropic.messages), methods=["POST"]),
         Route("/v1/messages/count_tokens", _guarded(anthropic.count_tokens), methods=["POST"]),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan,
-                    exception_handlers={HTTPException: _http_error})
+    app = Starlette(
+        routes=routes, lifespan=lifespan, exception_handlers={HTTPException: _http_error}
+    )
     return Door(app, door, bound_host)
 
 

@@ -102,8 +102,11 @@ class Door:
         try:
             self._check_host(headers.get("host"))
             if origin is not None and not self._origin_allowed(origin):
-                raise APIError(403, "this origin may not use the server (see --allowed-origins)",
-                               kind="permission_error")
+                raise APIError(
+                    403,
+                    "this origin may not use the server (see --allowed-origins)",
+                    kind="permission_error",
+                )
             if scope["method"] == "OPTIONS" and origin is not None:
                 await _preflight(send, origin)
                 return
@@ -122,8 +125,9 @@ class Door:
         name = _host_name(host)
         if _is_loopback(name) or _is_ip(name) or name in self.hosts:
             return
-        raise APIError(403, f"host {name!r} is not served here (see --allowed-host)",
-                       kind="permission_error")
+        raise APIError(
+            403, f"host {name!r} is not served here (see --allowed-host)", kind="permission_error"
+        )
 
     def _origin_allowed(self, origin: str) -> bool:
         origin = origin.rstrip("/").lower()
@@ -161,7 +165,10 @@ class Door:
 
 async def _answer(send, status: int, body: dict, origin: str | None = None) -> None:
     payload = json.dumps(body).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(payload)).encode()),
+    ]
     if status == 401:
         headers.append((b"www-authenticate", b"Bearer"))
     await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -184,7 +191,10 @@ async def _preflight(send, origin: str) -> None:
 def _with_cors(send, origin: str):
     async def send_with_cors(message) -> None:
         if message["type"] == "http.response.start":
-            extra = [(b"access-control-allow-origin", origin.encode("latin-1")), (b"vary", b"Origin")]
+            extra = [
+                (b"access-control-allow-origin", origin.encode("latin-1")),
+                (b"vary", b"Origin"),
+            ]
             message = {**message, "headers": list(message.get("headers", [])) + extra}
         await send(message)
 

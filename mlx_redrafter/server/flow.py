@@ -69,8 +69,14 @@ class Gateway:
     async def start(self, request: Request, kind: str, ids: list[int], options: dict):
         """Submit a job and wait for its first event: (job, first Text or Done), or None when
         the client went away; APIError when it failed before its first token."""
-        job = Job(kind, ids, options, asyncio.get_running_loop(),
-                  owner=request.scope.get(OWNER, ""), timeout=self.limits.request_timeout)
+        job = Job(
+            kind,
+            ids,
+            options,
+            asyncio.get_running_loop(),
+            owner=request.scope.get(OWNER, ""),
+            timeout=self.limits.request_timeout,
+        )
         try:
             self.engine.submit(job)
         except APIError as e:

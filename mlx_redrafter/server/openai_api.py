@@ -57,8 +57,7 @@ def chat_turns(messages: list[ChatMessage]) -> list[dict]:
                 if not isinstance(arguments, dict):
                     raise APIError(400, f"{param}: not a JSON object", param)
                 function = {"name": call.function.name, "arguments": arguments}
-                turn["tool_calls"].append({"id": call.id, "type": "function",
-                                           "function": function})
+                turn["tool_calls"].append({"id": call.id, "type": "function", "function": function})
         if m.role == "tool":
             turn["tool_call_id"] = m.tool_call_id
         if m.name:
@@ -76,14 +75,18 @@ def _tools(body: ChatRequest) -> list[dict] | None:
     if choice is not None and not isinstance(choice, str):
         tools = [t for t in tools if t["function"]["name"] == choice.function.name]
         if not tools:
-            raise APIError(400, f"tool_choice: no tool named {choice.function.name!r}",
-                           "tool_choice")
+            raise APIError(
+                400, f"tool_choice: no tool named {choice.function.name!r}", "tool_choice"
+            )
     return tools
 
 
 def _call_json(call: ParsedCall) -> dict:
-    return {"id": call.id, "type": "function",
-            "function": {"name": call.name, "arguments": call.arguments}}
+    return {
+        "id": call.id,
+        "type": "function",
+        "function": {"name": call.name, "arguments": call.arguments},
+    }
 
 
 class OpenAIRoutes:
@@ -97,8 +100,14 @@ class OpenAIRoutes:
         tools = _tools(body)
         turns = chat_turns(body.messages)
         ids = await gw.off_loop(render_chat, gw.engine.tokenizer, gw.facts, turns, tools)
-        s = Sampling(body.max_completion_tokens or body.max_tokens, body.temperature,
-                     body.top_p, body.top_k, body.stop, body.seed)
+        s = Sampling(
+            body.max_completion_tokens or body.max_tokens,
+            body.temperature,
+            body.top_p,
+            body.top_k,
+            body.stop,
+            body.seed,
+        )
         options = generation_options(gw.engine, len(ids), "messages", s, s.max_tokens is not None)
         started = await gw.start(request, "chat", ids, options)
         if started is None:
@@ -124,8 +133,9 @@ class OpenAIRoutes:
         gw.check_model(body.model)
         ids = await gw.off_loop(completion_ids, gw.engine.tokenizer, gw.facts, body.prompt)
         # OpenAI's default for completions is 16 tokens.
-        s = Sampling(body.max_tokens or 16, body.temperature, body.top_p, body.top_k,
-                     body.stop, body.seed)
+        s = Sampling(
+            body.max_tokens or 16, body.temperature, body.top_p, body.top_k, body.stop, body.seed
+        )
         options = generation_options(gw.engine, len(ids), "prompt", s, True)
         started = await gw.start(request, "completion", ids, options)
         if started is None:
@@ -134,19 +144,32 @@ class OpenAIRoutes:
         if body.stream:
             return JobStream(job, self._completion_stream(job, first, body))
         texts, outcome = await gw.collect(request, job, first)
-        choice = {"index": 0, "text": "".join(t.text for t in texts), "logprobs": None,
-                  "finish_reason": _finish(texts)}
+        choice = {
+            "index": 0,
+            "text": "".join(t.text for t in texts),
+            "logprobs": None,
+            "finish_reason": _finish(texts),
+        }
         return JSONResponse(self._whole("text_completion", "cmpl", [choice], outcome))
 
     # --- responses ----------------------------------------------------------------------------
 
     def _base(self, obj: str, prefix: str) -> dict:
-        return {"id": new_id(prefix), "object": obj, "created": int(time.time()),
-                "model": self.gw.engine.model_name, "system_fingerprint": None}
+        return {
+            "id": new_id(prefix),
+            "object": obj,
+            "created": int(time.time()),
+            "model": self.gw.engine.model_name,
+            "system_fingerprint": None,
+        }
 
     def _whole(self, obj: str, prefix: str, choices: list, outcome: Outcome) -> dict:
-        return {**self._base(obj, prefix), "choices": choices, "usage": usage(outcome),
-                "redrafter": outcome.extra()}
+        return {
+            **self._base(obj, prefix),
+            "choices": choices,
+            "usage": usage(outcome),
+            "redrafter": outcome.extra(),
+        }
 
     async def _chat_stream(self, job, first, body, fmt, names) -> AsyncIterator[str]:
         base = self._base("chat.completion.chunk", "chatcmpl")
@@ -179,8 +202,7 @@ class OpenAIRoutes:
             elif isinstance(event, Done):
                 for line in deltas(parser.finish() if parser else []):
                     yield line
-                yield chunk({}, "tool_calls" if calls else finish,
-                            redrafter=event.outcome.extra())
+                yield chunk({}, "tool_calls" if calls else finish, redrafter=event.outcome.extra())
                 if body.stream_options and body.stream_options.include_usage:
                     yield sse({**base, "choices": [], "usage": usage(event.outcome)})
             elif isinstance(event, Failed):
@@ -214,5 +236,13 @@ def _finish(texts: list[Text]) -> str | None:
 
 
 def stream_error(error: APIError) -> str:
-    return sse({"error": {"message": error.message, "type": error.kind, "param": error.param,
-                          "code": error.status}})
+    return sse(
+        {
+            "error": {
+                "message": error.message,
+                "type": error.kind,
+                "param": error.param,
+                "code": error.status,
+            }
+        }
+    )

@@ -67,24 +67,25 @@ def render_chat(tokenizer, facts: ModelFacts, turns: list[dict], tools: list[dic
     facts.check_size(texts, "messages")
     needs_tools = tools or any(t.get("tool_calls") or t["role"] == "tool" for t in turns)
     if needs_tools and not facts.tool_format:
-        what = "tools in a format this server cannot parse" if facts.tool_format == "" else (
-            "no tools"
+        what = (
+            "tools in a format this server cannot parse"
+            if facts.tool_format == ""
+            else ("no tools")
         )
         param = "tools" if tools else "messages"
         raise APIError(400, f"{param}: this model's chat template renders {what}", param)
     try:
         if tools and has_template(tokenizer):
-            rendered = tokenizer.apply_chat_template(
-                turns, tools=tools, add_generation_prompt=True
-            )
+            rendered = tokenizer.apply_chat_template(turns, tools=tools, add_generation_prompt=True)
             return as_ids(rendered)
         return encode_messages(tokenizer, turns)
     except APIError:
         raise
     except Exception as e:  # templates raise on what they do not accept (e.g. role order)
         message = str(e).split("\n")[0][:200]
-        raise APIError(400, f"messages: the chat template refused them: {message}",
-                       "messages") from None
+        raise APIError(
+            400, f"messages: the chat template refused them: {message}", "messages"
+        ) from None
 
 
 def completion_ids(tokenizer, facts: ModelFacts, prompt) -> list[int]:
@@ -103,8 +104,12 @@ def completion_ids(tokenizer, facts: ModelFacts, prompt) -> list[int]:
     if not prompt:
         raise APIError(400, "prompt: empty", "prompt")
     if facts.context_length and len(prompt) > facts.context_length:
-        raise APIError(400, f"prompt: the prompt has {len(prompt)} tokens; the model's context "
-                       f"length is {facts.context_length} tokens", "prompt")
+        raise APIError(
+            400,
+            f"prompt: the prompt has {len(prompt)} tokens; the model's context "
+            f"length is {facts.context_length} tokens",
+            "prompt",
+        )
     bad = [t for t in prompt if not 0 <= t < facts.vocab_size]
     if bad:
         raise APIError(400, f"prompt: token id {bad[0]} outside the vocabulary", "prompt")

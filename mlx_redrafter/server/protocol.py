@@ -131,7 +131,9 @@ def check_text(value: str, param: str) -> str:
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
-        raise APIError(400, f"{param}: contains invalid Unicode (a lone surrogate)", param) from None
+        raise APIError(
+            400, f"{param}: contains invalid Unicode (a lone surrogate)", param
+        ) from None
     return value
 
 
@@ -140,8 +142,9 @@ def check_stop(stop: list[str], limits: Limits, param: str) -> list[str]:
         raise APIError(400, f"{param}: at most {limits.max_stop} stop strings", param)
     for s in stop:
         if len(s) > limits.max_stop_chars:
-            raise APIError(400, f"{param}: stop strings have at most {limits.max_stop_chars} "
-                           "characters", param)
+            raise APIError(
+                400, f"{param}: stop strings have at most {limits.max_stop_chars} characters", param
+            )
         check_text(s, param)
     return [s for s in stop if s]
 
@@ -263,7 +266,8 @@ class ChatRequest(Sampling):
             raise APIError(400, "logprobs: not supported by this server yet", "logprobs")
         if self.response_format and self.response_format.type != "text":
             raise APIError(
-                400, "response_format: only text is supported by this server yet",
+                400,
+                "response_format: only text is supported by this server yet",
                 "response_format",
             )
 
