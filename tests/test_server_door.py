@@ -49,7 +49,7 @@ def url(engine):
         header_timeout=1.0,
         idle_timeout=1.0,
     )
-    with running(engine, door, Limits(max_body_bytes=64 << 10, request_timeout=20)) as base:
+    with running(engine, door, Limits(request_timeout=20)) as base:
         yield base
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -131,7 +132,7 @@ def serve(
         max_body_bytes=int(max_body_mb * (1 << 20)),
         header_timeout=header_timeout,
     )
-    limits = Limits(max_body_bytes=door.max_body_bytes, request_timeout=request_timeout)
+    limits = Limits(request_timeout=request_timeout)
     sock = bind(host, port)  # fail before the model loads if the port is taken
     # The beam shape goes to the engine as given: each request resolves it (and only one
     # with a drafter needs it), so it is not resolved here.
@@ -173,7 +174,9 @@ def serve(
                 err=True,
             )
 
-    run_server(engine, sock, door, limits, on_ready=ready)
+    stopped_by = run_server(engine, sock, door, limits, on_ready=ready)
+    if stopped_by == signal.SIGINT:
+        raise typer.Exit(130)  # as Ctrl-C ends any command; SIGTERM is a clean stop (0)
 
 
 def _is_loopback(host: str) -> bool:

@@ -6,6 +6,7 @@ stream with an error event and answers every queued request with 503.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import signal
 import socket
@@ -101,7 +102,8 @@ def create_app(
     """The ASGI application behind its door; starting it starts the engine, stopping it
     stops the engine (the worker is parked, not ended)."""
     door = door or DoorSettings()
-    limits = limits or Limits(max_body_bytes=door.max_body_bytes)
+    # The door's body limit is the one limit (checked on Content-Length, then while reading).
+    limits = dataclasses.replace(limits or Limits(), max_body_bytes=door.max_body_bytes)
     gateway = Gateway(engine, limits)
     info, openai, anthropic = Info(engine), OpenAIRoutes(gateway), AnthropicRoutes(gateway)
 
@@ -155,11 +157,31 @@ def url_of(sock: socket.socket) -> str:
 
 class Server(uvicorn.Server):
     """uvicorn's server, whose shutdown first ends the engine's work: open streams get an
-    error event and their end, queued requests a 503, before connections are drained."""
+    error event and their end, queued requests a 503, before connections are drained. The
+    signal that stopped it is kept in `stopped_by` rather than raised again once it is done
+    (uvicorn re-raises it inside the event loop, where asyncio turns a SIGINT into an exit
+    status of 0 or 130 by timing)."""
 
     def __init__(self, config: uvicorn.Config, engine: Engine):
         super().__init__(config)
         self.engine = engine
+        self.stopped_by: int | None = None
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield  # signals reach the main thread only
+            return
+        previous = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def handle_exit(self, sig: int, frame) -> None:
+        self.stopped_by = self.stopped_by or sig
+        super().handle_exit(sig, frame)
 
     async def shutdown(self, sockets=None) -> None:
         self.engine.begin_shutdown()
@@ -195,8 +217,8 @@ def serve(
     door: DoorSettings | None = None,
     limits: Limits | None = None,
     on_ready: Callable[[], None] | None = None,
-) -> None:
-    """Serve on `sock` until interrupted (Ctrl-C, SIGTERM)."""
+) -> int | None:
+    """Serve on `sock` until interrupted (Ctrl-C, SIGTERM); the signal that stopped it."""
     host = sock.getsockname()[0]
     server = make_server(engine, door, limits, bound_host=host)
     if on_ready is not None:
@@ -207,17 +229,8 @@ def serve(
             on_ready()
 
         server.startup = startup
-    # uvicorn re-raises the signal that stopped it once it is done: SIGINT then ends the
-    # command as Ctrl-C does (exit 130), SIGTERM (default action: die) is made a clean exit.
-    main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _ignore) if main else None
     try:
         server.run(sockets=[sock])
     finally:
         engine.stop(timeout=60)  # the model idle before the interpreter exits
-        if main:
-            signal.signal(signal.SIGTERM, previous)
-
-
-def _ignore(signum, frame) -> None:
-    pass
+    return server.stopped_by

@@ -18,6 +18,7 @@ import hashlib
 import hmac
 import ipaddress
 import json
+import logging
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -25,6 +26,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .protocol import APIError
 
+log = logging.getLogger("mlx_redrafter.server")
 OWNER = "mlx_redrafter.owner"  # the scope key naming the request's client (its key)
 API_KEY_ENV = "MLX_REDRAFTER_API_KEY"
 CORS_HEADERS = "authorization, content-type, x-api-key, anthropic-version, anthropic-beta"
@@ -115,6 +117,7 @@ class Door:
             if scope["method"] == "POST":
                 self._check_body(headers)
         except APIError as error:
+            log.info(f"{scope['method']} {path} · {error.status} · {error.message}")
             await _answer(send, error.status, error_body(path, error), origin)
             return
         await self.app(scope, receive, _with_cors(send, origin) if origin else send)

@@ -50,7 +50,7 @@ class ShuttingDownError(APIError):
 class Limits:
     """Per-request bounds, checked before any model work."""
 
-    max_body_bytes: int = 4 << 20
+    max_body_bytes: int = 4 << 20  # set from the door's (DoorSettings.max_body_bytes)
     max_messages: int = 512
     max_stop: int = 16
     max_stop_chars: int = 256
