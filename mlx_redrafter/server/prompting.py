@@ -9,11 +9,16 @@ the event loop.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
+
+from jinja2 import TemplateError
 
 from ..prompts import as_ids, encode_messages, has_template
 from .protocol import APIError, check_text
 from .tools import tool_format
+
+log = logging.getLogger("mlx_redrafter.server")
 
 
 @dataclass(frozen=True)
@@ -79,12 +84,15 @@ def render_chat(tokenizer, facts: ModelFacts, turns: list[dict], tools: list[dic
             rendered = tokenizer.apply_chat_template(turns, tools=tools, add_generation_prompt=True)
             return as_ids(rendered)
         return encode_messages(tokenizer, turns)
-    except APIError:
-        raise
-    except Exception as e:  # templates raise on what they do not accept (e.g. role order)
+    except TemplateError as e:  # templates raise on what they do not accept (role order...)
         message = str(e).split("\n")[0][:200]
         raise APIError(
             400, f"messages: the chat template refused them: {message}", "messages"
+        ) from None
+    except Exception:  # anything else is logged, never shown
+        log.exception("the chat template failed")
+        raise APIError(
+            400, "messages: the chat template could not render them", "messages"
         ) from None
 
 
