@@ -344,6 +344,8 @@ class Engine:
         healthy = True
         try:
             for response in stream:
+                if self._closing:  # also a job that started as the shutdown began
+                    job.cancel(ShuttingDownError())
                 if job.cancelled.is_set() or time.monotonic() > job.deadline:
                     break
                 last = response
