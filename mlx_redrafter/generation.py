@@ -433,7 +433,7 @@ def stream_generate(
     prompt: str | Sequence[int],
     drafter=None,
     *,
-    max_tokens: int = 256,
+    max_tokens: int = defaults.DEFAULT_MAX_TOKENS,
     temperature: float = 0.0,
     top_p: float = 1.0,
     top_k: int = 0,

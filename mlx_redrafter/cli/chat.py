@@ -35,6 +35,7 @@ from mlx_redrafter.cli.common import (
     load_for,
     text_option,
 )
+from mlx_redrafter.defaults import DEFAULT_MAX_TOKENS
 from mlx_redrafter.env import device_name
 from mlx_redrafter.errors import ContextFullError, GenerationError, NotTextError
 from mlx_redrafter.generation import resolve_lookup
@@ -56,7 +57,7 @@ def chat(
     system: System = None,
     max_tokens: Annotated[
         int, typer.Option("--max-tokens", "-n", help="Most tokens per answer.")
-    ] = 512,
+    ] = DEFAULT_MAX_TOKENS,
     dtype: Dtype = None,
 ):
     """Chat in the terminal; the conversation stays in the KV cache (/help lists commands)."""

@@ -14,7 +14,13 @@ import typer
 from tqdm import tqdm
 
 from mlx_redrafter.chat import check_text
-from mlx_redrafter.defaults import check_beam, default_drafter_dir, resolve_beam
+from mlx_redrafter.defaults import (
+    DEFAULT_BEAM,
+    DEFAULT_MODEL_NAME,
+    check_beam,
+    default_drafter_dir,
+    resolve_beam,
+)
 from mlx_redrafter.drafter import load_drafter
 from mlx_redrafter.errors import RedrafterError
 from mlx_redrafter.generation import LookupConfig, resolve_lookup
@@ -117,23 +123,62 @@ def progress_bar(total: int, desc: str):
 # ---------------------------------------------------------------------------------------------
 # Options several commands take (each command keeps its own where the help differs)
 
-Model = Annotated[str | None, typer.Option("--model", "-m", help="Model dir, HF id or GGUF.")]
-Drafter = Annotated[str | None, typer.Option("--drafter", "-d", help="Drafter directory.")]
-NoDrafter = Annotated[bool, typer.Option("--no-drafter", help="Plain decoding.")]
-BeamWidth = Annotated[int | None, typer.Option("--beam-width", "-W")]
-BeamLength = Annotated[int | None, typer.Option("--beam-length", "-L")]
+Model = Annotated[
+    str | None,
+    typer.Option(
+        "--model", "-m", help=f"Model dir, HF id or GGUF (default: {DEFAULT_MODEL_NAME})."
+    ),
+]
+Drafter = Annotated[
+    str | None,
+    typer.Option(
+        "--drafter",
+        "-d",
+        help="Drafter directory (default: the shipped drafter, with the default model).",
+    ),
+]
+NoDrafter = Annotated[
+    bool,
+    typer.Option(
+        "--no-drafter",
+        help="No drafter: context lookup only (with --no-lookup too: plain decoding).",
+    ),
+]
+BeamWidth = Annotated[
+    int | None,
+    typer.Option(
+        "--beam-width",
+        "-W",
+        help=f"Drafter beams per round (default: the tuned shape, else {DEFAULT_BEAM[0]}).",
+    ),
+]
+BeamLength = Annotated[
+    int | None,
+    typer.Option(
+        "--beam-length",
+        "-L",
+        help="Tokens per beam, the root included (default: the tuned shape, else "
+        f"{DEFAULT_BEAM[1]}).",
+    ),
+]
 Lookup = Annotated[
     bool,
     typer.Option("--lookup/--no-lookup", help="Also draft from the context (prompt lookup)."),
 ]
 LookupMax = Annotated[
     int | None,
-    typer.Option("--lookup-max", help="Longest continuation copied from the context (default 8)."),
+    typer.Option(
+        "--lookup-max",
+        help=f"Longest continuation copied from the context (default {LookupConfig.max_tokens}).",
+    ),
 ]
 Temp = Annotated[float, typer.Option("--temp", help="Sampling temperature (0 = greedy).")]
-TopP = Annotated[float, typer.Option("--top-p")]
+TopP = Annotated[float, typer.Option("--top-p", help="Nucleus sampling (1.0 = off).")]
 TopK = Annotated[int, typer.Option("--top-k", help="0 = no top-k.")]
-Seed = Annotated[int | None, typer.Option("--seed")]
+Seed = Annotated[
+    int | None,
+    typer.Option("--seed", help="Random seed for sampling (default: a fresh one each run)."),
+]
 System = Annotated[str | None, typer.Option("--system", help="System prompt.")]
 Dtype = Annotated[str | None, typer.Option("--dtype", help="Cast the model to this dtype.")]
 

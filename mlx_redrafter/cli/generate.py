@@ -31,6 +31,7 @@ from mlx_redrafter.cli.common import (
     read_stdin,
     text_option,
 )
+from mlx_redrafter.defaults import DEFAULT_MAX_TOKENS
 from mlx_redrafter.env import compute_dtype, device_name, dtype_name
 from mlx_redrafter.generation import DecodeStats, stream_generate
 from mlx_redrafter.prompts import encode_chat
@@ -42,7 +43,9 @@ def generate(
     model: Model = None,
     drafter: Drafter = None,
     no_drafter: NoDrafter = False,
-    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n")] = 256,
+    max_tokens: Annotated[
+        int, typer.Option("--max-tokens", "-n", help="Most new tokens.")
+    ] = DEFAULT_MAX_TOKENS,
     temp: Temp = 0.0,
     top_p: TopP = 1.0,
     top_k: TopK = 0,

@@ -68,7 +68,9 @@ def train(
             help="Head width (default 2 x hidden, Apple's; other sizes add input_proj).",
         ),
     ] = FitConfig.exit_dim,
-    seed: Annotated[int, typer.Option("--seed")] = FitConfig.seed,
+    seed: Annotated[
+        int, typer.Option("--seed", help="Seed of the drafter's initial weights and data order.")
+    ] = FitConfig.seed,
     target: Annotated[
         str,
         typer.Option(
