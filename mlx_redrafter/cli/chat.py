@@ -36,6 +36,7 @@ from mlx_redrafter.cli.common import (
     friendly_errors,
     load_for,
     text_option,
+    warn_plain_text,
 )
 from mlx_redrafter.defaults import DEFAULT_MAX_TOKENS
 from mlx_redrafter.env import device_name
@@ -69,6 +70,7 @@ def chat(
     loaded = load_for(
         model, dtype, drafter, no_drafter, beam_width, beam_length, lookup, lookup_max
     )
+    warn_plain_text(loaded, "each message is sent as a plain line of text")
     session = ChatSession(
         loaded.base,
         loaded.tokenizer,

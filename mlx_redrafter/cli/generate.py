@@ -30,6 +30,7 @@ from mlx_redrafter.cli.common import (
     load_for,
     read_stdin,
     text_option,
+    warn_plain_text,
 )
 from mlx_redrafter.defaults import DEFAULT_MAX_TOKENS
 from mlx_redrafter.env import compute_dtype, device_name, dtype_name
@@ -75,6 +76,10 @@ def generate(
         model, dtype, drafter, no_drafter, beam_width, beam_length, lookup, lookup_max
     )
     tokenizer = loaded.tokenizer
+    if not raw:
+        warn_plain_text(
+            loaded, "the prompt is sent as plain text" + (", without --system" if system else "")
+        )
     ids = tokenizer.encode(prompt) if raw else encode_chat(tokenizer, prompt, system)
     stream = stream_generate(
         loaded.base,

@@ -22,10 +22,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
-import mlx.core as mx
 import numpy as np
 
 from ..errors import TrainError
+from ..fingerprint import describe_model, model_fingerprint, same_model
 from ..prompts import Prompt, read_prompts
 from .config import DEFAULT_GEN_BATCH, DEFAULT_SHARD_SIZE, TARGETS, DataConfig
 from .shards import (
@@ -39,50 +39,18 @@ from .shards import (
     stop_ids,
 )
 
-__all__ = [  # the package's names for what moved to config.py and shards.py
+__all__ = [  # the package's names for what moved to config.py, shards.py and fingerprint.py
     "DEFAULT_GEN_BATCH",
     "DEFAULT_SHARD_SIZE",
     "MAX_PROMPT_TOKENS",
     "TARGETS",
+    "describe_model",
+    "model_fingerprint",
+    "same_model",
     "progress_bar",
     "stop_ids",
 ]
 DATA_SEED = 0  # the prompt selection does not depend on the training seed, so data is reused
-
-
-# ---------------------------------------------------------------------------------------------
-# Which base model the data (and a drafter) belongs to
-
-
-def model_fingerprint(model) -> dict:
-    """What identifies a base model for the data and the drafter: shape plus an embedding sample."""
-    args = model.args
-    n = min(256, args.vocab_size)
-    sample = np.array(model.embed(mx.arange(n)).astype(mx.float32), dtype=np.float64)
-    sums = sample.reshape(8, -1).sum(axis=1) if n % 8 == 0 else sample.sum(axis=1)[:8]
-    return {
-        "model_type": args.model_type,
-        "hidden_size": args.hidden_size,
-        "num_hidden_layers": args.num_hidden_layers,
-        "vocab_size": args.vocab_size,
-        "embedding_checksum": [round(float(x), 4) for x in sums],
-    }
-
-
-def same_model(a: dict, b: dict) -> bool:
-    """Whether two fingerprints are of the same base model (the checksums up to rounding)."""
-    keys = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")
-    if any(a.get(k) != b.get(k) for k in keys):
-        return False
-    x, y = np.array(a["embedding_checksum"]), np.array(b["embedding_checksum"])
-    return x.shape == y.shape and bool(np.allclose(x, y, rtol=1e-2, atol=1e-2))
-
-
-def describe_model(fp: dict) -> str:
-    return (
-        f"{fp['model_type']}, hidden {fp['hidden_size']}, {fp['num_hidden_layers']} layers, "
-        f"vocab {fp['vocab_size']}"
-    )
 
 
 def _file_digest(path: Path) -> str:
