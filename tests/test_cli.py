@@ -257,3 +257,25 @@ def test_one_max_tokens_default_everywhere():
         for f in (stream_generate, ChatSession, generate, chat)
     ]
     assert all(d is DEFAULT_MAX_TOKENS for d in defaults), defaults
+
+
+def test_json_times_verify_apart_from_acceptance(tiny):
+    # The verify forward runs lazily; --json evaluates it on its own, so verify_time is the
+    # forward and accept_time the acceptance (before, the forward's time sat in accept_time).
+    model_dir, drafter_dir = tiny
+    args = ["generate", "-m", str(model_dir), "-d", str(drafter_dir), "-p", "Hello", "-n", "12"]
+    out = json.loads(invoke([*args, "--json"]).stdout.strip().splitlines()[-1])
+    assert out["verify_time"] > 0 and out["accept_time"] > 0
+
+    from mlx_redrafter.drafter import load_drafter
+    from mlx_redrafter.generation import stream_generate
+    from mlx_redrafter.loading import load
+
+    model, tokenizer = load(model_dir)
+    drafter = load_drafter(drafter_dir, base=model)
+    for profile in (False, True):
+        *_, last = stream_generate(
+            model, tokenizer, "Hello", drafter, max_tokens=12, profile=profile
+        )
+        assert last.stats.verify_time > 0
+        assert (last.stats.accept_time > 0) == profile  # lazily, the sync is verify time

@@ -96,6 +96,7 @@ def generate(
         lookup=lookup,
         lookup_max=lookup_max,
         stop=stop or (),
+        profile=json_out,  # the verify forward evaluated on its own: exact time split
     )
     tokens, text, last = [], [], None
     for response in stream:
