@@ -82,8 +82,17 @@ def train_drafter(
         progress=progress,
         callback=callback,
     )
-    d = data_config
-    job = {
+    job = _job_settings(prompts_file, data_config, config, work_dir)
+    times = {"load": round(t_load, 2), "data_this_run": round(t_data, 2)}
+    log = _job_log(model, model_name, data, result, job, times, t0)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "training_log.json").write_text(json.dumps(log, indent=1) + "\n")
+    return log
+
+
+def _job_settings(prompts_file, d: DataConfig, config: FitConfig, work_dir: Path) -> dict:
+    """The job's own settings in the log (fit's come with its result)."""
+    return {
         "prompts_file": str(Path(prompts_file).resolve()),
         "num_prompts": d.num_prompts,
         "new_tokens": d.new_tokens,
@@ -95,11 +104,6 @@ def train_drafter(
         "save_dtype": config.save_dtype,
         "work_dir": str(work_dir.resolve()),
     }
-    times = {"load": round(t_load, 2), "data_this_run": round(t_data, 2)}
-    log = _job_log(model, model_name, data, result, job, times, t0)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "training_log.json").write_text(json.dumps(log, indent=1) + "\n")
-    return log
 
 
 def _job_log(model, model_name, data, result: dict, job: dict, times: dict, t0: float) -> dict:
