@@ -73,7 +73,12 @@ def prompts_file(tmp_path_factory):
 
 # The data of the resume and time-budget tests: 3 shards of 8 prompts.
 DATA_KW = dict(
-    new_tokens=10, gen_batch_size=4, shard_size=8, top_k=TOP_K, feature_layers=FEATURES, progress=False
+    new_tokens=10,
+    gen_batch_size=4,
+    shard_size=8,
+    top_k=TOP_K,
+    feature_layers=FEATURES,
+    progress=False,
 )
 
 

@@ -21,7 +21,9 @@ def wheel(tmp_path_factory) -> Path:
     """A wheel built offline from a copy of the sources (the working tree stays clean)."""
     setuptools = pytest.importorskip("setuptools")
     major = int(setuptools.__version__.split(".")[0])
-    assert major >= 77, f"setuptools {setuptools.__version__} cannot build this project: run setup.sh"
+    assert major >= 77, (
+        f"setuptools {setuptools.__version__} cannot build this project: run setup.sh"
+    )
     root = tmp_path_factory.mktemp("wheel")
     src = root / "src"
     src.mkdir()

@@ -459,3 +459,22 @@ def test_bad_training_settings(model, data, prompts_file, tmp_path):
         train_drafter(model, prompts_file, tmp_path / "o")
     with pytest.raises(PromptError, match="does not exist"):
         train_drafter(model, tmp_path / "missing.json", tmp_path / "o", tokenizer=TinyTokenizer())
+
+
+def test_the_cli_defaults_are_the_configs():
+    # Each default is written once, in DataConfig or FitConfig; `train --help` shows it.
+    import inspect
+
+    from mlx_redrafter.cli.train import train as train_command
+
+    options = inspect.signature(train_command).parameters
+    renamed = {"draft_vocab": "draft_vocab_size"}
+    parsed = {"feature_layers", "time_budget"}  # text options the command parses
+    checked = 0
+    for config in (DataConfig(), FitConfig()):
+        for name, value in vars(config).items():
+            option = next((o for o, f in renamed.items() if f == name), name)
+            if option in options and option not in parsed:
+                assert options[option].default == value, (option, options[option].default)
+                checked += 1
+    assert checked >= 20
