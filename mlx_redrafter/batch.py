@@ -86,14 +86,33 @@ def generate_greedy_batch(
         raise GenerationError("cannot generate from an empty prompt")
     batch_size = batch_size or n
     refill_at = max(1, batch_size // 8)
-    stop = set(int(t) for t in stop_ids)
-    responses: list[list[int]] = [[] for _ in range(n)]
-    hiddens: list[list[np.ndarray]] = [[] for _ in range(n)]
-    tops: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(n)]
+    out = _Responses(n, max_new_tokens, stop_ids, top_k, on_finish)
+    batch = _Rows()
+    queue = list(range(n))
+    while queue or batch.live:
+        free = batch_size - len(batch.live)
+        if queue and (free >= refill_at or not batch.live):
+            group, queue = queue[:free], queue[free:]
+            _admit(model, batch, group, prompts, features, out)
+        if batch.live:
+            _decode_step(model, batch, prompts, features, out)
+    return out.results()
 
-    def record(rows: list[int], logits: mx.array, hidden: mx.array) -> tuple[list[int], mx.array]:
+
+class _Responses:
+    """What each prompt has generated so far: tokens, the hidden state before each, top-k."""
+
+    def __init__(self, n: int, max_new_tokens: int, stop_ids, top_k: int, on_finish):
+        self.max_new_tokens, self.top_k, self.on_finish = max_new_tokens, top_k, on_finish
+        self.stop = set(int(t) for t in stop_ids)
+        self.tokens: list[list[int]] = [[] for _ in range(n)]
+        self.hiddens: list[list[np.ndarray]] = [[] for _ in range(n)]
+        self.tops: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(n)]
+
+    def record(self, rows: list[int], logits: mx.array, hidden: mx.array):
         """Append each row's greedy token and hidden state (and top-k); -> (the positions of
         unfinished rows, the tokens)."""
+        top_k = self.top_k
         tokens = mx.argmax(logits, axis=-1).astype(mx.int32)
         top = top_log_probs(logits, top_k) if top_k else ()
         mx.eval(tokens, hidden, *top)
@@ -103,74 +122,92 @@ def generate_greedy_batch(
             top_ids, top_lp = np.array(top[0]), np.array(top[1])
         going = []
         for j, b in enumerate(rows):
-            responses[b].append(int(tok_np[j]))
-            hiddens[b].append(h_np[j])
+            self.tokens[b].append(int(tok_np[j]))
+            self.hiddens[b].append(h_np[j])
             if top_k:
-                tops[b].append((top_ids[j], top_lp[j]))
-            if int(tok_np[j]) not in stop and len(responses[b]) < max_new_tokens:
+                self.tops[b].append((top_ids[j], top_lp[j]))
+            if int(tok_np[j]) not in self.stop and len(self.tokens[b]) < self.max_new_tokens:
                 going.append(j)
-            elif on_finish is not None:
-                on_finish(len(responses[b]))
+            elif self.on_finish is not None:
+                self.on_finish(len(self.tokens[b]))
         return going, tokens
 
-    queue = list(range(n))
-    cache = None
-    live: list[int] = []  # prompt index of each cache row
-    start = np.zeros(0, np.int64)  # first column each row may attend to
-    feed = mx.zeros((0,), mx.int32)  # the token each row feeds next
-    while queue or live:
-        free = batch_size - len(live)
-        if queue and (free >= refill_at or not live):
-            group, queue = queue[:free], queue[free:]
-            g_cache, g_hidden, g_logits, g_pad = _prefill_group(
-                model, [prompts[i] for i in group], features
-            )
-            going, g_tokens = record(group, g_logits, g_hidden)
-            if going:
-                keep = np.array(going)
-                if not live:
-                    cache, start = g_cache, np.zeros(0, np.int64)
-                    shift, g_shift = cache.join_rows(keep)
-                    start = g_pad[keep] + shift
-                else:
-                    shift, g_shift = cache.join_rows(np.arange(len(live)), g_cache, keep)
-                    start = np.concatenate([start + shift, g_pad[keep] + g_shift])
-                live += [group[j] for j in going]
-                feed = mx.concatenate([feed, g_tokens[mx.array(keep)].astype(mx.int32)])
-                start = cache.drop_columns_before(start)
-        if not live:
-            continue
-        S = cache.offset + 1
-        mask = (np.arange(S)[None, :] >= start[:, None])[:, None, None, :]  # (B, 1, 1, S)
-        # The fed token is response[-1], at position len(prompt) + len(response) - 1.
-        positions = np.array([len(prompts[b]) + len(responses[b]) - 1 for b in live])
-        hidden, logits = model(
-            feed[:, None],
-            cache,
-            mx.array(positions[:, None], mx.int32),
-            mx.array(mask),
-            features=features,
-        )
-        cache.commit()
-        going, tokens = record(live, logits[:, 0], hidden[:, 0])
-        if len(going) < len(live):
-            keep = np.array(going, dtype=np.int64)
-            if going:
-                cache.join_rows(keep)
-                tokens = tokens[mx.array(keep)]
-            else:
-                tokens = mx.zeros((0,), mx.int32)
-            start = start[keep]
-            if going:
-                start = cache.drop_columns_before(start)
-            live = [live[j] for j in going]
-        feed = tokens
-    if top_k:
-        return [
-            (responses[b], np.stack(hiddens[b]), *(np.stack(x) for x in zip(*tops[b], strict=True)))
-            for b in range(n)
-        ]
-    return [(responses[b], np.stack(hiddens[b])) for b in range(n)]
+    def results(self) -> list[tuple]:
+        n = range(len(self.tokens))
+        if self.top_k:
+            return [
+                (
+                    self.tokens[b],
+                    np.stack(self.hiddens[b]),
+                    *(np.stack(x) for x in zip(*self.tops[b], strict=True)),
+                )
+                for b in n
+            ]
+        return [(self.tokens[b], np.stack(self.hiddens[b])) for b in n]
+
+
+class _Rows:
+    """The rows decoding together: one cache, the prompt of each row, the first column each
+    row may attend to, and the token each row feeds next."""
+
+    def __init__(self):
+        self.cache = None
+        self.live: list[int] = []  # prompt index of each cache row
+        self.start = np.zeros(0, np.int64)
+        self.feed = mx.zeros((0,), mx.int32)
+
+
+def _admit(model, batch: _Rows, group: list[int], prompts, features, out: _Responses) -> None:
+    """Prefill the prompts `group` on their own and join the unfinished ones to the batch,
+    right-aligned at the cache length (the columns before them masked out)."""
+    g_cache, g_hidden, g_logits, g_pad = _prefill_group(
+        model, [prompts[i] for i in group], features
+    )
+    going, g_tokens = out.record(group, g_logits, g_hidden)
+    if not going:
+        return
+    keep = np.array(going)
+    if not batch.live:
+        batch.cache, batch.start = g_cache, np.zeros(0, np.int64)
+        shift, g_shift = batch.cache.join_rows(keep)
+        start = g_pad[keep] + shift
+    else:
+        shift, g_shift = batch.cache.join_rows(np.arange(len(batch.live)), g_cache, keep)
+        start = np.concatenate([batch.start + shift, g_pad[keep] + g_shift])
+    batch.live += [group[j] for j in going]
+    batch.feed = mx.concatenate([batch.feed, g_tokens[mx.array(keep)].astype(mx.int32)])
+    batch.start = batch.cache.drop_columns_before(start)
+
+
+def _decode_step(model, batch: _Rows, prompts, features, out: _Responses) -> None:
+    """One token for every row; finished rows leave the cache."""
+    cache, live, start = batch.cache, batch.live, batch.start
+    S = cache.offset + 1
+    mask = (np.arange(S)[None, :] >= start[:, None])[:, None, None, :]  # (B, 1, 1, S)
+    # The fed token is response[-1], at position len(prompt) + len(response) - 1.
+    positions = np.array([len(prompts[b]) + len(out.tokens[b]) - 1 for b in live])
+    hidden, logits = model(
+        batch.feed[:, None],
+        cache,
+        mx.array(positions[:, None], mx.int32),
+        mx.array(mask),
+        features=features,
+    )
+    cache.commit()
+    going, tokens = out.record(live, logits[:, 0], hidden[:, 0])
+    if len(going) < len(live):
+        keep = np.array(going, dtype=np.int64)
+        if going:
+            cache.join_rows(keep)
+            tokens = tokens[mx.array(keep)]
+        else:
+            tokens = mx.zeros((0,), mx.int32)
+        start = start[keep]
+        if going:
+            start = cache.drop_columns_before(start)
+        batch.start = start
+        batch.live = [live[j] for j in going]
+    batch.feed = tokens
 
 
 def teacher_forced_hidden(

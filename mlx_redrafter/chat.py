@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from .defaults import DEFAULT_MAX_TOKENS
 from .errors import ContextFullError, NotTextError
 from .generation import (
     DecodeStats,
@@ -63,7 +64,7 @@ class ChatSession:
     tokenizer: object
     drafter: object = None
     system: str | None = None
-    max_tokens: int = 512
+    max_tokens: int = DEFAULT_MAX_TOKENS
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0

@@ -21,6 +21,9 @@ from .env import device_name, fast_path
 # (beam width, beam length incl. the root token): the best measured on a 2-core x86 CPU with
 # the shipped drafter; `mlx-redrafter tune` stores a better one per device and model.
 DEFAULT_BEAM = (1, 3)
+# New tokens per answer when none is given: `generate`, `chat`, `serve`, `stream_generate`
+# and `ChatSession` all use this one value.
+DEFAULT_MAX_TOKENS = 512
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_ROOT = PACKAGE_DIR.parent

@@ -198,15 +198,6 @@ def unpermute_rope(w: mx.array, n_heads: int) -> mx.array:
     return mx.swapaxes(w, 1, 2).reshape(rows, *rest)
 
 
-def permute_rope(w: mx.array, n_heads: int) -> mx.array:
-    """llama.cpp's q/k row permutation (the inverse of `unpermute_rope`); used to write GGUFs."""
-    rows = w.shape[0]
-    head_dim = rows // n_heads
-    rest = w.shape[1:]
-    w = w.reshape(n_heads, 2, head_dim // 2, *rest)
-    return mx.swapaxes(w, 1, 2).reshape(rows, *rest)
-
-
 def hf_name(gguf_name: str) -> str | None:
     """The Hugging Face parameter name of a GGUF tensor name, or None if there is none."""
     base, _, kind = gguf_name.rpartition(".")

@@ -41,10 +41,6 @@ class Tree:
         """Sequence positions of the nodes when the root sits at `offset`. int32 (N,)"""
         return (offset + self.depths).astype(np.int32)
 
-    @property
-    def max_depth(self) -> int:
-        return int(self.depths.max(initial=0))
-
     def ancestor_mask(self) -> np.ndarray:
         """bool (N, N): [i, j] is True iff node j is node i or one of its ancestors."""
         n = self.num_nodes

@@ -37,7 +37,7 @@ fi
 
 echo "==> virtual environment in $VENV"
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-"$VENV/bin/python" -m pip install -q --upgrade pip
+"$VENV/bin/python" -m pip install -q --upgrade pip "setuptools>=77"
 extras="dev"
 if [ "$with_torch" = 1 ]; then
   echo "==> torch (${TORCH_SPEC:-torch})"

@@ -3,15 +3,19 @@ with the same output as a fresh run); the terminal UI through a pseudo-terminal 
 
 from __future__ import annotations
 
+import io
+import os
 import re
 import signal
 import sys
+import types
 
 import pytest
 from helpers import REPO_ROOT, cli_env, invoke, run_cli, write_tiny_drafter, write_tiny_model
 
 from mlx_redrafter.chat import ChatSession, ContextFullError
-from mlx_redrafter.cli.chat import stats_report
+from mlx_redrafter.cli import chat_input
+from mlx_redrafter.cli.chat import run_chat, stats_report
 from mlx_redrafter.drafter import load_drafter
 from mlx_redrafter.generation import stream_generate
 from mlx_redrafter.loading import load
@@ -309,6 +313,87 @@ def test_terminal_ctrl_c_stops_the_answer_and_keeps_history(tiny):
     child.sendintr()  # Ctrl-C at the prompt: a new prompt, not an exit
     child.expect_exact("Ctrl-D or /quit exits")
     child.expect_exact(">>> ")
+    child.sendline("/quit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-line messages: a """ block, a paste
+
+
+class _RecordingSession:
+    """What run_chat needs of a session, recording the messages it is sent."""
+
+    drafter = None
+    lookup = False
+    lookup_max = None
+
+    def __init__(self):
+        self.sent, self.turns = [], []
+
+    def send(self, text):
+        self.sent.append(text)
+        self.turns.append(types.SimpleNamespace(stats=None, capped=False, finish_reason="stop"))
+        yield from ()
+
+
+def test_a_triple_quoted_block_is_one_message():
+    session = _RecordingSession()
+    stdin = io.StringIO(
+        'first\n"""\nline one\n\n  line two\n"""\n"""inline"""\n""" opens\ncloses """\nlast\n'
+    )
+    code = run_chat(session, stdin=stdin, stdout=io.StringIO(), stderr=io.StringIO())
+    assert code == 0
+    assert session.sent == ["first", "line one\n\n  line two", "inline", "opens\ncloses", "last"]
+
+
+def test_an_unclosed_block_at_the_end_is_sent_and_bad_lines_are_named():
+    session = _RecordingSession()
+    err = io.StringIO()
+    stdin = io.TextIOWrapper(io.BytesIO(b'ok\n"""\na\nb\n'), encoding="utf-8")
+    run_chat(session, stdin=stdin, stdout=io.StringIO(), stderr=err)
+    assert session.sent == ["ok", "a\nb"]
+    session = _RecordingSession()
+    stdin = io.TextIOWrapper(io.BytesIO(b'"""\na\n\xff\nb\n"""\nnext\n'), encoding="utf-8")
+    run_chat(session, stdin=stdin, stdout=io.StringIO(), stderr=err)
+    assert "input line 3 is not UTF-8" in err.getvalue()  # counted across the block's lines
+    assert session.sent[-1] == "next"
+
+
+def test_waiting_input_is_the_rest_of_a_paste(monkeypatch):
+    read_fd, write_fd = os.pipe()
+    with os.fdopen(read_fd) as reader, os.fdopen(write_fd, "w") as writer:
+        assert not chat_input._waiting(reader)  # nothing typed yet
+        writer.write("second line\n")
+        writer.flush()
+        assert chat_input._waiting(reader)
+    # On a terminal, lines that are already waiting join the first into one message.
+    typed = ["line one", "line two", "line three"]
+    monkeypatch.setattr("builtins.input", lambda prompt="": typed.pop(0))
+    monkeypatch.setattr(chat_input, "_waiting", lambda stdin: bool(typed))
+    assert chat_input.read_message(True, sys.stdin, 1) == ("line one\nline two\nline three", 3)
+
+
+def test_terminal_paste_of_several_lines_is_one_turn(tiny):
+    pexpect = pytest.importorskip("pexpect")
+    child = spawn_chat(pexpect, tiny, 4)
+    child.send("Summarise this:\nthe first line\nthe second line\n")  # one paste
+    child.expect(STATS)
+    child.expect_exact(">>> ")
+    child.sendline("/stats")
+    child.expect(r"conversation: 1 turn,")
+    child.expect_exact(">>> ")
+    child.sendline('"""')
+    child.expect_exact("... ")
+    child.sendline("a block")
+    child.expect_exact("... ")
+    child.sendline('"""')
+    child.expect(STATS)
+    child.expect_exact(">>> ")
+    child.sendline("/stats")
+    child.expect(r"conversation: 2 turns,")
     child.sendline("/quit")
     child.expect(pexpect.EOF)
     child.close()

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from helpers import cli_env, invoke, run_cli, write_tiny_drafter, write_tiny_model
+
+from mlx_redrafter import __version__
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -170,3 +173,109 @@ def test_train_bad_prompt_files(tiny, tmp_path):
     bad.write_text("{not json")
     _one_red_line(run_cli([*base, "--prompts", str(bad)]), "bad.json")
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# A newcomer's first hour: notes and warnings, help, --version, usage errors
+
+
+def _without_template(model_dir: Path, dst: Path) -> Path:
+    shutil.copytree(model_dir, dst)
+    config = json.loads((dst / "tokenizer_config.json").read_text())
+    config.pop("chat_template")
+    (dst / "tokenizer_config.json").write_text(json.dumps(config))
+    return dst
+
+
+def test_a_model_without_a_chat_template_warns_once(tiny, tmp_path):
+    model_dir = _without_template(tiny[0], tmp_path / "base")
+    proc = invoke(["generate", "-m", str(model_dir), "-p", "Hello", "-n", "4", "--system", "x"])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("has no chat template") == 1
+    assert "without --system" in proc.stderr
+    proc = invoke(["chat", "-m", str(model_dir), "-n", "4"], input="Hello\nAgain\n")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("has no chat template") == 1
+    proc = invoke(["generate", "-m", str(tiny[0]), "-p", "Hello", "-n", "4"])
+    assert "chat template" not in proc.stderr
+    proc = invoke(["generate", "-m", str(model_dir), "-p", "Hello", "-n", "4", "--raw"])
+    assert "chat template" not in proc.stderr
+
+
+def test_a_copy_of_the_default_model_says_how_to_use_the_shipped_drafter(tiny, tmp_path):
+    from mlx_redrafter.defaults import DEFAULT_DRAFTER_NAME
+    from mlx_redrafter.fingerprint import model_fingerprint
+    from mlx_redrafter.loading import load_model
+
+    model_dir, drafter_dir = tiny
+    home = tmp_path / "home"  # a drafter here stands in for the shipped one
+    shipped = home / DEFAULT_DRAFTER_NAME
+    shutil.copytree(drafter_dir, shipped)
+    log = {"base_model": model_fingerprint(load_model(model_dir))}
+    (shipped / "training_log.json").write_text(json.dumps(log))
+    env = {"MLX_REDRAFTER_HOME": str(home)}
+    proc = invoke(["generate", "-m", str(model_dir), "-p", "Hello", "-n", "4"], env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert f"add -d {shipped}" in proc.stderr
+    for extra in (["-d", str(drafter_dir)], ["--no-drafter"]):
+        proc = invoke(["generate", "-m", str(model_dir), "-p", "Hello", "-n", "4", *extra], env=env)
+        assert "add -d" not in proc.stderr
+    other = write_tiny_model(tmp_path / "other", seed=7)
+    proc = invoke(["generate", "-m", str(other), "-p", "Hello", "-n", "4"], env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "add -d" not in proc.stderr
+
+
+def test_help_version_and_usage_errors():
+    proc = invoke(["--version"])
+    assert proc.returncode == 0 and proc.stdout.strip() == f"mlx-redrafter {__version__}"
+    proc = invoke(["generate", "-p", "hi", "--max-tokens", "abc"])
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ")
+    assert "--max-tokens" in proc.stderr
+    proc = invoke(["generate", "-p", "hi", "--no-such-option"])
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: No such option: --no-such-option"
+    help_text = invoke(["generate", "--help"], env={"COLUMNS": "200"}).stdout
+    assert "<bool>" not in help_text
+    assert "Plain decoding" not in help_text and "context lookup only" in help_text
+    for option in ("--beam-width", "--beam-length", "--seed", "--model", "--drafter"):
+        (line,) = [row for row in help_text.splitlines() if f" {option} " in row]
+        assert "default" in line, line
+
+
+def test_one_max_tokens_default_everywhere():
+    import inspect
+
+    from mlx_redrafter.chat import ChatSession
+    from mlx_redrafter.cli.chat import chat
+    from mlx_redrafter.cli.generate import generate
+    from mlx_redrafter.defaults import DEFAULT_MAX_TOKENS
+    from mlx_redrafter.generation import stream_generate
+
+    defaults = [
+        inspect.signature(f).parameters["max_tokens"].default
+        for f in (stream_generate, ChatSession, generate, chat)
+    ]
+    assert all(d is DEFAULT_MAX_TOKENS for d in defaults), defaults
+
+
+def test_json_times_verify_apart_from_acceptance(tiny):
+    # The verify forward runs lazily; --json evaluates it on its own, so verify_time is the
+    # forward and accept_time the acceptance (before, the forward's time sat in accept_time).
+    model_dir, drafter_dir = tiny
+    args = ["generate", "-m", str(model_dir), "-d", str(drafter_dir), "-p", "Hello", "-n", "12"]
+    out = json.loads(invoke([*args, "--json"]).stdout.strip().splitlines()[-1])
+    assert out["verify_time"] > 0 and out["accept_time"] > 0
+
+    from mlx_redrafter.drafter import load_drafter
+    from mlx_redrafter.generation import stream_generate
+    from mlx_redrafter.loading import load
+
+    model, tokenizer = load(model_dir)
+    drafter = load_drafter(drafter_dir, base=model)
+    for profile in (False, True):
+        *_, last = stream_generate(
+            model, tokenizer, "Hello", drafter, max_tokens=12, profile=profile
+        )
+        assert last.stats.verify_time > 0
+        assert (last.stats.accept_time > 0) == profile  # lazily, the sync is verify time

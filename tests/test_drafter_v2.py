@@ -16,7 +16,7 @@ from test_generation import FakeTokenizer, NoisyOracle, tokens_of
 from test_generation import tiny_model as sharp_model
 from test_train import EOS, VOCAB, TinyTokenizer, tiny_model, write_alpaca
 
-import mlx_redrafter.train.data as train_data
+import mlx_redrafter.train.shards as train_shards
 from mlx_redrafter import train
 from mlx_redrafter.batch import generate_greedy_batch, teacher_forced_hidden
 from mlx_redrafter.drafter import beam_search, init_drafter, load_drafter, save_drafter
@@ -25,6 +25,7 @@ from mlx_redrafter.generation import prefill, stream_generate, verify_tree
 from mlx_redrafter.loading import load
 from mlx_redrafter.prompts import encode_chat, read_prompts
 from mlx_redrafter.train import (
+    DataConfig,
     DistillData,
     FitConfig,
     TrainError,
@@ -72,7 +73,12 @@ def prompts_file(tmp_path_factory):
 
 # The data of the resume and time-budget tests: 3 shards of 8 prompts.
 DATA_KW = dict(
-    new_tokens=10, batch_size=4, shard_size=8, top_k=TOP_K, feature_layers=FEATURES, progress=False
+    new_tokens=10,
+    gen_batch_size=4,
+    shard_size=8,
+    top_k=TOP_K,
+    feature_layers=FEATURES,
+    progress=False,
 )
 
 
@@ -664,7 +670,7 @@ def test_apple_layout_drafter_is_unchanged():
 
 
 def test_data_resume_after_ctrl_c_equals_one_run(model, data, prompts_file, tmp_path, monkeypatch):
-    real = train_data.generate_greedy_batch
+    real = train_shards.generate_greedy_batch
     calls = []
 
     def flaky(*args):
@@ -673,7 +679,7 @@ def test_data_resume_after_ctrl_c_equals_one_run(model, data, prompts_file, tmp_
             raise KeyboardInterrupt
         return real(*args)
 
-    monkeypatch.setattr(train_data, "generate_greedy_batch", flaky)
+    monkeypatch.setattr(train_shards, "generate_greedy_batch", flaky)
     tok = TinyTokenizer()
     with pytest.raises(TrainInterrupted, match="run again to resume"):
         build_dataset(model, tok, prompts_file, tmp_path, **DATA_KW)
@@ -690,19 +696,19 @@ def test_data_resume_after_ctrl_c_equals_one_run(model, data, prompts_file, tmp_
 def test_time_budget_stops_between_shards(model, data, prompts_file, tmp_path, monkeypatch):
     # A clock that each shard's generation moves on by 10 s.
     clock = [1000.0]
-    real_time = train_data.time
+    real_time = train_shards.time
     monkeypatch.setattr(
-        train_data,
+        train_shards,
         "time",
         types.SimpleNamespace(perf_counter=lambda: clock[0], time=real_time.time),
     )
-    real = train_data.generate_greedy_batch
+    real = train_shards.generate_greedy_batch
 
     def slow(*args):
         clock[0] += 10.0
         return real(*args)
 
-    monkeypatch.setattr(train_data, "generate_greedy_batch", slow)
+    monkeypatch.setattr(train_shards, "generate_greedy_batch", slow)
     tok = TinyTokenizer()
     part = build_dataset(model, tok, prompts_file, tmp_path, time_budget=15, **DATA_KW)
     # Shards start at 0 s and 10 s; the third would start at 20 s > 15 s.
@@ -819,21 +825,21 @@ def test_train_drafter_with_v2_settings(model, prompts_file, tmp_path):
         prompts_file,
         tmp_path / "out",
         tokenizer=TinyTokenizer(),
-        new_tokens=8,
-        epochs=1,
-        learning_rate=3e-3,
-        batch_size=32,
-        num_predict=2,
-        num_layers=1,
-        gen_batch_size=8,
-        shard_size=8,
+        data_config=DataConfig(
+            new_tokens=8, gen_batch_size=8, shard_size=8, top_k=4, feature_layers=[0, 1]
+        ),
+        fit_config=FitConfig(
+            epochs=1,
+            learning_rate=3e-3,
+            batch_size=32,
+            num_predict=2,
+            num_layers=1,
+            loss="mix",
+            kd_weight=0.25,
+            feature_layers=[1],
+            draft_vocab_coverage=0.8,
+        ),
         progress=False,
-        loss="mix",
-        kd_weight=0.25,
-        top_k=4,
-        feature_layers=[1],
-        data_feature_layers=[0, 1],
-        draft_vocab_coverage=0.8,
     )
     s = log["settings"]
     assert s["loss"] == "mix" and s["kd_weight"] == 0.25 and s["feature_layers"] == [1]
@@ -846,7 +852,7 @@ def test_train_drafter_with_v2_settings(model, prompts_file, tmp_path):
     # The data train_drafter made, read back.
     data = build_dataset(
         model, TinyTokenizer(), prompts_file, tmp_path / "out-work", new_tokens=8,
-        batch_size=8, shard_size=8, top_k=4, feature_layers=(0, 1), progress=False,
+        gen_batch_size=8, shard_size=8, top_k=4, feature_layers=(0, 1), progress=False,
     )  # fmt: skip
     train_seqs, _ = train.split_sequences(data.num_sequences, 0.05)
     counts = train.target_counts(data, train_seqs, VOCAB)
@@ -906,18 +912,20 @@ def test_bad_v2_settings(model, data, prompts_file, tmp_path):
             )  # fmt: skip
     with pytest.raises(TrainError, match="feature layers"):
         train_drafter(
-            model, prompts_file, tmp_path / "o", tokenizer=TinyTokenizer(), feature_layers=[2],
-            progress=False,
+            model, prompts_file, tmp_path / "o", tokenizer=TinyTokenizer(),
+            fit_config=FitConfig(feature_layers=[2]), progress=False,
         )  # fmt: skip
     with pytest.raises(TrainError, match="lack"):
         train_drafter(
-            model, prompts_file, tmp_path / "o", tokenizer=TinyTokenizer(), feature_layers=[1],
-            data_feature_layers=[0], progress=False,
+            model, prompts_file, tmp_path / "o", tokenizer=TinyTokenizer(),
+            fit_config=FitConfig(feature_layers=[1]), data_config=DataConfig(feature_layers=[0]),
+            progress=False,
         )  # fmt: skip
     with pytest.raises(TrainError, match="top_k"):
         build_dataset(model, TinyTokenizer(), prompts_file, tmp_path / "d", top_k=-1)
     with pytest.raises(TrainError, match="loss must be"):
-        train_drafter(model, prompts_file, tmp_path / "o", tokenizer=TinyTokenizer(), loss="foo")
+        train_drafter(model, prompts_file, tmp_path / "o", tokenizer=TinyTokenizer(),
+                      fit_config=FitConfig(loss="foo"))  # fmt: skip
 
 
 def test_fit_with_an_out_of_range_feature_layer_is_a_train_error(model, data, tmp_path):

@@ -3,6 +3,7 @@ level but `mlx_redrafter`; the defaults find the drafter inside an installed pac
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -18,7 +19,11 @@ from mlx_redrafter import defaults
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     """A wheel built offline from a copy of the sources (the working tree stays clean)."""
-    pytest.importorskip("setuptools")
+    setuptools = pytest.importorskip("setuptools")
+    major = int(setuptools.__version__.split(".")[0])
+    assert major >= 77, (
+        f"setuptools {setuptools.__version__} cannot build this project: run setup.sh"
+    )
     root = tmp_path_factory.mktemp("wheel")
     src = root / "src"
     src.mkdir()
@@ -36,6 +41,28 @@ def wheel(tmp_path_factory) -> Path:
     assert proc.returncode == 0, proc.stderr
     (path,) = (root / "dist").glob("mlx_redrafter-*.whl")
     return path
+
+
+def _setuptools_floor(requirements: list[str]) -> tuple[int, ...] | None:
+    for req in requirements:
+        m = re.fullmatch(r"setuptools\s*>=\s*([\d.]+)", req.split(";")[0].strip())
+        if m:
+            return tuple(int(x) for x in m.group(1).split("."))
+    return None
+
+
+def test_the_setup_installs_a_setuptools_that_reads_the_license():
+    # `license = "Apache-2.0"` (an SPDX string, PEP 639) needs setuptools 77; an older one
+    # (a fresh Python 3.11 venv has 65.5) rejects pyproject.toml, and the wheel test fails
+    # right after the README's set-up. The build requirement, the dev extra (the test builds
+    # with the venv's own setuptools) and scripts/setup.sh must all ask for 77 or later.
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+    if isinstance(project["project"].get("license"), str):
+        assert _setuptools_floor(project["build-system"]["requires"]) >= (77,)
+        assert _setuptools_floor(project["project"]["optional-dependencies"]["dev"]) >= (77,)
+        setup = (REPO_ROOT / "scripts" / "setup.sh").read_text()
+        assert re.search(r'pip install .*--upgrade .*"setuptools>=(7[7-9]|[89]\d|\d{3})', setup)
 
 
 @pytest.mark.slow

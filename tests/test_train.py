@@ -17,7 +17,7 @@ from helpers import (
 )
 from mlx.utils import tree_flatten
 
-import mlx_redrafter.train.data as train_data
+import mlx_redrafter.train.shards as train_shards
 from mlx_redrafter import train
 from mlx_redrafter.batch import generate_greedy_batch, teacher_forced_hidden
 from mlx_redrafter.drafter import beam_search, init_drafter, load_drafter
@@ -25,6 +25,7 @@ from mlx_redrafter.errors import PromptError
 from mlx_redrafter.generation import DecodeStats, SamplingConfig, plain_steps
 from mlx_redrafter.prompts import encode_chat, read_prompts
 from mlx_redrafter.train import (
+    DataConfig,
     FitConfig,
     TrainError,
     TrainInterrupted,
@@ -99,7 +100,7 @@ def data(model, prompts_file, tmp_path_factory):
         prompts_file,
         work,
         new_tokens=14,
-        batch_size=8,
+        gen_batch_size=8,
         shard_size=8,
         progress=False,
     )
@@ -156,7 +157,7 @@ def test_batched_generation_equals_unbatched_greedy(model, batch_size):
 
 def test_dataset_shards_resume_and_layout(model, prompts_file, tmp_path, monkeypatch):
     tok = TinyTokenizer()
-    kwargs = dict(new_tokens=10, batch_size=4, shard_size=8, progress=False)
+    kwargs = dict(new_tokens=10, gen_batch_size=4, shard_size=8, progress=False)
     first = build_dataset(model, tok, prompts_file, tmp_path, **kwargs)
     shards = sorted((tmp_path / "data").glob("shard-*.npz"))
     assert len(shards) == 3 and first.num_sequences == 24
@@ -172,9 +173,9 @@ def test_dataset_shards_resume_and_layout(model, prompts_file, tmp_path, monkeyp
 
     shards[1].unlink()  # as if interrupted while making the second shard
     calls = []
-    real = train_data.generate_greedy_batch
+    real = train_shards.generate_greedy_batch
     monkeypatch.setattr(
-        train_data, "generate_greedy_batch", lambda *a: calls.append(len(a[1])) or real(*a)
+        train_shards, "generate_greedy_batch", lambda *a: calls.append(len(a[1])) or real(*a)
     )
     again = build_dataset(model, tok, prompts_file, tmp_path, **kwargs)
     assert sum(calls) == 8  # only the missing shard was made again
@@ -184,8 +185,8 @@ def test_dataset_shards_resume_and_layout(model, prompts_file, tmp_path, monkeyp
 
 def test_ctrl_c_while_generating_keeps_finished_shards(model, prompts_file, tmp_path, monkeypatch):
     tok = TinyTokenizer()
-    kwargs = dict(new_tokens=6, batch_size=4, shard_size=8, progress=False)
-    real = train_data.generate_greedy_batch
+    kwargs = dict(new_tokens=6, gen_batch_size=4, shard_size=8, progress=False)
+    real = train_shards.generate_greedy_batch
     calls = []
 
     def flaky(*args):
@@ -194,7 +195,7 @@ def test_ctrl_c_while_generating_keeps_finished_shards(model, prompts_file, tmp_
             raise KeyboardInterrupt
         return real(*args)
 
-    monkeypatch.setattr(train_data, "generate_greedy_batch", flaky)
+    monkeypatch.setattr(train_shards, "generate_greedy_batch", flaky)
     with pytest.raises(TrainInterrupted, match="run again to resume"):
         build_dataset(model, tok, prompts_file, tmp_path, **kwargs)
     assert len(list((tmp_path / "data").glob("shard-*.npz"))) == 1
@@ -325,15 +326,9 @@ def test_training_lowers_loss_and_writes_a_loadable_drafter(model, prompts_file,
         prompts_file,
         tmp_path / "out",
         tokenizer=TinyTokenizer(),
-        num_prompts=None,
-        new_tokens=14,
-        epochs=4,
-        **SMALL,
-        draft_vocab_size=12,
-        gen_batch_size=8,
-        shard_size=8,
+        data_config=DataConfig(num_prompts=None, new_tokens=14, gen_batch_size=8, shard_size=8),
+        fit_config=FitConfig(epochs=4, **SMALL, draft_vocab_size=12, save_dtype="float16"),
         progress=False,
-        save_dtype="float16",
     )
     loss = log["curves"]["loss"]
     assert log["finished"] and len(loss) == log["steps"] > 10
@@ -430,7 +425,7 @@ def test_resume_with_other_settings_is_refused(model, data, tmp_path):
 
 def test_work_dir_of_another_base_model_is_refused(model, data, prompts_file, tmp_path):
     tok = TinyTokenizer()
-    kwargs = dict(new_tokens=6, batch_size=8, shard_size=8, num_prompts=8, progress=False)
+    kwargs = dict(new_tokens=6, gen_batch_size=8, shard_size=8, num_prompts=8, progress=False)
     build_dataset(model, tok, prompts_file, tmp_path, **kwargs)
     other = tiny_model(seed=5, hidden=48)
     with pytest.raises(TrainError, match="another base model"):
@@ -464,3 +459,22 @@ def test_bad_training_settings(model, data, prompts_file, tmp_path):
         train_drafter(model, prompts_file, tmp_path / "o")
     with pytest.raises(PromptError, match="does not exist"):
         train_drafter(model, tmp_path / "missing.json", tmp_path / "o", tokenizer=TinyTokenizer())
+
+
+def test_the_cli_defaults_are_the_configs():
+    # Each default is written once, in DataConfig or FitConfig; `train --help` shows it.
+    import inspect
+
+    from mlx_redrafter.cli.train import train as train_command
+
+    options = inspect.signature(train_command).parameters
+    renamed = {"draft_vocab": "draft_vocab_size"}
+    parsed = {"feature_layers", "time_budget"}  # text options the command parses
+    checked = 0
+    for config in (DataConfig(), FitConfig()):
+        for name, value in vars(config).items():
+            option = next((o for o, f in renamed.items() if f == name), name)
+            if option in options and option not in parsed:
+                assert options[option].default == value, (option, options[option].default)
+                checked += 1
+    assert checked >= 20

@@ -9,17 +9,76 @@ from __future__ import annotations
 
 import signal
 import sys
+from typing import Annotated
 
 import typer
+import typer.core
 
-import mlx_redrafter  # noqa: F401  (loads the BLAS before mlx)
+import mlx_redrafter  # (loads the BLAS before mlx)
 from mlx_redrafter.cli import bench, chat, convert, generate, info, serve, train
 
+
+class _OneLineErrors(typer.core.TyperGroup):
+    """Usage errors (`--max-tokens abc`, an unknown option) as one red line, like every other
+    error of the CLI, instead of click's usage box."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, False, **extra)
+        except typer.TyperException as exc:  # click's ClickException and its usage errors
+            message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+            if message.strip():  # (no arguments: the help was shown, and that is all)
+                typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+            sys.exit(getattr(exc, "exit_code", 2))
+        except typer.Abort:
+            typer.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def _no_flag_types() -> None:
+    """Flags take no value, so their help shows no type (this typer shows `<bool>`)."""
+    option = typer.core.TyperOption
+    shown = getattr(option, "display_type_rich", None)
+    if shown is None:
+        return
+
+    def display_type_rich(self, ctx):
+        return None if self.is_flag else shown(self, ctx)
+
+    option.display_type_rich = display_type_rich
+
+
+_no_flag_types()
+
 app = typer.Typer(
+    cls=_OneLineErrors,
     add_completion=False,
     no_args_is_help=True,
     help="ReDrafter speculative decoding for local LLMs, native to MLX.",
 )
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"mlx-redrafter {mlx_redrafter.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_show_version, is_eager=True, help="Show the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """ReDrafter speculative decoding for local LLMs, native to MLX."""
+
+
 app.command()(info.info)
 app.command()(info.setup)
 app.command()(generate.generate)

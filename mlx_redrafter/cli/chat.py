@@ -1,7 +1,8 @@
 """`mlx-redrafter chat`: the command, and the terminal loop on a `ChatSession`.
 
 `run_chat` is the terminal loop: commands, Ctrl-C (stop the answer) and Ctrl-D (exit), piped
-stdin (every line one message; answers alone on stdout, notes and stats on stderr).
+stdin (every line one message; answers alone on stdout, notes and stats on stderr). Reading a
+message (a line, a paste, a \"\"\" block) is chat_input.py's.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from typing import Annotated, TextIO
 import mlx.core as mx
 import typer
 
-from mlx_redrafter.chat import ChatSession, TurnRecord, check_text
+from mlx_redrafter.chat import ChatSession, TurnRecord
+from mlx_redrafter.cli.chat_input import read_message
 from mlx_redrafter.cli.common import (
     BeamLength,
     BeamWidth,
@@ -34,7 +36,9 @@ from mlx_redrafter.cli.common import (
     friendly_errors,
     load_for,
     text_option,
+    warn_plain_text,
 )
+from mlx_redrafter.defaults import DEFAULT_MAX_TOKENS
 from mlx_redrafter.env import device_name
 from mlx_redrafter.errors import ContextFullError, GenerationError, NotTextError
 from mlx_redrafter.generation import resolve_lookup
@@ -56,7 +60,7 @@ def chat(
     system: System = None,
     max_tokens: Annotated[
         int, typer.Option("--max-tokens", "-n", help="Most tokens per answer.")
-    ] = 512,
+    ] = DEFAULT_MAX_TOKENS,
     dtype: Dtype = None,
 ):
     """Chat in the terminal; the conversation stays in the KV cache (/help lists commands)."""
@@ -66,6 +70,7 @@ def chat(
     loaded = load_for(
         model, dtype, drafter, no_drafter, beam_width, beam_length, lookup, lookup_max
     )
+    warn_plain_text(loaded, "each message is sent as a plain line of text")
     session = ChatSession(
         loaded.base,
         loaded.tokenizer,
@@ -108,9 +113,8 @@ HELP = """\
   /quit, q     exit (Ctrl-D exits too)
 Ctrl-C stops the answer being written and returns to the prompt. The partial answer stays in
 the conversation as it was shown, so the next message follows on from it (/reset drops it).
-With piped input every line is one message."""
-
-PROMPT = ">>> "
+A paste of several lines is one message, and so is a block between \"\"\" lines.
+With piped input every line is one message (or a \"\"\" block)."""
 
 QUIT = ("/quit", "/exit", "q")
 RESET = ("/reset", "r")
@@ -194,32 +198,6 @@ def stats_report(session: ChatSession) -> str:
     return "\n".join(lines)
 
 
-def _read_line(interactive: bool, stdin: TextIO, lineno: int) -> str:
-    """One line of input; EOFError at the end (Ctrl-D or end of the pipe); NotTextError,
-    naming the line, for one that is not UTF-8 (the next read goes on after it)."""
-    where = f"input line {lineno}"
-    if interactive:
-        try:
-            line = input(PROMPT)  # readline gives line editing and history
-        except UnicodeDecodeError as e:
-            raise NotTextError(f"{where} is not UTF-8 text ({e.reason})") from None
-        return check_text(line, where)
-    buffer = getattr(stdin, "buffer", None)
-    if buffer is None:  # a text stream without bytes underneath (tests, StringIO)
-        line = stdin.readline()
-    else:  # bytes, so one bad line cannot break the decoding of the next ones
-        raw = buffer.readline()
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise NotTextError(
-                f"{where} is not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
-            ) from None
-    if not line:
-        raise EOFError
-    return check_text(line, where).rstrip("\r\n")
-
-
 def run_chat(
     session: ChatSession,
     title: str | None = None,
@@ -244,7 +222,8 @@ def run_chat(
     while True:
         lineno += 1
         try:
-            line = _read_line(interactive, stdin, lineno)
+            line, used = read_message(interactive, stdin, lineno)
+            lineno += used - 1
         except NotTextError as e:
             term.error(f"error: {e}; skipped")
             continue

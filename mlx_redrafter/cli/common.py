@@ -4,6 +4,7 @@ options that several commands take, and the one loader of model, drafter and bea
 from __future__ import annotations
 
 import functools
+import json
 import os
 import sys
 from dataclasses import dataclass
@@ -14,11 +15,19 @@ import typer
 from tqdm import tqdm
 
 from mlx_redrafter.chat import check_text
-from mlx_redrafter.defaults import check_beam, default_drafter_dir, resolve_beam
+from mlx_redrafter.defaults import (
+    DEFAULT_BEAM,
+    DEFAULT_MODEL_NAME,
+    check_beam,
+    default_drafter_dir,
+    resolve_beam,
+)
 from mlx_redrafter.drafter import load_drafter
 from mlx_redrafter.errors import RedrafterError
+from mlx_redrafter.fingerprint import model_fingerprint, same_model
 from mlx_redrafter.generation import LookupConfig, resolve_lookup
 from mlx_redrafter.loading import load, resolve_model_path
+from mlx_redrafter.prompts import has_template
 
 # ---------------------------------------------------------------------------------------------
 # Errors
@@ -117,23 +126,62 @@ def progress_bar(total: int, desc: str):
 # ---------------------------------------------------------------------------------------------
 # Options several commands take (each command keeps its own where the help differs)
 
-Model = Annotated[str | None, typer.Option("--model", "-m", help="Model dir, HF id or GGUF.")]
-Drafter = Annotated[str | None, typer.Option("--drafter", "-d", help="Drafter directory.")]
-NoDrafter = Annotated[bool, typer.Option("--no-drafter", help="Plain decoding.")]
-BeamWidth = Annotated[int | None, typer.Option("--beam-width", "-W")]
-BeamLength = Annotated[int | None, typer.Option("--beam-length", "-L")]
+Model = Annotated[
+    str | None,
+    typer.Option(
+        "--model", "-m", help=f"Model dir, HF id or GGUF (default: {DEFAULT_MODEL_NAME})."
+    ),
+]
+Drafter = Annotated[
+    str | None,
+    typer.Option(
+        "--drafter",
+        "-d",
+        help="Drafter directory (default: the shipped drafter, with the default model).",
+    ),
+]
+NoDrafter = Annotated[
+    bool,
+    typer.Option(
+        "--no-drafter",
+        help="No drafter: context lookup only (with --no-lookup too: plain decoding).",
+    ),
+]
+BeamWidth = Annotated[
+    int | None,
+    typer.Option(
+        "--beam-width",
+        "-W",
+        help=f"Drafter beams per round (default: the tuned shape, else {DEFAULT_BEAM[0]}).",
+    ),
+]
+BeamLength = Annotated[
+    int | None,
+    typer.Option(
+        "--beam-length",
+        "-L",
+        help="Tokens per beam, the root included (default: the tuned shape, else "
+        f"{DEFAULT_BEAM[1]}).",
+    ),
+]
 Lookup = Annotated[
     bool,
     typer.Option("--lookup/--no-lookup", help="Also draft from the context (prompt lookup)."),
 ]
 LookupMax = Annotated[
     int | None,
-    typer.Option("--lookup-max", help="Longest continuation copied from the context (default 8)."),
+    typer.Option(
+        "--lookup-max",
+        help=f"Longest continuation copied from the context (default {LookupConfig.max_tokens}).",
+    ),
 ]
 Temp = Annotated[float, typer.Option("--temp", help="Sampling temperature (0 = greedy).")]
-TopP = Annotated[float, typer.Option("--top-p")]
+TopP = Annotated[float, typer.Option("--top-p", help="Nucleus sampling (1.0 = off).")]
 TopK = Annotated[int, typer.Option("--top-k", help="0 = no top-k.")]
-Seed = Annotated[int | None, typer.Option("--seed")]
+Seed = Annotated[
+    int | None,
+    typer.Option("--seed", help="Random seed for sampling (default: a fresh one each run)."),
+]
 System = Annotated[str | None, typer.Option("--system", help="System prompt.")]
 Dtype = Annotated[str | None, typer.Option("--dtype", help="Cast the model to this dtype.")]
 
@@ -169,6 +217,36 @@ def resolve_drafter(model: str | None, drafter: str | None, no_drafter: bool) ->
     return None
 
 
+def shipped_drafter_note(model: str, base) -> str | None:
+    """Why a copy of the default model (given with --model) runs without the shipped drafter,
+    and how to use it; None for any other model."""
+    path = default_drafter_dir()
+    log = None if path is None else path / "training_log.json"
+    if log is None or not log.is_file():
+        return None
+    try:
+        made_for = json.loads(log.read_text())["base_model"]
+    except (OSError, ValueError, KeyError):
+        return None
+    if not isinstance(made_for, dict) or not same_model(made_for, model_fingerprint(base)):
+        return None
+    return (
+        f"note: {model} holds the default model, and the shipped drafter is used unasked only "
+        f"without --model: add -d {path} to use it"
+    )
+
+
+def warn_plain_text(loaded: Loaded, what: str) -> None:
+    """A model without a chat template gets plain text (the library falls back quietly):
+    say so once, with `what` happens to the input."""
+    if not has_template(loaded.tokenizer):
+        typer.secho(
+            f"warning: {Path(loaded.model_path).name} has no chat template: {what}",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
+
+
 def load_for(
     model: str | None,
     dtype: str | None = None,
@@ -186,6 +264,10 @@ def load_for(
     base, tokenizer = load(str(model_path), dtype=dtype)
     drafter_path = resolve_drafter(model, drafter, no_drafter)
     draft = load_drafter(drafter_path, base=base) if drafter_path else None
+    if model is not None and not drafter and not no_drafter:
+        note = shipped_drafter_note(model, base)
+        if note:
+            typer.secho(note, fg=typer.colors.YELLOW, err=True)
     width, length = resolve_beam(model_path, beam_width, beam_length)
     return Loaded(
         model_path,

@@ -30,7 +30,9 @@ from mlx_redrafter.cli.common import (
     load_for,
     read_stdin,
     text_option,
+    warn_plain_text,
 )
+from mlx_redrafter.defaults import DEFAULT_MAX_TOKENS
 from mlx_redrafter.env import compute_dtype, device_name, dtype_name
 from mlx_redrafter.generation import DecodeStats, stream_generate
 from mlx_redrafter.prompts import encode_chat
@@ -42,7 +44,9 @@ def generate(
     model: Model = None,
     drafter: Drafter = None,
     no_drafter: NoDrafter = False,
-    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n")] = 256,
+    max_tokens: Annotated[
+        int, typer.Option("--max-tokens", "-n", help="Most new tokens.")
+    ] = DEFAULT_MAX_TOKENS,
     temp: Temp = 0.0,
     top_p: TopP = 1.0,
     top_k: TopK = 0,
@@ -72,6 +76,10 @@ def generate(
         model, dtype, drafter, no_drafter, beam_width, beam_length, lookup, lookup_max
     )
     tokenizer = loaded.tokenizer
+    if not raw:
+        warn_plain_text(
+            loaded, "the prompt is sent as plain text" + (", without --system" if system else "")
+        )
     ids = tokenizer.encode(prompt) if raw else encode_chat(tokenizer, prompt, system)
     stream = stream_generate(
         loaded.base,
@@ -88,6 +96,7 @@ def generate(
         lookup=lookup,
         lookup_max=lookup_max,
         stop=stop or (),
+        profile=json_out,  # the verify forward evaluated on its own: exact time split
     )
     tokens, text, last = [], [], None
     for response in stream:

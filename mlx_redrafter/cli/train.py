@@ -8,7 +8,7 @@ import typer
 
 from mlx_redrafter.cli.common import check_options, friendly_errors
 from mlx_redrafter.errors import RedrafterError, TrainInterrupted
-from mlx_redrafter.train import train_drafter
+from mlx_redrafter.train import DataConfig, FitConfig, train_drafter
 
 
 @friendly_errors
@@ -35,40 +35,42 @@ def train(
         typer.Option(
             "--num-prompts", "-N", help="Prompts used: a fixed random selection (0 = all)."
         ),
-    ] = 1000,
+    ] = DataConfig.num_prompts,
     new_tokens: Annotated[
         int, typer.Option("--new-tokens", "-n", help="Response tokens per prompt.")
-    ] = 128,
-    epochs: Annotated[int, typer.Option("--epochs", "-e")] = 1,
+    ] = DataConfig.new_tokens,
+    epochs: Annotated[int, typer.Option("--epochs", "-e")] = FitConfig.epochs,
     learning_rate: Annotated[
         float, typer.Option("--lr", "--learning-rate", help="Peak AdamW rate.")
-    ] = 1e-3,
+    ] = FitConfig.learning_rate,
     batch_size: Annotated[
         int, typer.Option("--batch-size", "-b", help="Token positions per step.")
-    ] = 256,
+    ] = FitConfig.batch_size,
     num_predict: Annotated[
         int,
         typer.Option(
             "--num-predict", help="Tokens drafted after g0 (useful beam length up to this + 1)."
         ),
-    ] = 5,
+    ] = FitConfig.num_predict,
     num_layers: Annotated[
         int, typer.Option("--num-layers", help="ResBlocks in the drafter head.")
-    ] = 2,
+    ] = FitConfig.num_layers,
     draft_vocab: Annotated[
         int,
         typer.Option(
             "--draft-vocab", "-K", help="Draft vocabulary: the K most frequent targets (0 = all)."
         ),
-    ] = 0,
+    ] = FitConfig.draft_vocab_size,
     exit_dim: Annotated[
         int | None,
         typer.Option(
             "--exit-dim",
             help="Head width (default 2 x hidden, Apple's; other sizes add input_proj).",
         ),
-    ] = None,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
+    ] = FitConfig.exit_dim,
+    seed: Annotated[
+        int, typer.Option("--seed", help="Seed of the drafter's initial weights and data order.")
+    ] = FitConfig.seed,
     target: Annotated[
         str,
         typer.Option(
@@ -77,13 +79,13 @@ def train(
             "the file's answers as context, the model's greedy next token at each as the target "
             "(exact targets at prefill speed).",
         ),
-    ] = "self",
+    ] = DataConfig.target,
     eval_fraction: Annotated[
         float, typer.Option("--eval-fraction", help="Held-out prompts.")
-    ] = 0.05,
+    ] = FitConfig.eval_fraction,
     checkpoint_every: Annotated[
         int, typer.Option("--checkpoint-every", help="Steps per checkpoint.")
-    ] = 200,
+    ] = FitConfig.checkpoint_every,
     work_dir: Annotated[
         str | None,
         typer.Option("--work-dir", help="Data shards and checkpoints (default: <out>-work)."),
@@ -100,14 +102,14 @@ def train(
         typer.Option(
             "--gen-batch-size", help="Responses generated together (continuous batching)."
         ),
-    ] = 32,
+    ] = DataConfig.gen_batch_size,
     save_dtype: Annotated[
         str | None,
         typer.Option(
             "--save-dtype",
             help="Dtype of the saved drafter: float32 (default), float16, bfloat16.",
         ),
-    ] = None,
+    ] = FitConfig.save_dtype,
     dtype: Annotated[str | None, typer.Option(help="Cast the base model to this dtype.")] = None,
     loss: Annotated[
         str,
@@ -117,10 +119,10 @@ def train(
             "distribution at that position (needs --top-k data); mix: --kd-weight of kd, "
             "the rest ce.",
         ),
-    ] = "ce",
+    ] = FitConfig.loss,
     kd_weight: Annotated[
         float, typer.Option("--kd-weight", help="Weight of the distribution in --loss mix.")
-    ] = 0.5,
+    ] = FitConfig.kd_weight,
     top_k: Annotated[
         int | None,
         typer.Option(
@@ -128,7 +130,7 @@ def train(
             help="Base log-probabilities kept per position in the data (default 32 for kd/mix, "
             "else 0).",
         ),
-    ] = None,
+    ] = DataConfig.top_k,
     feature_layers: Annotated[
         str | None,
         typer.Option(
@@ -150,8 +152,10 @@ def train(
         typer.Option(
             "--feature-noise", help="Gaussian noise on the drafter's input, times its RMS."
         ),
-    ] = 0.0,
-    weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW's.")] = 0.0,
+    ] = FitConfig.feature_noise,
+    weight_decay: Annotated[
+        float, typer.Option("--weight-decay", help="AdamW's.")
+    ] = FitConfig.weight_decay,
     patience: Annotated[
         int | None,
         typer.Option(
@@ -159,13 +163,13 @@ def train(
             help="Early stopping: evaluations without better held-out predicted tokens/step "
             "before stopping; the best drafter is kept.",
         ),
-    ] = None,
+    ] = FitConfig.patience,
     eval_every: Annotated[
         int | None,
         typer.Option(
             "--eval-every", help="Steps between held-out evaluations (default: each epoch)."
         ),
-    ] = None,
+    ] = FitConfig.eval_every,
     draft_vocab_coverage: Annotated[
         float | None,
         typer.Option(
@@ -173,7 +177,7 @@ def train(
             help="Draft vocabulary: the fewest tokens covering this share of training "
             "targets (e.g. 0.97; overrides -K).",
         ),
-    ] = None,
+    ] = FitConfig.draft_vocab_coverage,
     time_budget: Annotated[
         str | None,
         typer.Option(
@@ -187,7 +191,7 @@ def train(
         typer.Option(
             "--workers", help="Data generation processes (2 on a 2-core CPU: ~2x faster)."
         ),
-    ] = 1,
+    ] = DataConfig.workers,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ):
     """Distil a ReDrafter drafter for a base model from its own greedy responses to prompts.
@@ -209,37 +213,41 @@ def train(
             model,
             prompts,
             out,
-            num_prompts=num_prompts or None,
-            new_tokens=new_tokens,
-            epochs=epochs,
-            learning_rate=learning_rate,
-            batch_size=batch_size,
-            num_predict=num_predict,
-            num_layers=num_layers,
-            draft_vocab_size=draft_vocab,
-            exit_dim=exit_dim,
-            seed=seed,
-            target=target,
-            eval_fraction=eval_fraction,
-            checkpoint_every=checkpoint_every,
+            data_config=DataConfig(
+                num_prompts=num_prompts or None,
+                new_tokens=new_tokens,
+                target=target,
+                gen_batch_size=gen_batch_size,
+                top_k=top_k,
+                feature_layers=data_layers,
+                time_budget=parse_duration(time_budget, "--time-budget"),
+                workers=workers,
+            ),
+            fit_config=FitConfig(
+                epochs=epochs,
+                learning_rate=learning_rate,
+                batch_size=batch_size,
+                num_predict=num_predict,
+                num_layers=num_layers,
+                draft_vocab_size=draft_vocab,
+                exit_dim=exit_dim,
+                seed=seed,
+                eval_fraction=eval_fraction,
+                eval_every=eval_every,
+                checkpoint_every=checkpoint_every,
+                weight_decay=weight_decay,
+                save_dtype=save_dtype,
+                loss=loss,
+                kd_weight=kd_weight,
+                feature_layers=layers or (),
+                feature_noise=feature_noise,
+                patience=patience,
+                draft_vocab_coverage=draft_vocab_coverage,
+            ),
             work_dir=work_dir,
             resume=not no_resume,
             progress=not quiet,
             dtype=dtype,
-            gen_batch_size=gen_batch_size,
-            save_dtype=save_dtype,
-            loss=loss,
-            kd_weight=kd_weight,
-            top_k=top_k,
-            feature_layers=layers or (),
-            data_feature_layers=data_layers,
-            feature_noise=feature_noise,
-            weight_decay=weight_decay,
-            patience=patience,
-            eval_every=eval_every,
-            draft_vocab_coverage=draft_vocab_coverage,
-            time_budget=parse_duration(time_budget, "--time-budget"),
-            workers=workers,
         )
     except TrainInterrupted as exc:
         typer.secho(str(exc), fg=typer.colors.YELLOW, err=True)

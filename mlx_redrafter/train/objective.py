@@ -138,9 +138,6 @@ def head_targets(windows: np.ndarray, head_index: np.ndarray | None) -> np.ndarr
     return np.where(tokens < 0, -2, out).astype(np.int32)
 
 
-LOSSES = ("ce", "kd", "mix")
-
-
 def teacher_targets(
     data: DistillData, pos: Positions, idx: np.ndarray, head_index: np.ndarray | None
 ) -> tuple[np.ndarray, np.ndarray]:
