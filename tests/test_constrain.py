@@ -9,7 +9,13 @@ import jsonschema
 import mlx.core as mx
 import numpy as np
 import pytest
-from helpers import assert_close, reference_logits, write_tiny_drafter, write_tiny_model
+from helpers import (
+    assert_close,
+    invoke,
+    reference_logits,
+    write_tiny_drafter,
+    write_tiny_model,
+)
 from test_generation import chi2_pvalue
 
 from mlx_redrafter import generation
@@ -26,11 +32,18 @@ PROMPT = "the quick brown fox"
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A random tiny model with a real byte-level BPE tokenizer, its drafter and grammar."""
+def tiny_root(tmp_path_factory):
+    """A random tiny model (root/model) with a real byte-level BPE tokenizer; its drafter."""
     root = tmp_path_factory.mktemp("constrain")
     write_tiny_model(root / "model")
     write_tiny_drafter(root / "model", root / "drafter")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_root):
+    """The tiny model, tokenizer, drafter and JSON grammar compiler."""
+    root = tiny_root
     model, tokenizer = load(root / "model")
     drafter = load_drafter(root / "drafter", model)
     return model, tokenizer, drafter, JsonGrammar.for_model(model, tokenizer)
@@ -364,6 +377,48 @@ def test_the_masked_sampling_check_can_fail(tiny):
                                                            tree.num_nodes, 0)), 1.0)  # fmt: skip
     first = np.bincount(batch.tokens[:, 0], minlength=right.shape[1])
     assert chi2_pvalue(first, right[0]) < 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line
+
+
+def test_generate_json_schema_option(tiny_root, tmp_path):
+    schema_file = tmp_path / "schema.json"
+    schema_file.write_text(json.dumps(SCHEMA))
+    base = ["generate", "-m", str(tiny_root / "model"), "-d", str(tiny_root / "drafter"),
+            "-p", PROMPT, "-n", "200"]  # fmt: skip
+    proc = invoke([*base, "--json-schema", str(schema_file), "--json", "--logprobs", "2"])
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    jsonschema.validate(json.loads(out["text"]), SCHEMA)
+    assert len(out["logprobs"]) == len(out["tokens"])
+    assert all(len(e["top"]) == 2 and e["logprob"] <= 0 for e in out["logprobs"])
+    proc = invoke([*base, "--json-object"])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("{")
+
+
+@pytest.mark.parametrize(
+    "extra,expected",
+    [
+        (["--json-schema", "{missing}"], "no such file"),
+        (["--json-schema", "{bad}"], "not valid JSON"),
+        (["--json-schema", "{nonsense}"], "unusable JSON schema"),
+        (["--json-schema", "{nonsense}", "--json-object"], "exclude each other"),
+        (["--json-object", "--logprobs", "2"], "--logprobs needs --json"),
+        (["--json", "--logprobs", "-1"], "--logprobs must be >= 0"),
+    ],
+)
+def test_generate_format_options_fail_in_one_line(tiny_root, tmp_path, extra, expected):
+    (tmp_path / "bad.json").write_text('{"type": ')
+    (tmp_path / "nonsense.json").write_text('{"type": "nonsense"}')
+    files = {k: str(tmp_path / f"{k}.json") for k in ("missing", "bad", "nonsense")}
+    args = ["generate", "-m", str(tiny_root / "model"), "-p", PROMPT, "-n", "5"]
+    proc = invoke(args + [e.format(**files) for e in extra])
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and expected in lines[0], lines
 
 
 # ---------------------------------------------------------------------------------------------
