@@ -25,9 +25,13 @@ import numpy as np
 
 from .errors import ConstraintError
 from .prompts import eos_ids
+from .sizing import Candidate
 from .tree import Tree
 
 _NEG_INF = float("-inf")
+GRAMMAR = "grammar"  # the candidate source of forced continuations
+FORCED_PRIOR = 0.9  # P(a forced token accepted | its parent was), before calibration
+MAX_FORCED = 16
 # Compact JSON (', ' and ': ', no other whitespace): a small model cannot wander off into
 # endless newlines, and the output reads like json.dumps.
 COMPACT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -112,6 +116,7 @@ class GrammarConstraint:
         if self.matcher.is_error():
             raise ConstraintError(f"unusable JSON schema: {_first_line(self.matcher.get_error())}")
         self.words = (grammar.vocab_size + 31) // 32
+        self.propose_forced = True  # `forced` proposes the grammar's forced continuations
         self.masks = 0  # masks computed (one per plain step, one per verified node)
         self.mask_time = 0.0
 
@@ -142,6 +147,19 @@ class GrammarConstraint:
                 f"token(s) {tokens} were emitted but the grammar forbids them: "
                 f"{_first_line(self.matcher.get_error())}"
             )
+
+    def forced(self, root: int) -> list[Candidate]:
+        """The continuation the grammar forces from here (a key name, `": "`, a closing
+        bracket) as a candidate from `root` (the last emitted token), or none. Forced bytes
+        may still be split into other tokens than these, so it is verified like any other."""
+        if not self.propose_forced:
+            return []
+        tokens = self.matcher.compute_ff_tokens()[:MAX_FORCED]
+        if not tokens:
+            return []
+        n = len(tokens)
+        buckets = tuple((GRAMMAR, min(k + 1, 2)) for k in range(n))
+        return [Candidate(GRAMMAR, (int(root), *map(int, tokens)), (FORCED_PRIOR,) * n, buckets)]
 
     def prune(self, candidates: Sequence) -> list:
         """Candidates (sizing.Candidate: tokens[0] is the root, already emitted) cut before

@@ -304,7 +304,7 @@ def speculative_round(model, cache: KVCache, state: _RoundState, context, g0, sa
     beams when there is no sizing policy)."""
     t0 = time.perf_counter()
     policy = state.policy
-    candidates = _allowed(sampling, lookup_candidates(state, g0))  # lookup
+    candidates = _allowed(sampling, lookup_candidates(state, g0), g0)  # lookup
     with_drafter = state.drafter is not None and (
         policy is None or policy.want_drafter(policy.select(candidates, False))
     )
@@ -355,9 +355,13 @@ def speculative_round(model, cache: KVCache, state: _RoundState, context, g0, sa
     return [int(t) for t in result.tokens], hidden[int(path[-1])]
 
 
-def _allowed(sampling: SamplingConfig, candidates: list) -> list:
-    """Candidates cut before the first token the constraint forbids (never verified)."""
-    return candidates if sampling.constraint is None else sampling.constraint.prune(candidates)
+def _allowed(sampling: SamplingConfig, candidates: list, g0: int | None = None) -> list:
+    """Candidates cut before the first token the constraint forbids (never verified); with
+    the root g0, also the continuation the grammar forces from it."""
+    if sampling.constraint is None:
+        return candidates
+    forced = [] if g0 is None else sampling.constraint.forced(g0)
+    return sampling.constraint.prune(candidates + forced)
 
 
 def _mask_tree(sampling: SamplingConfig, tree: Tree, logits: mx.array) -> mx.array:

@@ -32,11 +32,19 @@ PROMPTS = [
     ("person", "Write a JSON profile of Marie Curie."),
     ("city", "Answer in JSON: what do you know about Rome?"),
 ]
-METHODS = ["plain", "speculative", "plain+schema", "speculative+schema"]
+METHODS = [
+    "plain",
+    "speculative",
+    "plain+schema",
+    "speculative+schema",
+    "speculative+schema-no-forced",  # without the grammar's forced continuations as candidates
+]
 
 
 def run_one(loaded, grammar, ids, schema, method: str, max_tokens: int) -> dict:
-    constraint = grammar.json_schema(schema) if method.endswith("schema") else None
+    constraint = grammar.json_schema(schema) if "schema" in method else None
+    if method.endswith("no-forced"):
+        constraint.propose_forced = False
     drafter = loaded.draft if method.startswith("speculative") else None
     responses = list(
         stream_generate(loaded.base, loaded.tokenizer, ids, drafter, max_tokens=max_tokens,
@@ -53,6 +61,7 @@ def run_one(loaded, grammar, ids, schema, method: str, max_tokens: int) -> dict:
         "decode_tps": stats.decode_tps,
         "tokens_per_step": stats.tokens_per_step,
         "mean_tree_nodes": stats.tree_nodes / max(1, len(stats.accepted)),
+        "accepted_from": dict(stats.accepted_from),
     }
     if constraint is not None:
         record["masks"] = constraint.masks
@@ -115,9 +124,13 @@ def main() -> None:
     records = []
     for i, (kind, prompt) in enumerate(PROMPTS):
         ids = encode_chat(loaded.tokenizer, prompt)
-        order = METHODS[i % 4 :] + METHODS[: i % 4]  # rotate who goes first
+        order = METHODS[i % len(METHODS) :] + METHODS[: i % len(METHODS)]  # who goes first
         runs = {m: run_one(loaded, grammar, ids, schemas[kind], m, args.max_tokens) for m in order}
-        same = runs["plain+schema"]["tokens"] == runs["speculative+schema"]["tokens"]
+        same = (
+            runs["plain+schema"]["tokens"]
+            == runs["speculative+schema"]["tokens"]
+            == runs["speculative+schema-no-forced"]["tokens"]
+        )
         cost = isolated_mask_cost(grammar, schemas[kind], runs["plain+schema"]["tokens"])
         for m in METHODS:
             records.append({"prompt": i, "schema": kind, "identical_to_plain": same, **runs[m]})

@@ -251,6 +251,7 @@ def test_forbidden_drafted_tokens_are_never_verified(tiny, monkeypatch, seed):
 
     monkeypatch.setattr(generation, "verify_tree", spy_verify)
     monkeypatch.setattr(constraint, "prune", spy_prune)
+    constraint.propose_forced = False  # the oracle follows acceptance from its own beams only
     oracle = GrammarNoisyOracle(reference, model.args.vocab_size, seed)
     _, tokens, responses = run(model, tokenizer, constraint, drafter=oracle, lookup=False,
                                beam_width=3, beam_length=4)  # fmt: skip
@@ -258,6 +259,25 @@ def test_forbidden_drafted_tokens_are_never_verified(tiny, monkeypatch, seed):
     assert verified and all(verified)
     assert sum(cut) > 0, "the oracle proposed no forbidden token: the test tests nothing"
     assert responses[-1].stats.tokens_per_step > 1.5
+
+
+def test_forced_continuations_are_proposed_and_accepted(tiny):
+    """With lookup alone, the grammar's forced continuations (key names, separators) are
+    verified and accepted, and the output is still constrained plain decoding's."""
+    model, tokenizer, _, grammar = tiny
+    _, reference, _ = run(model, tokenizer, grammar.json_schema(SCHEMA), lookup=False)
+    _, tokens, responses = run(model, tokenizer, grammar.json_schema(SCHEMA), lookup=True)
+    assert tokens == reference
+    stats = responses[-1].stats
+    assert stats.accepted_from.get("grammar", 0) >= 8, stats.accepted_from
+    constraint = grammar.json_schema(SCHEMA)
+    brace = tokenizer.encode("{")[0]
+    constraint.advance([brace])  # the root: emitted, so the state is past it
+    (forced,) = constraint.forced(brace)
+    assert forced.source == "grammar" and forced.tokens[0] == brace
+    assert tokenizer.decode(list(forced.tokens)).startswith('{"name"')
+    constraint.propose_forced = False
+    assert constraint.forced(brace) == []
 
 
 def test_prune_cuts_candidates_at_their_first_forbidden_token(tiny):
