@@ -83,3 +83,15 @@ class LogprobRecorder:
 
     def clear(self) -> None:
         self._pending.clear()
+
+
+def openai_logprob(tokenizer, entry: TokenLogprob) -> dict:
+    """One entry of an OpenAI chat `logprobs.content` list: token text, logprob, UTF-8
+    bytes and `top_logprobs` in the same shape. A token that is part of a multi-byte
+    character decodes to U+FFFD here (its bytes are those of that text)."""
+
+    def one(token: int, logprob: float) -> dict:
+        text = tokenizer.decode([token])
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    return {**one(entry.token, entry.logprob), "top_logprobs": [one(t, lp) for t, lp in entry.top]}

@@ -11,7 +11,7 @@ from test_generation import FakeTokenizer, NoisyOracle, tiny_model
 
 from mlx_redrafter.errors import GenerationError
 from mlx_redrafter.generation import stream_generate
-from mlx_redrafter.logprobs import LogprobRecorder
+from mlx_redrafter.logprobs import LogprobRecorder, TokenLogprob, openai_logprob
 
 VOCAB = 64
 PROMPT = [3, 5, 7, 11, 13, 3, 5, 7, 11, 13, 3, 5]  # repeats: lookup copies from it
@@ -107,3 +107,18 @@ def test_recorder_hands_out_entries_in_order():
         recorder.pop(2)
     with pytest.raises(GenerationError, match="no log-probability"):
         recorder.pop(0)
+
+
+def test_openai_shape():
+    class Tok:
+        def decode(self, ids):
+            return {5: "hi", 7: "é"}[ids[0]]
+
+    entry = openai_logprob(Tok(), TokenLogprob(5, -0.5, [(5, -0.5), (7, -1.5)]))
+    assert entry == {
+        "token": "hi", "logprob": -0.5, "bytes": [104, 105],
+        "top_logprobs": [
+            {"token": "hi", "logprob": -0.5, "bytes": [104, 105]},
+            {"token": "é", "logprob": -1.5, "bytes": [195, 169]},
+        ],
+    }  # fmt: skip
