@@ -125,8 +125,9 @@ class GrammarConstraint:
         return self.grammar.vocab_size
 
     def reset(self) -> None:
-        """Back to the start of the grammar (for a new generation)."""
+        """Back to the start of the grammar (for a new generation), counters cleared."""
         self.matcher.reset()
+        self.masks, self.mask_time = 0, 0.0
 
     @property
     def is_accepting(self) -> bool:
