@@ -14,8 +14,11 @@ import statistics
 import time
 from pathlib import Path
 
+# isort: off
+import mlx_redrafter  # noqa: F401  first: it loads OpenBLAS before mlx (see blas.py)
 import mlx.core as mx
 
+# isort: on
 from mlx_redrafter.cli.common import load_for
 from mlx_redrafter.constrain import JsonGrammar
 from mlx_redrafter.env import machine
