@@ -16,6 +16,7 @@ _LAZY = {
     "generate": "generation",
     "stream_generate": "generation",
     "GenerationResponse": "generation",
+    "JsonGrammar": "constrain",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -40,6 +40,11 @@ class GenerationError(RedrafterError):
     """Bad generation request (empty prompt, context overflow, bad settings)."""
 
 
+class ConstraintError(GenerationError):
+    """A response format or JSON schema that cannot constrain generation (bad or unsupported
+    schema, a tokenizer the grammar library cannot read)."""
+
+
 class ContextFullError(GenerationError):
     """The next turn does not fit in the model's context window."""
 

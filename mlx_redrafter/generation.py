@@ -21,6 +21,7 @@ from .cache import KVCache
 from .defaults import load_cost_curve
 from .drafter import beam_search
 from .errors import GenerationError
+from .logprobs import LogprobRecorder, TokenLogprob
 from .lookup import ContextIndex
 from .prompts import eos_ids
 from .sizing import (
@@ -40,9 +41,17 @@ PREFILL_CHUNK = 512
 
 @dataclass
 class SamplingConfig:
+    """How a token is chosen from the target's logits, and what is kept about each choice.
+
+    constraint: a grammar (constrain.GrammarConstraint) that masks the logits before the
+    choice and prunes candidates; logprobs: a LogprobRecorder fed the logits of each choice.
+    """
+
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
+    constraint: object | None = None
+    logprobs: LogprobRecorder | None = None
 
     @property
     def greedy(self) -> bool:
@@ -131,6 +140,7 @@ class GenerationResponse:
     finish_reason: str | None  # None while running, then "stop" or "length"
     from_draft: bool = False  # the token was drafted and accepted
     stats: DecodeStats | None = None
+    logprobs: TokenLogprob | None = None  # when asked for: the token's log-probability
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,8 +148,22 @@ class GenerationResponse:
 
 
 def _sample(logits: mx.array, sampling: SamplingConfig) -> mx.array:
-    """logits (V,) -> token id (scalar array); the same warping as the acceptance rule."""
-    return sample_token(logits, sampling.temperature, sampling.top_k, sampling.top_p)
+    """logits (V,) -> token id (scalar array); the same warping as the acceptance rule.
+
+    Under a constraint the forbidden tokens are masked first (and the state moves past the
+    choice: one host sync); the choice's logprobs are recorded from the unmasked logits.
+    """
+    constraint = sampling.constraint
+    if constraint is None:
+        token = sample_token(logits, sampling.temperature, sampling.top_k, sampling.top_p)
+    else:
+        mx.async_eval(logits)  # the forward runs while the host computes the mask
+        masked = constraint.mask_logits(logits)
+        token = sample_token(masked, sampling.temperature, sampling.top_k, sampling.top_p)
+        constraint.advance([token.item()])
+    if sampling.logprobs is not None:
+        sampling.logprobs.record(logits[None], token[None])
+    return token
 
 
 def prefill(
@@ -282,17 +306,17 @@ def speculative_round(model, cache: KVCache, state: _RoundState, context, g0, sa
     beams when there is no sizing policy)."""
     t0 = time.perf_counter()
     policy = state.policy
-    candidates = lookup_candidates(state, g0)  # lookup
+    candidates = _allowed(sampling, lookup_candidates(state, g0), g0)  # lookup
     with_drafter = state.drafter is not None and (
         policy is None or policy.want_drafter(policy.select(candidates, False))
     )
     if with_drafter:  # draft
         beams, prefix = draft_beams(model, state.drafter, context, g0, *state.beam)
-        candidates = drafter_candidates(beams, prefix) + candidates
+        candidates = _allowed(sampling, drafter_candidates(beams, prefix)) + candidates
     t_draft = time.perf_counter()
     if policy is None:  # select
         choice = None
-        sequences = [c.tokens for c in candidates]
+        sequences = [c.tokens for c in candidates] or [(g0,)]
     else:
         choice = policy.select(candidates, with_drafter) if candidates else None
         sequences = choice.sequences if choice else [(g0,)]
@@ -301,11 +325,13 @@ def speculative_round(model, cache: KVCache, state: _RoundState, context, g0, sa
     if state.profile:
         mx.eval(hidden, logits)
     t_verify = time.perf_counter()
+    target = logits if sampling.constraint is None else _mask_tree(sampling, tree, logits)
     if sampling.greedy:  # accept
-        result = greedy_accept(tree, logits)
+        result = greedy_accept(tree, target)
     else:
-        result = sample_accept(tree, logits, sampling.temperature, sampling.top_k, sampling.top_p)
+        result = sample_accept(tree, target, sampling.temperature, sampling.top_k, sampling.top_p)
     path = np.asarray(result.path)
+    _after_accept(sampling, logits, path, result.tokens)
     cache.commit(path)  # commit
     t_end = time.perf_counter()
 
@@ -331,6 +357,31 @@ def speculative_round(model, cache: KVCache, state: _RoundState, context, g0, sa
     stats.tree_nodes += tree.num_nodes
     stats.accepted.append(len(path) - 1)
     return [int(t) for t in result.tokens], hidden[int(path[-1])]
+
+
+def _allowed(sampling: SamplingConfig, candidates: list, g0: int | None = None) -> list:
+    """Candidates cut before the first token the constraint forbids (never verified); with
+    the root g0, also the continuation the grammar forces from it."""
+    if sampling.constraint is None:
+        return candidates
+    forced = [] if g0 is None else sampling.constraint.forced(g0)
+    return sampling.constraint.prune(candidates + forced)
+
+
+def _mask_tree(sampling: SamplingConfig, tree: Tree, logits: mx.array) -> mx.array:
+    """Verify logits with each node's forbidden tokens at -inf, for the tokens on its path.
+    The forward runs while the host computes the masks."""
+    mx.async_eval(logits)
+    return sampling.constraint.mask_tree(tree, logits)
+
+
+def _after_accept(sampling: SamplingConfig, logits: mx.array, path, tokens: list[int]) -> None:
+    """Record the emitted tokens' logprobs (row path[i] predicted tokens[i]) and move the
+    constraint past them."""
+    if sampling.logprobs is not None:
+        sampling.logprobs.record(logits[mx.array(path)], tokens)
+    if sampling.constraint is not None:
+        sampling.constraint.advance(tokens)
 
 
 def lookup_candidates(state: _RoundState, g0: int) -> list:
@@ -449,6 +500,8 @@ def stream_generate(
     stop: Sequence[str] = (),
     cache: KVCache | None = None,
     profile: bool = False,
+    constraint=None,
+    logprobs: int | None = None,
 ) -> Iterator[GenerationResponse]:
     """Generate from `prompt` (text or token ids), yielding one response per token.
 
@@ -460,9 +513,23 @@ def stream_generate(
     nodes worth their cost on this device; with neither, plain decoding. Pass a `cache`
     (from `model.make_cache()`) to keep the KV cache across calls; it must then hold a
     prefix of `prompt` (its `tokens` attribute records what it holds).
+
+    `constraint` (constrain.JsonGrammar(...).json_schema(schema), .json_object()) restricts
+    the output to a grammar, exactly and still speculatively; it is reset here, so it serves
+    one generation at a time. `logprobs` (None: off; k >= 0) puts on each response the
+    token's log-probability and the k most likely tokens, from the logits that chose it.
     """
-    sampling = SamplingConfig(temperature, top_p, top_k)
+    recorder = None if logprobs is None else LogprobRecorder(logprobs)
+    sampling = SamplingConfig(temperature, top_p, top_k, constraint, recorder)
     sampling.validate()
+    if constraint is not None:
+        vocab = getattr(getattr(model, "args", None), "vocab_size", constraint.vocab_size)
+        if constraint.vocab_size != vocab:
+            raise GenerationError(
+                f"the constraint was built for {constraint.vocab_size} logits, the model has "
+                f"{vocab} (build it with JsonGrammar.for_model)"
+            )
+        constraint.reset()
     if max_tokens < 1:
         raise GenerationError(f"max_tokens must be >= 1, got {max_tokens}")
     beam_width, beam_length = resolve_beam(model, beam_width, beam_length)
@@ -511,6 +578,7 @@ def stream_generate(
                     finish_reason=finish,
                     from_draft=drafter is not None and i < len(run) - 1,
                     stats=stats,
+                    logprobs=None if recorder is None else recorder.pop(token),
                 )
                 if finish:
                     return

@@ -77,6 +77,10 @@ class Candidate:
     raw: tuple[float, ...]
     buckets: tuple[tuple[str, int], ...]
 
+    def prefix(self, n: int) -> Candidate:
+        """The candidate cut to its first n tokens after the root (n >= 1)."""
+        return Candidate(self.source, self.tokens[: n + 1], self.raw[:n], self.buckets[:n])
+
 
 def drafter_candidates(beams: np.ndarray, prefix_scores: np.ndarray | None) -> list[Candidate]:
     """Beams (W, L) and their prefix log-probs (W, L) -> candidates, one per beam."""

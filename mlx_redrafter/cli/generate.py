@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated
 
 import mlx.core as mx
@@ -33,7 +34,9 @@ from mlx_redrafter.cli.common import (
     warn_plain_text,
 )
 from mlx_redrafter.defaults import DEFAULT_MAX_TOKENS
+from mlx_redrafter.constrain import JsonGrammar
 from mlx_redrafter.env import compute_dtype, device_name, dtype_name
+from mlx_redrafter.errors import ConstraintError, read_json_object
 from mlx_redrafter.generation import DecodeStats, stream_generate
 from mlx_redrafter.prompts import encode_chat
 
@@ -64,14 +67,26 @@ def generate(
     json_out: Annotated[
         bool, typer.Option("--json", help="Print one JSON object at the end.")
     ] = False,
+    json_schema: Annotated[
+        Path | None,
+        typer.Option("--json-schema", help="Answer with JSON valid under this schema file."),
+    ] = None,
+    json_object: Annotated[
+        bool, typer.Option("--json-object", help="Answer with one JSON object.")
+    ] = False,
+    logprobs: Annotated[
+        int | None,
+        typer.Option("--logprobs", help="With --json: each token's logprob and the K likeliest."),
+    ] = None,
 ):
     """Generate a response to one prompt."""
     prompt = read_stdin() if prompt == "-" else text_option(prompt, "--prompt")
     system, stop = text_option(system, "--system"), [text_option(s, "--stop") for s in stop or ()]
     if not prompt.strip():
         fail("the prompt is empty")
-    check_options(max_tokens=(max_tokens, 1), top_k=(top_k, 0))
+    check_options(max_tokens=(max_tokens, 1), top_k=(top_k, 0), logprobs=(logprobs, 0))
     check_beam_options(beam_width, beam_length)
+    schema = _read_format(json_schema, json_object, logprobs, json_out)
     loaded = load_for(
         model, dtype, drafter, no_drafter, beam_width, beam_length, lookup, lookup_max
     )
@@ -80,6 +95,9 @@ def generate(
         warn_plain_text(
             loaded, "the prompt is sent as plain text" + (", without --system" if system else "")
         )
+    constraint = None
+    if schema is not None:
+        constraint = JsonGrammar.for_model(loaded.base, tokenizer).json_schema(schema)
     ids = tokenizer.encode(prompt) if raw else encode_chat(tokenizer, prompt, system)
     stream = stream_generate(
         loaded.base,
@@ -97,20 +115,43 @@ def generate(
         lookup_max=lookup_max,
         stop=stop or (),
         profile=json_out,  # the verify forward evaluated on its own: exact time split
+        constraint=constraint,
+        logprobs=logprobs,
     )
-    tokens, text, last = [], [], None
+    tokens, text, last, scores = [], [], None, []
     for response in stream:
         tokens.append(response.token)
         text.append(response.text)
         last = response
+        if response.logprobs is not None:
+            lp = response.logprobs
+            scores.append({"token": lp.token, "logprob": lp.logprob, "top": lp.top})
         if not json_out:
             typer.echo(response.text, nl=False)
     if json_out:
         out = {"text": "".join(text), "tokens": tokens, **last.stats.as_dict()}
+        if logprobs is not None:
+            out["logprobs"] = scores
         typer.echo(json.dumps({**out, **_run_fields(loaded, tokens, last.finish_reason, lookup)}))
     else:
         typer.echo()
         typer.secho(_stats_line(loaded, last.stats, lookup), dim=True, err=True)
+
+
+def _read_format(
+    json_schema: Path | None, json_object: bool, logprobs: int | None, json_out: bool
+) -> dict | None:
+    """The JSON schema the answer must follow ({"type": "object"} for --json-object), or
+    None; the option combinations checked before anything loads."""
+    if logprobs is not None and not json_out:
+        raise ConstraintError("--logprobs needs --json (the logprobs are printed in it)")
+    if json_schema is not None and json_object:
+        raise ConstraintError("--json-schema and --json-object exclude each other")
+    if json_object:
+        return {"type": "object"}
+    if json_schema is None:
+        return None
+    return read_json_object(json_schema, ConstraintError)
 
 
 def _run_fields(loaded: Loaded, tokens: list[int], finish_reason: str, lookup: bool) -> dict:
