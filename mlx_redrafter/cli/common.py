@@ -10,9 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
+import mlx.core as mx
 import typer
 from tqdm import tqdm
 
+from mlx_redrafter import distributed
 from mlx_redrafter.chat import check_text
 from mlx_redrafter.defaults import check_beam, default_drafter_dir, resolve_beam
 from mlx_redrafter.drafter import load_drafter
@@ -183,7 +185,10 @@ def load_for(
     shipped one for the default model; none with `--no-drafter`), then the beam shape (each
     given value, else the tuned shape, else the default) and the context lookup settings."""
     model_path = resolve_model_path(model)
-    base, tokenizer = load(str(model_path), dtype=dtype)
+    group = distributed.group()  # under mlx.launch: each rank keeps its share of the blocks
+    base, tokenizer = load(str(model_path), dtype=dtype, lazy=group is not None)
+    if group is not None:
+        mx.eval(distributed.shard_model(base, group).parameters())
     drafter_path = resolve_drafter(model, drafter, no_drafter)
     draft = load_drafter(drafter_path, base=base) if drafter_path else None
     width, length = resolve_beam(model_path, beam_width, beam_length)

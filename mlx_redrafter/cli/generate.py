@@ -31,6 +31,7 @@ from mlx_redrafter.cli.common import (
     read_stdin,
     text_option,
 )
+from mlx_redrafter.distributed import is_leader
 from mlx_redrafter.env import compute_dtype, device_name, dtype_name
 from mlx_redrafter.generation import DecodeStats, stream_generate
 from mlx_redrafter.prompts import encode_chat
@@ -101,7 +102,8 @@ def generate(
         typer.echo(json.dumps({**out, **_run_fields(loaded, tokens, last.finish_reason, lookup)}))
     else:
         typer.echo()
-        typer.secho(_stats_line(loaded, last.stats, lookup), dim=True, err=True)
+        if is_leader():  # under mlx.launch every rank has a stderr
+            typer.secho(_stats_line(loaded, last.stats, lookup), dim=True, err=True)
 
 
 def _run_fields(loaded: Loaded, tokens: list[int], finish_reason: str, lookup: bool) -> dict:
