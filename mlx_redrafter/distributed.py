@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import signal
+import time
 from typing import Any
 
 import mlx.core as mx
@@ -272,3 +274,77 @@ def shard_model(model, group: mx.distributed.Group | None):
         layer._compiled_mlp = None  # traced with the whole weights
     model.shards = (group.rank(), group.size())
     return model
+
+
+# ---------------------------------------------------------------------------------------------
+# A request server over the ranks: rank 0 serves, the others run the same jobs in step
+
+
+class RelayedJob:
+    """Rank 0's job as the other ranks run it: the same tokens and options, its cancel flag
+    read from rank 0, and nowhere to send events."""
+
+    def __init__(self, request: dict, group: mx.distributed.Group):
+        self.kind = request["kind"]
+        self.ids = request["ids"]
+        self.options = request["options"]
+        self.cancelled = SharedFlag(group)
+        self.created = time.perf_counter()
+
+    def post(self, event: tuple) -> None:
+        pass
+
+    def cancel(self) -> None:
+        pass
+
+
+def lead(engine, group: mx.distributed.Group) -> None:
+    """On rank 0: before each job, send it to the other ranks; after it, how many prompt
+    caches rank 0 kept (a share of the KV heads is a share of the bytes, which may differ
+    between ranks when the heads do not split evenly, so the count is rank 0's).
+
+    `engine` runs one job at a time through `engine._run(job)` (job: kind, ids, options,
+    cancelled, created, post, cancel) and keeps its prompt caches in `engine.caches.entries`.
+    """
+    run = engine._run
+
+    def run_everywhere(job) -> None:
+        try:
+            broadcast_json({"kind": job.kind, "ids": list(job.ids), "options": job.options}, group)
+            job.cancelled = SharedFlag(group, job.cancelled)
+            try:
+                run(job)
+            finally:
+                broadcast_int(len(engine.caches.entries), group)
+        except RuntimeError as e:
+            message = peer_lost(e)
+            if message is None:
+                raise
+            # Nothing can be answered any more: stop serving (as Ctrl-C does) and say why.
+            engine.lost = message
+            os.kill(os.getpid(), signal.SIGINT)
+            raise DistributedError(message) from None
+
+    engine._run = run_everywhere
+
+
+def follow(engine, group: mx.distributed.Group) -> None:
+    """On the other ranks: run rank 0's jobs until rank 0 sends None (`release`)."""
+    while True:
+        request = broadcast_json(None, group)
+        if request is None:
+            return
+        try:
+            engine._run(RelayedJob(request, group))
+        except Exception as e:
+            if peer_lost(e) is not None:
+                raise
+            # Rank 0 met the same error in the same place, and answered the request with it.
+        kept = broadcast_int(0, group)
+        entries = engine.caches.entries
+        del entries[: max(0, len(entries) - kept)]
+
+
+def release(group: mx.distributed.Group) -> None:
+    """On rank 0, once it serves no more: let the other ranks' `follow` return."""
+    broadcast_json(None, group)

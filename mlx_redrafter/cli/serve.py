@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from mlx_redrafter import distributed
 from mlx_redrafter.cli.common import (
     BeamLength,
     BeamWidth,
@@ -17,6 +18,7 @@ from mlx_redrafter.cli.common import (
     Loaded,
     Model,
     NoDrafter,
+    fail,
     friendly_errors,
     load_for,
 )
@@ -76,7 +78,9 @@ def serve(
     from mlx_redrafter.server import serve as run_server
 
     SamplingConfig(temp, top_p, top_k).validate()
-    sock = bind(host, port)  # fail before the model loads if the port is taken
+    group = distributed.group()  # under mlx.launch: rank 0 serves, the others follow it
+    # Fail before the model loads if the port is taken.
+    sock = bind(host, port) if distributed.is_leader() else None
     # The beam shape goes to the engine as given: each request resolves it (and only one
     # with a drafter needs it), so it is not resolved here.
     loaded = load_for(model, dtype, drafter, no_drafter, lookup=lookup, lookup_max=lookup_max)
@@ -102,6 +106,11 @@ def serve(
         cache_entries=prompt_cache,
         cache_bytes=int(prompt_cache_gb * (1 << 30)),
     )
+    if group is not None and not distributed.is_leader():
+        distributed.follow(engine, group)
+        return
+    if group is not None:
+        distributed.lead(engine, group)
     _log_requests()
     how = _decoding_summary(loaded, beam_width, beam_length)
     url = url_of(sock)
@@ -112,7 +121,13 @@ def serve(
             f"{device_name()} · Ctrl-C stops"
         )
 
-    run_server(engine, sock, on_ready=ready)
+    try:
+        run_server(engine, sock, on_ready=ready)
+    finally:
+        if group is not None and getattr(engine, "lost", None) is None:
+            distributed.release(group)
+    if getattr(engine, "lost", None):
+        fail(engine.lost)
 
 
 def _log_requests() -> None:
