@@ -225,7 +225,9 @@ def check_shardable(args, n: int) -> None:
     q = args.quantization or {}
     unit = q.get("group_size", 64) if q else 1
     if args.intermediate_size // unit < n:
-        raise DistributedError(f"the MLP ({args.intermediate_size} units) is too small for {n} ranks")
+        raise DistributedError(
+            f"the MLP ({args.intermediate_size} units) is too small for {n} ranks"
+        )
 
 
 def shard_attention(attn: nn.Module, group) -> None:

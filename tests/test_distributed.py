@@ -48,7 +48,10 @@ VARIANTS = {
     **TINY_FAMILIES,
     "llama-4bit": dict(model_type="llama", tie_word_embeddings=False),
     "uneven-heads": dict(
-        model_type="llama", tie_word_embeddings=True, num_attention_heads=6, num_key_value_heads=3,
+        model_type="llama",
+        tie_word_embeddings=True,
+        num_attention_heads=6,
+        num_key_value_heads=3,
         head_dim=16,
     ),
 }
@@ -103,7 +106,7 @@ def decode_all() -> dict:
         distributed.shard_model(model, group)
         mx.eval(model.parameters())
 
-        def run(draft, **kw):
+        def run(draft, model=model, **kw):
             tok = _Tokenizer()
             return [r.token for r in stream_generate(model, tok, PROMPT, draft, **kw)]
 
