@@ -11,10 +11,13 @@ the lookup index, the tree and the acceptance, which are replicated, stay identi
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import secrets
+import shutil
 import signal
+import tempfile
 import time
 from typing import Any
 
@@ -22,6 +25,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .defaults import load_cost_curve, save_cost_curve, save_tuned_beam, tuned_beam
 from .errors import DistributedError
 
 # What each launcher of `mlx.launch` (and mpirun) puts in the environment, per backend.
@@ -121,6 +125,29 @@ def broadcast_json(obj: Any, group: mx.distributed.Group) -> Any:
         mine = np.zeros(n, dtype=np.int32)
     got = mx.distributed.all_sum(mx.array(mine), group=group)
     return json.loads(np.array(got).astype(np.uint8).tobytes().decode())
+
+
+def share_tuned(model_path, group: mx.distributed.Group) -> None:
+    """Make every rank use rank 0's tuned beam shape and verify-cost curve for `model_path`.
+
+    Each machine keeps its own store of what `tune` measured (per device and model path), and
+    a rank that sized its trees differently would stop running the same forward passes as
+    the others. The other ranks get a private store that holds rank 0's values.
+    """
+    if group.rank() == 0:
+        beam, curve = tuned_beam(model_path), load_cost_curve(model_path)
+        broadcast_json({"beam": beam, "curve": curve}, group)
+        return
+    shared = broadcast_json(None, group)
+    store = tempfile.mkdtemp(prefix="mlx-redrafter-rank-")
+    atexit.register(shutil.rmtree, store, True)
+    os.environ["MLX_REDRAFTER_CONFIG_DIR"] = store
+    if shared["beam"]:
+        save_tuned_beam(model_path, *shared["beam"])
+    if shared["curve"]:
+        save_cost_curve(
+            model_path, [{"n": i + 1, "ratio": r} for i, r in enumerate(shared["curve"])]
+        )
 
 
 class SharedFlag:

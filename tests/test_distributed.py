@@ -36,6 +36,7 @@ from helpers import (  # noqa: E402
 )
 
 from mlx_redrafter import distributed, generation  # noqa: E402
+from mlx_redrafter.defaults import save_cost_curve, save_tuned_beam  # noqa: E402
 from mlx_redrafter.drafter import init_drafter  # noqa: E402
 from mlx_redrafter.errors import DistributedError  # noqa: E402
 from mlx_redrafter.generation import stream_generate  # noqa: E402
@@ -237,6 +238,44 @@ def test_dead_rank_is_an_error_not_a_hang(tmp_path):
     assert len(errors) == 1 and "another rank stopped" in errors[0], err0[-2000:]
     assert "Traceback" not in err0
     assert time.monotonic() - t0 < 90
+
+
+def test_ranks_use_rank_zeros_tuned_shape(tmp_path, monkeypatch):
+    """Each machine has its own store of tuned shapes and cost curves; rank 1 has none here.
+    Rank 0's must be used everywhere, or the ranks would build different trees."""
+    model_dir = write_tiny_model(tmp_path / "model", layers=2)
+    drafter_dir = write_tiny_drafter(model_dir, tmp_path / "drafter")
+    stores = [tmp_path / "cfg0", tmp_path / "cfg1"]
+    monkeypatch.setenv("MLX_REDRAFTER_CONFIG_DIR", str(stores[0]))
+    save_tuned_beam(model_dir, 3, 4)
+    save_cost_curve(model_dir, [{"n": n, "ratio": 1 + 0.01 * n} for n in range(1, 33)])
+    args = ["generate", "-m", str(model_dir), "-d", str(drafter_dir), "--raw", "-p", "the he"]
+    args += ["--temp", "0", "-n", "24", "--json"]
+    procs = []
+    for rank, store in enumerate(stores):
+        env = {**cli_env(store), "PYTHONPATH": str(REPO_ROOT)}
+        procs.append((env, _cli(*args)))
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in _free_ports(2)]))
+    running = [
+        subprocess.Popen(
+            cmd,
+            cwd=REPO_ROOT,
+            env={**env, "MLX_RANK": str(rank), "MLX_HOSTFILE": str(hostfile)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank, (env, cmd) in enumerate(procs)
+    ]
+    (rc0, out0, err0), (rc1, _, err1) = finish(running)
+    assert (rc0, rc1) == (0, 0), (err0[-1500:], err1[-1500:])
+    got = json.loads(out0)
+    assert (got["beam_width"], got["beam_length"]) == (3, 4)
+    single = subprocess.run(
+        _cli(*args), cwd=REPO_ROOT, env={**procs[0][0]}, capture_output=True, text=True, timeout=120
+    )
+    assert json.loads(single.stdout)["tokens"] == got["tokens"]
 
 
 @pytest.mark.slow

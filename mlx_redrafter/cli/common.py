@@ -186,6 +186,8 @@ def load_for(
     given value, else the tuned shape, else the default) and the context lookup settings."""
     model_path = resolve_model_path(model)
     group = distributed.group()  # under mlx.launch: each rank keeps its share of the blocks
+    if group is not None:
+        distributed.share_tuned(model_path, group)
     base, tokenizer = load(str(model_path), dtype=dtype, lazy=group is not None)
     if group is not None:
         mx.eval(distributed.shard_model(base, group).parameters())
