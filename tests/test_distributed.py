@@ -38,7 +38,7 @@ from helpers import (  # noqa: E402
 from mlx_redrafter import distributed, generation  # noqa: E402
 from mlx_redrafter.defaults import save_cost_curve, save_tuned_beam  # noqa: E402
 from mlx_redrafter.drafter import init_drafter  # noqa: E402
-from mlx_redrafter.errors import DistributedError  # noqa: E402
+from mlx_redrafter.errors import DistributedError, RedrafterError  # noqa: E402
 from mlx_redrafter.generation import stream_generate  # noqa: E402
 
 RANK_TIMEOUT = 150  # seconds a 2-rank run may take before it counts as a hang
@@ -133,7 +133,9 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
-def start_ranks(commands: list[list[str]], tmp_path: Path, env: dict | None = None) -> list:
+def start_ranks(
+    commands: list[list[str]], tmp_path: Path, env: dict | None = None, stdin: bool = False
+) -> list:
     """One process per command, rank i running commands[i], joined in a ring on loopback."""
     hostfile = tmp_path / "hosts.json"
     hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in _free_ports(len(commands))]))
@@ -147,6 +149,7 @@ def start_ranks(commands: list[list[str]], tmp_path: Path, env: dict | None = No
                 command,
                 cwd=REPO_ROOT,
                 env=rank_env,
+                stdin=subprocess.PIPE if stdin else None,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,
@@ -155,10 +158,18 @@ def start_ranks(commands: list[list[str]], tmp_path: Path, env: dict | None = No
     return procs
 
 
-def finish(procs: list, timeout: float = RANK_TIMEOUT) -> list[tuple[int, str, str]]:
-    """(returncode, stdout, stderr) of each process; all are killed past `timeout`."""
+def finish(
+    procs: list, timeout: float = RANK_TIMEOUT, input: str | None = None
+) -> list[tuple[int, str, str]]:
+    """(returncode, stdout, stderr) of each process (`input` on each one's stdin, as
+    mlx.launch gives every rank the terminal's input); all are killed past `timeout`."""
     deadline = time.monotonic() + timeout
     results = []
+    if input is not None:
+        for p in procs:
+            p.stdin.write(input)
+            p.stdin.close()
+            p.stdin = None  # communicate() would flush it
     try:
         for p in procs:
             out, err = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
@@ -238,6 +249,31 @@ def test_dead_rank_is_an_error_not_a_hang(tmp_path):
     assert len(errors) == 1 and "another rank stopped" in errors[0], err0[-2000:]
     assert "Traceback" not in err0
     assert time.monotonic() - t0 < 90
+
+
+def test_chat_answers_once(tmp_path):
+    """Every rank reads the same lines; rank 0 alone writes answers and notes."""
+    model_dir = write_tiny_model(tmp_path / "model", layers=2)
+    drafter_dir = write_tiny_drafter(model_dir, tmp_path / "drafter")
+    chat = _cli("chat", "-m", str(model_dir), "-d", str(drafter_dir), "-n", "10", "--temp", "0")
+    lines = "the he\nhe the t\n/quit\n"
+    procs = start_ranks([chat, chat], tmp_path, stdin=True)
+    (rc0, out0, err0), (rc1, out1, err1) = finish(procs, input=lines)
+    assert (rc0, rc1) == (0, 0), (err0[-1500:], err1[-1500:])
+    assert out1 == "" and "tokens/step" in err0 and "tokens/step" not in err1
+    env = {**cli_env(), "PYTHONPATH": str(REPO_ROOT)}
+    single = subprocess.run(
+        chat, cwd=REPO_ROOT, env=env, input=lines, capture_output=True, text=True, timeout=120
+    )
+    assert single.returncode == 0 and out0 == single.stdout
+
+
+def test_commands_that_do_not_split_are_refused(monkeypatch):
+    from mlx_redrafter import cli
+
+    monkeypatch.setenv("MLX_HOSTFILE", "hosts.json")
+    with pytest.raises(RedrafterError, match="does not run under mlx.launch"):
+        cli._join_group("convert")
 
 
 def test_ranks_use_rank_zeros_tuned_shape(tmp_path, monkeypatch):

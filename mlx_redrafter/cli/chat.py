@@ -35,6 +35,7 @@ from mlx_redrafter.cli.common import (
     load_for,
     text_option,
 )
+from mlx_redrafter.distributed import is_leader
 from mlx_redrafter.env import device_name
 from mlx_redrafter.errors import ContextFullError, GenerationError, NotTextError
 from mlx_redrafter.generation import resolve_lookup
@@ -125,7 +126,7 @@ class _Terminal:
         self.err = stderr
         self.interactive = interactive
         # Piped runs keep stdout to the answers alone; notes and stats go to stderr.
-        self.notes = stdout if interactive else stderr
+        self.notes = stdout if interactive or not is_leader() else stderr  # rank 0's only
         self.color = self.notes.isatty()
 
     def write(self, text: str) -> None:
