@@ -287,10 +287,7 @@ def test_ranks_use_rank_zeros_tuned_shape(tmp_path, monkeypatch):
     save_cost_curve(model_dir, [{"n": n, "ratio": 1 + 0.01 * n} for n in range(1, 33)])
     args = ["generate", "-m", str(model_dir), "-d", str(drafter_dir), "--raw", "-p", "the he"]
     args += ["--temp", "0", "-n", "24", "--json"]
-    procs = []
-    for rank, store in enumerate(stores):
-        env = {**cli_env(store), "PYTHONPATH": str(REPO_ROOT)}
-        procs.append((env, _cli(*args)))
+    procs = [({**cli_env(store), "PYTHONPATH": str(REPO_ROOT)}, _cli(*args)) for store in stores]
     hostfile = tmp_path / "hosts.json"
     hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in _free_ports(2)]))
     running = [
