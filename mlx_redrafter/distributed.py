@@ -59,7 +59,7 @@ def init_from_env() -> mx.distributed.Group | None:
     if _state["group"] is not None:
         return _state["group"]
     backend = launch_backend()
-    if backend is None:
+    if backend is None or (backend == "ring" and _single_host_ring()):
         return None
     if not mx.distributed.is_available():
         raise DistributedError("this MLX build has no distributed backend")
@@ -72,6 +72,18 @@ def init_from_env() -> mx.distributed.Group | None:
     _state["group"] = group
     mx.random.seed(broadcast_int(secrets.randbits(31), group))
     return group
+
+
+def _single_host_ring() -> bool:
+    """`mlx.launch -n 1` gives the ring backend an empty hostfile: one process, no group."""
+    path = os.environ.get("MLX_HOSTFILE", "")
+    if not path:
+        return True
+    try:
+        with open(path) as f:
+            return not f.read(64).strip()
+    except OSError:
+        return False  # let mx.distributed.init say what is wrong with it
 
 
 def group() -> mx.distributed.Group | None:

@@ -207,6 +207,15 @@ def test_not_launched_is_one_process(monkeypatch):
     assert distributed.launch_backend({"MLX_JACCL_COORDINATOR": "h:1"}) == "jaccl"
 
 
+def test_one_rank_under_mlx_launch_is_one_process(monkeypatch, tmp_path):
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("\n")  # what `mlx.launch -n 1 --backend ring` writes
+    monkeypatch.setenv("MLX_HOSTFILE", str(hostfile))
+    monkeypatch.setenv("MLX_RANK", "0")
+    assert distributed.launch_backend() == "ring"
+    assert distributed.init_from_env() is None and distributed.world_size() == 1
+
+
 def test_too_few_kv_heads_is_refused():
     class Four:
         def size(self):
