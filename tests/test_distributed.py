@@ -165,19 +165,22 @@ def finish(
     mlx.launch gives every rank the terminal's input); all are killed past `timeout`."""
     deadline = time.monotonic() + timeout
     results = []
-    if input is not None:
-        for p in procs:
-            p.stdin.write(input)
-            p.stdin.close()
-            p.stdin = None  # communicate() would flush it
     try:
+        if input is not None:
+            for p in procs:
+                p.stdin.write(input)
+                p.stdin.close()
+                p.stdin = None  # communicate() would flush it
         for p in procs:
             out, err = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
             results.append((p.returncode, out, err))
     except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
         pytest.fail(f"the ranks did not finish within {timeout} s (a hang)")
+    finally:
+        for p in procs:  # never leave a rank behind, whatever failed
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     return results
 
 
@@ -333,14 +336,23 @@ def test_mlx_launch_generate_prints_once_like_one_rank(default_model_dir, tmp_pa
     if not launch.exists():
         pytest.skip("mlx.launch is not installed beside this Python")
     command = [str(launch), "-n", "2", "--backend", "ring", "-p", str(_free_ports(1)[0]), "--"]
-    two = subprocess.run(
+    # A session of its own, so that a timeout ends mlx.launch's ranks too.
+    launched = subprocess.Popen(
         command + _cli(*args),
         cwd=REPO_ROOT,
         env=env,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=2 * RANK_TIMEOUT,
+        start_new_session=True,
     )
+    try:
+        out, err = launched.communicate(timeout=2 * RANK_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(launched.pid, signal.SIGKILL)
+        launched.wait()
+        pytest.fail("mlx.launch did not finish in time (a hang)")
+    two = subprocess.CompletedProcess(command, launched.returncode, out, err)
     assert two.returncode == 0, two.stderr[-2000:]
     lines = two.stdout.strip().splitlines()
     assert len(lines) == 1, two.stdout  # only rank 0 prints
