@@ -115,10 +115,12 @@ def serve(
     how = _decoding_summary(loaded, beam_width, beam_length)
     url = url_of(sock)
 
+    ranks = f" · split over {distributed.world_size()} ranks" if group is not None else ""
+
     def ready() -> None:
         typer.echo(
             f"mlx-redrafter serve: {url}/v1 · model {loaded.model_path.name} · {how} · "
-            f"{device_name()} · Ctrl-C stops"
+            f"{device_name()}{ranks} · Ctrl-C stops"
         )
 
     try:
