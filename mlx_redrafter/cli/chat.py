@@ -35,7 +35,7 @@ from mlx_redrafter.cli.common import (
     load_for,
     text_option,
 )
-from mlx_redrafter.distributed import is_leader
+from mlx_redrafter.distributed import is_leader, world_size
 from mlx_redrafter.env import device_name
 from mlx_redrafter.errors import ContextFullError, GenerationError, NotTextError
 from mlx_redrafter.generation import resolve_lookup
@@ -290,6 +290,10 @@ def _answer(session: ChatSession, text: str, term: _Terminal) -> None:
                 term.write(response.text)
                 last_piece = response.text
     except KeyboardInterrupt:
+        if world_size() > 1:
+            # Under mlx.launch every rank gets the signal at a different point of the answer:
+            # going on would leave them out of step, so Ctrl-C ends the chat there.
+            raise
         if stream is not None:
             stream.close()
         term.write("\n")
