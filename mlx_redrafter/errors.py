@@ -65,6 +65,11 @@ class BenchError(RedrafterError):
     """A benchmark request that cannot run (bad prompt file, unknown method, no drafter)."""
 
 
+class DistributedError(RedrafterError):
+    """A distributed run that cannot start or go on (no backend, a model that does not split
+    over the ranks, another rank gone)."""
+
+
 class TrainInterrupted(KeyboardInterrupt):
     """Ctrl-C during training: the work is saved and the same call resumes it."""
 

@@ -7,6 +7,7 @@ group; `common` holds what they share (errors, option checks, the model loader).
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from typing import Annotated
@@ -14,8 +15,10 @@ from typing import Annotated
 import typer
 import typer.core
 
-import mlx_redrafter  # (loads the BLAS before mlx)
+import mlx_redrafter  # noqa: F401  (loads the BLAS before mlx)
+from mlx_redrafter import distributed
 from mlx_redrafter.cli import bench, chat, convert, generate, info, serve, train
+from mlx_redrafter.errors import RedrafterError
 
 
 class _OneLineErrors(typer.core.TyperGroup):
@@ -101,7 +104,39 @@ def _terminate_as_interrupt() -> None:
     signal.signal(signal.SIGTERM, interrupt)
 
 
+# Commands that run with the base model split over the ranks when started by `mlx.launch`.
+_DISTRIBUTED = ("generate", "chat", "serve", "bench", "tune")
+
+
+def _join_group(command: str) -> None:
+    """Under `mlx.launch`: join the group (the model loader then shards the base model) and
+    keep stdout to rank 0; other ranks keep stderr for their own errors."""
+    if distributed.launch_backend() is None:
+        return
+    if command not in _DISTRIBUTED:
+        raise RedrafterError(
+            f"{command!r} does not run under mlx.launch (those that do: {', '.join(_DISTRIBUTED)})"
+        )
+    distributed.init_from_env()
+    if not distributed.is_leader():
+        os.environ["TQDM_DISABLE"] = "1"
+        sys.stdout.flush()
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] in _CLEAN_ON_SIGTERM:
+    command = sys.argv[1] if len(sys.argv) > 1 else ""
+    if command in _CLEAN_ON_SIGTERM:
         _terminate_as_interrupt()
-    app()
+    try:
+        if command and not command.startswith("-"):
+            _join_group(command)
+        app()
+    except (RedrafterError, RuntimeError) as e:
+        # A rank that stopped (its own output says why) shows up on the others as a backend
+        # error at their next exchange: one line, not a traceback.
+        msg = str(e) if isinstance(e, RedrafterError) else distributed.peer_lost(e)
+        if msg is None or os.environ.get("MLX_REDRAFTER_DEBUG"):
+            raise
+        typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
+        sys.exit(1)

@@ -24,6 +24,7 @@ from mlx_redrafter.cli.common import (
     load_for,
     progress_bar,
 )
+from mlx_redrafter.distributed import is_leader
 from mlx_redrafter.drafter import load_drafter
 from mlx_redrafter.env import model_dtype
 from mlx_redrafter.errors import RedrafterError
@@ -152,7 +153,7 @@ def bench(
     if profile:
         result.verify_cost = bench_lib.verify_cost_curve(loaded.base)
     typer.echo(bench_lib.format_table(result))
-    if json_out:
+    if json_out and is_leader():
         typer.echo(f"\nwrote {bench_lib.write_json(result, json_out)}")
     _plot(
         result,
@@ -165,6 +166,8 @@ def bench(
 
 def _plot(result, method_list, sweep: bool, plot: str | None, title: str) -> None:
     """The sweep's heatmap (always with --sweep), else the speedups per group with --plot."""
+    if not is_leader():  # under mlx.launch, rank 0 writes the files
+        return
     if sweep:
         png = bench_lib.plot_sweep(result.sweep, plot or "bench-sweep.png", title=title)
         typer.echo(f"wrote {png}")
@@ -210,6 +213,8 @@ def _acceptance(
 
 
 def _write_json(path: str, data: dict) -> None:
+    if not is_leader():
+        return
     Path(path).write_text(json.dumps(data, indent=2) + "\n")
     typer.echo(f"\nwrote {path}")
 
@@ -293,7 +298,7 @@ def tune(
             save=not no_save,
         )
     typer.echo(bench_lib.format_table(out["result"]))
-    if json_out:
+    if json_out and is_leader():
         typer.echo(f"\nwrote {bench_lib.write_json(out['result'], json_out)}")
     _report_best(out)
 

@@ -39,6 +39,7 @@ from mlx_redrafter.cli.common import (
     warn_plain_text,
 )
 from mlx_redrafter.defaults import DEFAULT_MAX_TOKENS
+from mlx_redrafter.distributed import is_leader, world_size
 from mlx_redrafter.env import device_name
 from mlx_redrafter.errors import ContextFullError, GenerationError, NotTextError
 from mlx_redrafter.generation import resolve_lookup
@@ -129,7 +130,7 @@ class _Terminal:
         self.err = stderr
         self.interactive = interactive
         # Piped runs keep stdout to the answers alone; notes and stats go to stderr.
-        self.notes = stdout if interactive else stderr
+        self.notes = stdout if interactive or not is_leader() else stderr  # rank 0's only
         self.color = self.notes.isatty()
 
     def write(self, text: str) -> None:
@@ -268,6 +269,10 @@ def _answer(session: ChatSession, text: str, term: _Terminal) -> None:
                 term.write(response.text)
                 last_piece = response.text
     except KeyboardInterrupt:
+        if world_size() > 1:
+            # Under mlx.launch every rank gets the signal at a different point of the answer:
+            # going on would leave them out of step, so Ctrl-C ends the chat there.
+            raise
         if stream is not None:
             stream.close()
         term.write("\n")

@@ -11,9 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
+import mlx.core as mx
 import typer
 from tqdm import tqdm
 
+from mlx_redrafter import distributed
 from mlx_redrafter.chat import check_text
 from mlx_redrafter.defaults import (
     DEFAULT_BEAM,
@@ -261,7 +263,12 @@ def load_for(
     shipped one for the default model; none with `--no-drafter`), then the beam shape (each
     given value, else the tuned shape, else the default) and the context lookup settings."""
     model_path = resolve_model_path(model)
-    base, tokenizer = load(str(model_path), dtype=dtype)
+    group = distributed.group()  # under mlx.launch: each rank keeps its share of the blocks
+    if group is not None:
+        distributed.share_tuned(model_path, group)
+    base, tokenizer = load(str(model_path), dtype=dtype, lazy=group is not None)
+    if group is not None:
+        mx.eval(distributed.shard_model(base, group).parameters())
     drafter_path = resolve_drafter(model, drafter, no_drafter)
     draft = load_drafter(drafter_path, base=base) if drafter_path else None
     if model is not None and not drafter and not no_drafter:

@@ -6,8 +6,9 @@ from typing import Annotated
 
 import typer
 
-from mlx_redrafter.cli.common import friendly_errors
+from mlx_redrafter.cli.common import fail, friendly_errors
 from mlx_redrafter.convert import convert_drafter, convert_model
+from mlx_redrafter.export import FORMATS, export_drafter
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -26,7 +27,7 @@ def convert_drafter_command(
         str,
         typer.Argument(
             help="Drafter directory: config.json + model.safetensors | pytorch_model.bin | "
-            "model.pt."
+            "model.pt (with --to apple: one of ours)."
         ),
     ],
     output: Annotated[str, typer.Option("--output", "-o", help="Output drafter directory.")],
@@ -45,8 +46,28 @@ def convert_drafter_command(
         ),
     ] = None,
     overwrite: Overwrite = False,
+    to: Annotated[
+        str,
+        typer.Option(
+            "--to",
+            help="mlx: a PyTorch drafter into ours; apple: ours into Apple's PyTorch layout, "
+            "the one TensorRT-LLM's ReDrafter converter reads.",
+        ),
+    ] = "mlx",
+    fmt: Annotated[
+        str, typer.Option("--format", help=f"With --to apple: {' or '.join(FORMATS)}.")
+    ] = "safetensors",
 ):
-    """A PyTorch ReDrafter drafter (Apple's recipe or TensorRT-LLM names) -> MLX drafter dir."""
+    """A PyTorch ReDrafter drafter (Apple's recipe or TensorRT-LLM names) -> MLX drafter dir;
+    with --to apple, the other way."""
+    if to == "apple":
+        if quantize or base:
+            fail("--quantize and --base apply to --to mlx only")
+        out = export_drafter(src, output, dtype=dtype, fmt=fmt, overwrite=overwrite)
+        typer.echo(f"drafter written to {out} (Apple's layout, for TensorRT-LLM)")
+        return
+    if to != "mlx":
+        fail(f"--to takes mlx or apple, got {to!r}")
     out = convert_drafter(
         src,
         output,

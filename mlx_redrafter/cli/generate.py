@@ -35,6 +35,7 @@ from mlx_redrafter.cli.common import (
 )
 from mlx_redrafter.defaults import DEFAULT_MAX_TOKENS
 from mlx_redrafter.constrain import JsonGrammar
+from mlx_redrafter.distributed import is_leader
 from mlx_redrafter.env import compute_dtype, device_name, dtype_name
 from mlx_redrafter.errors import ConstraintError, read_json_object
 from mlx_redrafter.generation import DecodeStats, stream_generate
@@ -135,7 +136,8 @@ def generate(
         typer.echo(json.dumps({**out, **_run_fields(loaded, tokens, last.finish_reason, lookup)}))
     else:
         typer.echo()
-        typer.secho(_stats_line(loaded, last.stats, lookup), dim=True, err=True)
+        if is_leader():  # under mlx.launch every rank has a stderr
+            typer.secho(_stats_line(loaded, last.stats, lookup), dim=True, err=True)
 
 
 def _read_format(

@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 
+from mlx_redrafter import distributed
 from mlx_redrafter.cli.common import (
     BeamLength,
     BeamWidth,
@@ -20,6 +21,7 @@ from mlx_redrafter.cli.common import (
     Loaded,
     Model,
     NoDrafter,
+    fail,
     friendly_errors,
     load_for,
 )
@@ -133,7 +135,9 @@ def serve(
         header_timeout=header_timeout,
     )
     limits = Limits(request_timeout=request_timeout)
-    sock = bind(host, port)  # fail before the model loads if the port is taken
+    group = distributed.group()  # under mlx.launch: rank 0 serves, the others follow it
+    # Fail before the model loads if the port is taken.
+    sock = bind(host, port) if distributed.is_leader() else None
     # The beam shape goes to the engine as given: each request resolves it (and only one
     # with a drafter needs it), so it is not resolved here.
     loaded = load_for(model, dtype, drafter, no_drafter, lookup=lookup, lookup_max=lookup_max)
@@ -156,16 +160,22 @@ def serve(
         cache_entries=prompt_cache,
         cache_bytes=int(prompt_cache_gb * (1 << 30)),
     )
+    if group is not None and not distributed.is_leader():
+        distributed.follow(engine, group)
+        return
+    if group is not None:
+        distributed.lead(engine, group)
     _log_requests()
     how = _decoding_summary(loaded, beam_width, beam_length)
     url = url_of(sock)
 
     locked = f"{len(keys)} API key{'s' * (len(keys) != 1)}" if keys else "no API key"
+    ranks = f" · split over {distributed.world_size()} ranks" if group is not None else ""
 
     def ready() -> None:
         typer.echo(
             f"mlx-redrafter serve: {url}/v1 · model {loaded.model_path.name} · {how} · "
-            f"{device_name()} · {locked} · Ctrl-C stops"
+            f"{device_name()}{ranks} · {locked} · Ctrl-C stops"
         )
         if not keys and not _is_loopback(host):
             typer.echo(
@@ -174,7 +184,13 @@ def serve(
                 err=True,
             )
 
-    stopped_by = run_server(engine, sock, door, limits, on_ready=ready)
+    try:
+        stopped_by = run_server(engine, sock, door, limits, on_ready=ready)
+    finally:
+        if group is not None and getattr(engine, "lost", None) is None:
+            distributed.release(group)
+    if getattr(engine, "lost", None):
+        fail(engine.lost)
     if stopped_by == signal.SIGINT:
         raise typer.Exit(130)  # as Ctrl-C ends any command; SIGTERM is a clean stop (0)
 
