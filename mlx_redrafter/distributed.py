@@ -383,6 +383,10 @@ def lead(engine, group: mx.distributed.Group) -> None:
 
 def follow(engine, group: mx.distributed.Group) -> None:
     """On the other ranks: run rank 0's jobs until rank 0 sends None (`release`)."""
+    # The engine is never started here (no worker, no queue): the jobs run on this thread.
+    # It must not count as closing, or its `_run` would cancel each job at its first token
+    # while rank 0 goes on (a hang at the next all_sum).
+    engine._closing = False
     while True:
         request = broadcast_json(None, group)
         if request is None:
