@@ -16,7 +16,7 @@ import mlx.core as mx
 import numpy as np
 
 from . import defaults
-from .accept import greedy_accept, sample_accept, sample_token
+from .accept import SamplingConfig, greedy_accept, sample_accept, sample_token
 from .cache import KVCache
 from .defaults import load_cost_curve
 from .drafter import beam_search
@@ -31,30 +31,11 @@ from .sizing import (
     drafter_candidates,
     lookup_candidate,
 )
-from .tree import Tree, pack_beams, pack_sequences
+from .tree import Tree, pack_sequences
 
 DEFAULT_LOOKUP = True
 
 PREFILL_CHUNK = 512
-
-
-@dataclass
-class SamplingConfig:
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature <= 0.0 or self.top_k == 1
-
-    def validate(self) -> None:
-        if self.temperature < 0:
-            raise GenerationError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise GenerationError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise GenerationError(f"top_k must be >= 0, got {self.top_k}")
 
 
 @dataclass
@@ -137,7 +118,7 @@ class GenerationResponse:
 
 def _sample(logits: mx.array, sampling: SamplingConfig) -> mx.array:
     """logits (V,) -> token id (scalar array); the same warping as the acceptance rule."""
-    return sample_token(logits, sampling.temperature, sampling.top_k, sampling.top_p)
+    return sample_token(logits, sampling)
 
 
 def prefill(
@@ -186,14 +167,6 @@ def plain_steps(
         yield [token.item()]
         stats.steps += 1
         token = nxt
-
-
-def draft_tree(
-    model, drafter, context: mx.array, g0: int, beam_width: int, beam_length: int
-) -> Tree:
-    """Beam-search drafts from `g0` and pack them into a prefix tree (one host sync)."""
-    beams, _ = draft_beams(model, drafter, context, g0, beam_width, beam_length)
-    return pack_beams(beams)
 
 
 def draft_beams(
@@ -302,7 +275,7 @@ def speculative_round(model, cache: KVCache, state: _RoundState, context, g0, sa
     if sampling.greedy:  # accept
         result = greedy_accept(tree, logits)
     else:
-        result = sample_accept(tree, logits, sampling.temperature, sampling.top_k, sampling.top_p)
+        result = sample_accept(tree, logits, sampling)
     path = np.asarray(result.path)
     cache.commit(path)  # commit
     t_end = time.perf_counter()
