@@ -1,0 +1,309 @@
+"""Recursive rejection sampling over a draft tree with one proposal per sibling (RSD).
+
+At a node with target distribution r, children are tried in slot order; slot i proposed its
+token x_i from q_i: the node's drafter distribution q minus the node's earlier *sampled*
+draws, renormalised (a token drawn without replacement, `rsd_draft.py`), or a point mass (a
+deterministic beam, a lookup copy). Accept x_i with probability min(1, r(x_i) / q_i(x_i)); on
+rejection r <- normalise(max(r - q_i, 0)); when every slot is rejected, emit a token drawn
+from r. The emitted sequence has exactly the distribution of plain sampling from the target.
+With point masses only this is accept.py's deterministic-children rule (which stays the
+faster path for such trees). docs/tree-attention.md has the argument and a worked example.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+
+from .accept import Acceptance, AcceptanceBatch, SamplingConfig, process_logits
+from .rsd_draft import SampledDraft
+from .tree import Tree, pack_sequences
+
+
+@dataclass(frozen=True, eq=False)
+class Proposals:
+    """How a tree's children were proposed, in the order acceptance tries them.
+
+    nodes   int32 (N, T)  the child node slot t of node u tries (-1: padding); a node can sit
+                          in two slots of its parent (a token a sample and a copy both chose)
+    sampled bool  (N, T)  True: drawn without replacement from node u's q after its earlier
+                          sampled slots; False: a point mass
+    q_rows  int32 (N,)    row of the draft's logq that is node u's q (-1: no sampled slot)
+    """
+
+    nodes: np.ndarray
+    sampled: np.ndarray
+    q_rows: np.ndarray
+
+    @property
+    def any_sampled(self) -> bool:
+        return bool(self.sampled.any())
+
+
+def point_mass_proposals(tree: Tree) -> Proposals:
+    """Every child a point mass, in node order (the deterministic-children rule)."""
+    nodes = tree.children.astype(np.int32)
+    return Proposals(nodes, np.zeros(nodes.shape, bool), np.full(tree.num_nodes, -1, np.int32))
+
+
+def build_round(
+    sequences: Sequence[Sequence[int]],
+    draft: SampledDraft | None = None,
+    kept: Sequence[int] = (),
+    tree_index: int = 0,
+) -> tuple[Tree, Proposals]:
+    """Pack deterministic candidate `sequences` (point masses: beams, lookup copies) and the
+    `kept` nodes of one sampled draft tree into one prefix tree, with each child's proposal.
+
+    Sampled children of a node go first, in the order they were drawn, then the point masses
+    in node order. `kept` must hold each kept node's parent and, among a node's sampled
+    children, a first-drawn prefix (the proposal of a later draw removes the earlier ones).
+    """
+    prefixes = draft.prefixes(tree_index) if draft is not None else []
+    kept = sorted(int(j) for j in kept if j > 0)
+    _check_kept(draft, kept, tree_index)
+    has_kept_child = {int(draft.parents[tree_index, j]) for j in kept} if kept else set()
+    leaves = [prefixes[j] for j in kept if j not in has_kept_child]
+    all_sequences = [tuple(int(t) for t in s) for s in sequences] + leaves
+    if not all_sequences:
+        raise ValueError("a round needs at least one candidate sequence or sampled node")
+    tree = pack_sequences(all_sequences)
+    node_of = _node_index(tree, all_sequences)
+
+    slots: list[list[tuple[int, bool]]] = [[] for _ in range(tree.num_nodes)]
+    q_rows = np.full(tree.num_nodes, -1, np.int32)
+    by_parent: dict[int, list[int]] = {}
+    for j in kept:
+        by_parent.setdefault(int(draft.parents[tree_index, j]), []).append(j)
+    for parent, children in by_parent.items():
+        u = node_of[prefixes[parent]]
+        q_rows[u] = parent
+        for j in sorted(children, key=lambda j: int(draft.ranks[tree_index, j])):
+            slots[u].append((node_of[prefixes[j]], True))
+    point = set()
+    for seq in sequences:
+        for k in range(1, len(seq)):
+            point.add((node_of[tuple(seq[:k])], node_of[tuple(seq[: k + 1])]))
+    for u, v in sorted(point, key=lambda e: e[1]):
+        slots[u].append((v, False))
+    width = max(1, max(len(s) for s in slots))
+    nodes = np.full((tree.num_nodes, width), -1, np.int32)
+    sampled = np.zeros((tree.num_nodes, width), bool)
+    for u, row in enumerate(slots):
+        for t, (v, is_sampled) in enumerate(row):
+            nodes[u, t], sampled[u, t] = v, is_sampled
+    return tree, Proposals(nodes, sampled, q_rows)
+
+
+def _check_kept(draft: SampledDraft | None, kept: list[int], b: int) -> None:
+    if not kept:
+        return
+    if draft is None:
+        raise ValueError("kept sampled nodes were given without their draft")
+    kept_set = set(kept)
+    for j in kept:
+        if not draft.valid[b, j]:
+            raise ValueError(f"sampled node {j} holds no draw")
+        parent = int(draft.parents[b, j])
+        if parent > 0 and parent not in kept_set:
+            raise ValueError(f"sampled node {j} is kept without its parent {parent}")
+        rank = int(draft.ranks[b, j])
+        earlier = [
+            i
+            for i in np.flatnonzero(draft.parents[b] == parent)
+            if draft.ranks[b, i] < rank and i not in kept_set
+        ]
+        if earlier:
+            raise ValueError(f"sampled node {j} is kept without its earlier-drawn siblings")
+
+
+def _node_index(tree: Tree, sequences: list[tuple[int, ...]]) -> dict[tuple[int, ...], int]:
+    """Prefix -> packed node, from the tree's paths."""
+    out = {}
+    for row, seq in enumerate(sequences):
+        for k in range(len(seq)):
+            out[seq[: k + 1]] = int(tree.paths[row, k])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Acceptance
+
+
+def dense_draft_logq(
+    proposals: Proposals, draft: SampledDraft | None, vocab: int, tree_index: int = 0
+) -> mx.array:
+    """float32 (N, V): node u's warped drafter log-probs over the vocabulary (-inf rows for
+    nodes without sampled children)."""
+    n = proposals.q_rows.shape[0]
+    if draft is None or not proposals.any_sampled:
+        return mx.full((n, vocab), -mx.inf, mx.float32)
+    logq = draft.logq[tree_index : tree_index + 1]
+    return draft_logq_rows(logq, draft.vocab_ids, proposals.q_rows[None], vocab)[0]
+
+
+def draft_logq_rows(
+    logq: mx.array, vocab_ids: mx.array | None, q_rows: np.ndarray, vocab: int
+) -> mx.array:
+    """logq (B, E, K) of B drafts and rows (B, N) (-1: none) -> float32 (B, N, V) over the
+    vocabulary, -inf rows where there is none."""
+    rows = mx.array(np.maximum(q_rows, 0).astype(np.int32))
+    out = mx.take_along_axis(logq, rows[..., None], axis=1)  # (B, N, K)
+    if vocab_ids is not None:
+        dense = mx.full((*out.shape[:2], vocab), -mx.inf, mx.float32)
+        ids = mx.broadcast_to(vocab_ids, out.shape)
+        out = mx.put_along_axis(dense, ids, out, axis=-1)
+    elif out.shape[-1] != vocab:
+        raise ValueError(f"the draft's q has {out.shape[-1]} columns, the target {vocab}")
+    return mx.where(mx.array(q_rows >= 0)[..., None], out, -mx.inf)
+
+
+def rsd_accept(
+    tree: Tree,
+    proposals: Proposals,
+    logits: mx.array,
+    sampling: SamplingConfig,
+    draft: SampledDraft | None = None,
+    uniforms: mx.array | None = None,
+) -> Acceptance:
+    """One round's exact acceptance. logits (N, V): the target's logits per node; uniforms
+    (N, T + 1), drawn here if None."""
+    if logits.ndim != 2 or logits.shape[0] != tree.num_nodes:
+        raise ValueError(
+            f"logits must have shape (num_nodes={tree.num_nodes}, V), got {tuple(logits.shape)}"
+        )
+    logp = process_logits(logits, sampling)
+    logq = dense_draft_logq(proposals, draft, logits.shape[1])
+    shape = (tree.num_nodes, proposals.nodes.shape[1] + 1)
+    if uniforms is None:
+        uniforms = mx.random.uniform(shape=shape)
+    batch = accept_batch(
+        tree.tokens[None], tree.depths[None], proposals_batch([proposals]),
+        logp[None], logq[None], uniforms[None],
+    )  # fmt: skip
+    return batch[0]
+
+
+@dataclass(frozen=True, eq=False)
+class SlotsBatch:
+    """Proposals of B trees padded to (B, N, T)."""
+
+    nodes: np.ndarray
+    sampled: np.ndarray
+
+
+def proposals_batch(items: Sequence[Proposals], num_nodes: int | None = None) -> SlotsBatch:
+    n = num_nodes or max(p.nodes.shape[0] for p in items)
+    t = max(p.nodes.shape[1] for p in items)
+    nodes = np.full((len(items), n, t), -1, np.int32)
+    sampled = np.zeros((len(items), n, t), bool)
+    for b, p in enumerate(items):
+        nodes[b, : p.nodes.shape[0], : p.nodes.shape[1]] = p.nodes
+        sampled[b, : p.nodes.shape[0], : p.nodes.shape[1]] = p.sampled
+    return SlotsBatch(nodes, sampled)
+
+
+def accept_batch(
+    node_tokens: np.ndarray,
+    depths: np.ndarray,
+    slots: SlotsBatch,
+    logp: mx.array,
+    logq: mx.array,
+    uniforms: mx.array,
+) -> AcceptanceBatch:
+    """Recursive rejection sampling for B trees at once (padded to N nodes, T slots).
+
+    node_tokens, depths int (B, N); logp, logq float32 (B, N, V) warped target and drafter
+    log-probs; uniforms (B, N, T + 1): column t decides slot t, column T the emitted token.
+    """
+    b, n, t = slots.nodes.shape
+    if tuple(uniforms.shape) != (b, n, t + 1):
+        raise ValueError(f"uniforms must have shape {(b, n, t + 1)}, got {tuple(uniforms.shape)}")
+    node_tokens = np.asarray(node_tokens)
+    safe = np.maximum(slots.nodes, 0)
+    slot_tokens = np.where(
+        slots.nodes >= 0,
+        np.take_along_axis(node_tokens, safe.reshape(b, -1), 1).reshape(safe.shape),
+        -1,
+    )
+    chosen_slot, fallback = _slot_outcomes(
+        logp, logq, mx.array(slot_tokens), mx.array(slots.sampled), uniforms
+    )
+    out = np.array(mx.stack([chosen_slot, fallback]))  # (2, B, N), the one host sync
+    rows = np.arange(b)[:, None]
+    chosen = np.where(out[0] >= 0, slots.nodes[rows, np.arange(n)[None], np.maximum(out[0], 0)], -1)
+    return _walk(node_tokens, np.asarray(depths), chosen, out[1])
+
+
+def _slot_outcomes(
+    logp: mx.array, logq: mx.array, slot_tokens: mx.array, sampled: mx.array, uniforms: mx.array
+) -> tuple[mx.array, mx.array]:
+    """Per tree and node: the first accepted slot (-1: none) and the token emitted when none
+    is, from the residual. logp, logq (B, N, V); slot_tokens (B, N, T), -1 padding."""
+    vocab = logp.shape[-1]
+    num_slots = slot_tokens.shape[-1]
+    columns = mx.arange(vocab)
+    r = mx.exp(logp)  # the residual target, normalised
+    q_left = mx.exp(logq)  # q without the node's sampled draws so far (not normalised)
+    accept = []
+    for s in range(num_slots):
+        token = slot_tokens[..., s]
+        valid = token >= 0
+        draw = sampled[..., s] & valid
+        at = mx.maximum(token, 0)[..., None]
+        hot = columns == at  # (B, N, V)
+        q_norm = q_left / mx.maximum(mx.sum(q_left, axis=-1, keepdims=True), 1e-30)
+        proposal = mx.where(draw[..., None], q_norm, hot.astype(mx.float32))
+        r_x = mx.take_along_axis(r, at, axis=-1)[..., 0]
+        q_x = mx.take_along_axis(proposal, at, axis=-1)[..., 0]
+        ratio = mx.minimum(1.0, r_x / mx.maximum(q_x, 1e-30))
+        accept.append(mx.where(valid & (q_x > 0), ratio, 0.0))
+        rest = mx.maximum(r - proposal, 0.0)
+        mass = mx.sum(rest, axis=-1, keepdims=True)
+        # No mass left means r <= q_i everywhere, so rejection had probability 0.
+        r = mx.where(valid[..., None] & (mass > 0), rest / mx.maximum(mass, 1e-30), r)
+        q_left = _remove_draw(q_left, hot, draw, valid)
+    accept = mx.stack(accept, axis=-1)  # (B, N, T)
+    accepted = uniforms[..., :num_slots] < accept
+    first = mx.argmax(accepted.astype(mx.int32), axis=-1).astype(mx.int32)
+    chosen = mx.where(mx.any(accepted, axis=-1), first, -1).astype(mx.int32)
+    cdf = mx.cumsum(r, axis=-1)
+    target = uniforms[..., num_slots] * cdf[..., -1]
+    token = mx.sum(cdf <= target[..., None], axis=-1).astype(mx.int32)
+    last = vocab - 1 - mx.argmax((r > 0)[..., ::-1].astype(mx.int32), axis=-1).astype(mx.int32)
+    return chosen, mx.minimum(token, last).astype(mx.int32)
+
+
+def _remove_draw(q_left: mx.array, hot: mx.array, draw: mx.array, valid: mx.array) -> mx.array:
+    """q for the node's next sampled slot: a sampled draw leaves q (without replacement); a
+    point mass never came from q and leaves it as it is."""
+    del valid
+    return mx.where(draw[..., None] & hot, 0.0, q_left)
+
+
+def _walk(
+    node_tokens: np.ndarray, depths: np.ndarray, chosen: np.ndarray, fallback: np.ndarray
+) -> AcceptanceBatch:
+    """Follow `chosen` (B, N) from each root; emit `fallback` where the walk stops."""
+    b = chosen.shape[0]
+    length = int(depths.max(initial=0)) + 1
+    rows = np.arange(b)
+    paths = np.full((b, length), -1, np.int32)
+    paths[:, 0] = 0
+    node = np.zeros(b, np.int64)
+    alive = np.ones(b, bool)
+    for depth in range(1, length):
+        nxt = chosen[rows, node]
+        alive &= nxt >= 0
+        node = np.where(alive, nxt, node)
+        paths[alive, depth] = node[alive]
+    num_accepted = (paths >= 0).sum(axis=1).astype(np.int32) - 1
+    tokens = np.full((b, length), -1, np.int32)
+    for depth in range(1, length):
+        ok = paths[:, depth] >= 0
+        tokens[ok, depth - 1] = node_tokens[rows[ok], paths[ok, depth]]
+    tokens[rows, num_accepted] = fallback[rows, node]
+    return AcceptanceBatch(paths, tokens, num_accepted)
