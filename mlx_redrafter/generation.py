@@ -23,6 +23,16 @@ from .drafter import beam_search
 from .errors import GenerationError
 from .lookup import ContextIndex
 from .prompts import eos_ids
+from .rsd import (
+    BEAM,
+    DRAFT_CHOICES,
+    accepted_keys,
+    build_round,
+    default_draft_method,
+    draft_sampled,
+    rsd_accept,
+    split_choice,
+)
 from .sizing import (
     DRAFTER,
     TreePolicy,
@@ -30,6 +40,7 @@ from .sizing import (
     default_cost_curve,
     drafter_candidates,
     lookup_candidate,
+    sampled_candidates,
 )
 from .tree import Tree, pack_sequences
 
@@ -237,6 +248,7 @@ class _RoundState:
     def __init__(self, drafter, beam, lookup: LookupConfig | None, policy, history, profile):
         self.profile = profile  # evaluate the verify forward on its own (exact time split)
         self.drafter = drafter
+        self.draft_method = BEAM  # when sampling: beams or a sampled draft (rsd.py)
         self.features = drafter_features(drafter)
         self.beam = beam  # (W, L) for the drafter
         self.lookup = lookup
@@ -257,7 +269,13 @@ def speculative_round(model, cache: KVCache, state: _RoundState, context, g0, sa
     with_drafter = state.drafter is not None and (
         policy is None or policy.want_drafter(policy.select(candidates, False))
     )
-    if with_drafter:  # draft
+    draft = None
+    if with_drafter and state.draft_method != BEAM and not sampling.greedy:  # draft (RSD)
+        draft = draft_sampled(
+            model, state.drafter, context, g0, state.draft_method, state.beam, sampling
+        )
+        candidates = sampled_candidates(draft) + candidates
+    elif with_drafter:  # draft
         beams, prefix = draft_beams(model, state.drafter, context, g0, *state.beam)
         candidates = drafter_candidates(beams, prefix) + candidates
     t_draft = time.perf_counter()
@@ -267,13 +285,20 @@ def speculative_round(model, cache: KVCache, state: _RoundState, context, g0, sa
     else:
         choice = policy.select(candidates, with_drafter) if candidates else None
         sequences = choice.sequences if choice else [(g0,)]
-    tree = pack_sequences(sequences)  # pack
+    proposals = None
+    if draft is None:  # pack
+        tree = pack_sequences(sequences)
+    else:
+        det, kept = split_choice(sequences, draft)
+        tree, proposals = build_round(det, draft, kept)
     hidden, logits = verify_tree(model, cache, tree, state.features)  # verify
     if state.profile:
         mx.eval(hidden, logits)
     t_verify = time.perf_counter()
     if sampling.greedy:  # accept
         result = greedy_accept(tree, logits)
+    elif proposals is not None and proposals.any_sampled:
+        result = rsd_accept(tree, proposals, logits, sampling, draft)
     else:
         result = sample_accept(tree, logits, sampling)
     path = np.asarray(result.path)
@@ -282,7 +307,8 @@ def speculative_round(model, cache: KVCache, state: _RoundState, context, g0, sa
 
     accepted = [tuple(int(t) for t in tree.tokens[path[: k + 1]]) for k in range(1, len(path))]
     if policy is not None:
-        policy.observe(choice, accepted, with_drafter)
+        keys = accepted if proposals is None else accepted_keys(tree, proposals, path, draft)
+        policy.observe(choice, keys, with_drafter)
         if with_drafter:
             policy.observe_times(t_draft - t0, t_end - t_draft, tree.num_nodes)
     credit = credit_sources(choice, accepted) if choice else {DRAFTER: len(accepted)}
@@ -323,6 +349,7 @@ def redrafter_steps(
     lookup: LookupConfig | None = None,
     policy: TreePolicy | None = None,
     history: Sequence[int] | None = None,
+    draft_method: str = BEAM,
 ) -> Iterator[list[int]]:
     """Speculative decoding: prefill, then rounds (`speculative_round`) until closed.
 
@@ -345,6 +372,8 @@ def redrafter_steps(
 
     history = list(prompt if history is None else history) + [g0]
     state = _RoundState(drafter, (beam_width, beam_length), lookup, policy, history, profile)
+    if drafter is not None and getattr(drafter, "propose", None) is None:
+        state.draft_method = draft_method  # sampled drafts need the RNN drafter's q
     while True:
         tokens, context = speculative_round(model, cache, state, context, g0, sampling, stats)
         g0 = tokens[-1]
@@ -418,6 +447,7 @@ def stream_generate(
     stop: Sequence[str] = (),
     cache: KVCache | None = None,
     profile: bool = False,
+    draft_method: str | None = None,
 ) -> Iterator[GenerationResponse]:
     """Generate from `prompt` (text or token ids), yielding one response per token.
 
@@ -428,10 +458,17 @@ def stream_generate(
     earlier in the context). With both sources, or lookup alone, each round verifies the
     nodes worth their cost on this device; with neither, plain decoding. Pass a `cache`
     (from `model.make_cache()`) to keep the KV cache across calls; it must then hold a
-    prefix of `prompt` (its `tokens` attribute records what it holds).
+    prefix of `prompt` (its `tokens` attribute records what it holds). When sampling, the
+    drafter's children are drawn without replacement from its own distribution
+    (`draft_method` "sbs" or "gumbel-topk"; "beam" for deterministic beams; default: the
+    best measured for sampling) and verified by recursive rejection sampling (rsd.py).
     """
     sampling = SamplingConfig(temperature, top_p, top_k)
     sampling.validate()
+    if draft_method is None:
+        draft_method = default_draft_method(sampling)
+    if draft_method not in DRAFT_CHOICES:
+        raise GenerationError(f"draft_method must be one of {DRAFT_CHOICES}, got {draft_method!r}")
     if max_tokens < 1:
         raise GenerationError(f"max_tokens must be >= 1, got {max_tokens}")
     beam_width, beam_length = resolve_beam(model, beam_width, beam_length)
@@ -454,7 +491,7 @@ def stream_generate(
         policy = tree_policy(model) if look is not None else None
         steps = redrafter_steps(
             model, drafter, cache, new_ids, sampling, stats, beam_width, beam_length, profile,
-            lookup=look, policy=policy, history=ids,
+            lookup=look, policy=policy, history=ids, draft_method=draft_method,
         )  # fmt: skip
 
     text_out = _TextOut(tokenizer, stop, max_tokens)

@@ -19,8 +19,100 @@ import mlx.core as mx
 import numpy as np
 
 from .accept import Acceptance, AcceptanceBatch, SamplingConfig, process_logits
-from .rsd_draft import SampledDraft
+from .rsd_draft import (
+    GUMBEL_TOPK,
+    STOCHASTIC_BEAM,
+    RecurrentStep,
+    SampledDraft,
+    gumbel_topk_tree,
+    stochastic_beam_tree,
+)
 from .tree import Tree, pack_sequences
+
+BEAM = "beam"  # deterministic beam search (the drafter's children are point masses)
+DRAFT_CHOICES = (BEAM, GUMBEL_TOPK, STOCHASTIC_BEAM)
+
+
+def default_draft_method(sampling: SamplingConfig) -> str:
+    """How the drafter drafts for this request: beams when greedy; when sampling, what won
+    the fixed-budget comparison (BENCHMARKS.md, RSD section) at that temperature."""
+    if sampling.greedy:
+        return BEAM
+    return STOCHASTIC_BEAM
+
+
+def draft_sampled(
+    model,
+    drafter,
+    context: mx.array,
+    g0: int,
+    method: str,
+    shape: tuple[int, int],
+    sampling: SamplingConfig,
+) -> SampledDraft:
+    """One tree drawn without replacement from the RNN drafter for a W x L budget: Stochastic
+    Beam Search with W beams, or Gumbel-Top-k with W children at the root and one below
+    (W chains), both W * (L - 1) nodes at most."""
+    width, length = shape
+    step = RecurrentStep(drafter, model, context)
+    if method == STOCHASTIC_BEAM:
+        return stochastic_beam_tree(step, g0, width, length, sampling)
+    if method == GUMBEL_TOPK:
+        return gumbel_topk_tree(step, g0, (width,) + (1,) * (length - 2), sampling)
+    raise ValueError(f"unknown sampled draft method {method!r}; use one of {DRAFT_CHOICES}")
+
+
+def node_key(j: int) -> int:
+    """The pseudo-token that stands for sampled node j while the tree is chosen (sizing)."""
+    return -1 - j
+
+
+def split_choice(
+    sequences: Sequence[Sequence[int]], draft: SampledDraft | None
+) -> tuple[list[tuple[int, ...]], list[int]]:
+    """A sizing choice's sequences -> (deterministic sequences, kept sampled nodes), the kept
+    set closed under parents and earlier-drawn siblings (ties in the estimates)."""
+    det, kept = [], set()
+    for seq in sequences:
+        keys = [int(t) for t in seq[1:]]
+        if any(k < 0 for k in keys):
+            kept.update(node_key(k) for k in keys)
+        else:
+            det.append(tuple(int(t) for t in seq))
+    if draft is None or not kept:
+        return det, sorted(kept)
+    parents, ranks = draft.parents[0], draft.ranks[0]
+    todo = list(kept)
+    while todo:
+        j = todo.pop()
+        p = int(parents[j])
+        extra = [i for i in np.flatnonzero(parents == p) if ranks[i] < ranks[j]]
+        extra += [p] if p > 0 else []
+        for i in extra:
+            if int(i) not in kept and draft.valid[0, i]:
+                kept.add(int(i))
+                todo.append(int(i))
+    return det, sorted(kept)
+
+
+def accepted_keys(
+    tree: Tree, proposals: Proposals, path: np.ndarray, draft: SampledDraft | None
+) -> list[tuple[int, ...]]:
+    """The accepted prefixes (root excluded) as sizing knows them: token tuples, and the key
+    tuples of the sampled nodes on the path."""
+    tokens = [int(t) for t in tree.tokens[path]]
+    out = [tuple(tokens[: k + 1]) for k in range(1, len(path))]
+    if draft is None:
+        return out
+    for k in range(1, len(path)):
+        j = int(proposals.sampled_node[path[k]])
+        if j > 0:
+            chain = []
+            while j > 0:
+                chain.append(node_key(j))
+                j = int(draft.parents[0, j])
+            out.append((tokens[0], *reversed(chain)))
+    return out
 
 
 @dataclass(frozen=True, eq=False)
@@ -32,11 +124,13 @@ class Proposals:
     sampled bool  (N, T)  True: drawn without replacement from node u's q after its earlier
                           sampled slots; False: a point mass
     q_rows  int32 (N,)    row of the draft's logq that is node u's q (-1: no sampled slot)
+    sampled_node int32 (N,) the kept draft node at node u (-1: none)
     """
 
     nodes: np.ndarray
     sampled: np.ndarray
     q_rows: np.ndarray
+    sampled_node: np.ndarray | None = None
 
     @property
     def any_sampled(self) -> bool:
@@ -46,7 +140,8 @@ class Proposals:
 def point_mass_proposals(tree: Tree) -> Proposals:
     """Every child a point mass, in node order (the deterministic-children rule)."""
     nodes = tree.children.astype(np.int32)
-    return Proposals(nodes, np.zeros(nodes.shape, bool), np.full(tree.num_nodes, -1, np.int32))
+    none = np.full(tree.num_nodes, -1, np.int32)
+    return Proposals(nodes, np.zeros(nodes.shape, bool), none, none.copy())
 
 
 def build_round(
@@ -75,8 +170,10 @@ def build_round(
 
     slots: list[list[tuple[int, bool]]] = [[] for _ in range(tree.num_nodes)]
     q_rows = np.full(tree.num_nodes, -1, np.int32)
+    sampled_node = np.full(tree.num_nodes, -1, np.int32)
     by_parent: dict[int, list[int]] = {}
     for j in kept:
+        sampled_node[node_of[prefixes[j]]] = j
         by_parent.setdefault(int(draft.parents[tree_index, j]), []).append(j)
     for parent, children in by_parent.items():
         u = node_of[prefixes[parent]]
@@ -95,7 +192,7 @@ def build_round(
     for u, row in enumerate(slots):
         for t, (v, is_sampled) in enumerate(row):
             nodes[u, t], sampled[u, t] = v, is_sampled
-    return tree, Proposals(nodes, sampled, q_rows)
+    return tree, Proposals(nodes, sampled, q_rows, sampled_node)
 
 
 def _check_kept(draft: SampledDraft | None, kept: list[int], b: int) -> None:

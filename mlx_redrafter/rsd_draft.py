@@ -30,6 +30,7 @@ from .accept import SamplingConfig, process_logits
 GUMBEL_TOPK = "gumbel-topk"
 STOCHASTIC_BEAM = "sbs"
 DRAFT_METHODS = (GUMBEL_TOPK, STOCHASTIC_BEAM)
+ROOT_TOP = 16
 
 
 class DraftStep(Protocol):
@@ -75,6 +76,8 @@ class SampledDraft:
     logq    float32 (B, E, K) on the device: the warped drafter log-probs of nodes 0..E-1,
             every node above the last level, over the head's K columns
     vocab_ids int32 (K,) or None: the token id of each head column
+    root_top float32 (B, R): the R largest probabilities of the root's q, descending (what
+            the tree sizing may know before it looks at any drawn token)
     """
 
     tokens: np.ndarray
@@ -84,6 +87,7 @@ class SampledDraft:
     depths: np.ndarray
     logq: mx.array
     vocab_ids: mx.array | None
+    root_top: np.ndarray
 
     @property
     def num_expanded(self) -> int:
@@ -160,7 +164,9 @@ def _finish(levels: list[tuple], logq: list[mx.array], step: DraftStep) -> Sampl
         parts[3].append(valid)
     stacked = [mx.concatenate(p, axis=1) for p in parts]
     logq_all = mx.concatenate(logq, axis=1)  # (B, E, K)
-    mx.eval(*stacked, logq_all)
+    top = mx.exp(mx.topk(logq_all[:, 0], min(ROOT_TOP, logq_all.shape[-1]), axis=-1))
+    top = -mx.sort(-top, axis=-1)  # (B, R)
+    mx.eval(*stacked, logq_all, top)
     depths = np.concatenate([np.full(lv[0].shape[1], d) for d, lv in enumerate(levels)])
     tokens, parents, ranks, valid = (np.array(a) for a in stacked)
     return SampledDraft(
@@ -171,6 +177,7 @@ def _finish(levels: list[tuple], logq: list[mx.array], step: DraftStep) -> Sampl
         depths.astype(np.int32),
         logq_all,
         step.vocab_ids,
+        np.array(top),
     )
 
 

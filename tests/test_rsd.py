@@ -19,7 +19,7 @@ import pytest
 from test_accept import ACCEPT_P, REJECT_P, chi2_pvalue, ref_probs
 
 import mlx_redrafter.rsd as rsd
-from mlx_redrafter.accept import SamplingConfig, process_logits
+from mlx_redrafter.accept import SamplingConfig, process_logits, sample_accept
 from mlx_redrafter.rsd import (
     accept_batch,
     build_round,
@@ -266,8 +266,6 @@ def test_copy_counted_as_a_draw_fails(monkeypatch):
 
 
 def test_point_masses_match_the_deterministic_rule():
-    from mlx_redrafter.accept import sample_accept
-
     tree = pack_sequences([(0, 1, 2), (0, 1, 3), (0, 4)])
     logits = mx.array(np.random.default_rng(0).normal(size=(tree.num_nodes, 6)), mx.float32)
     sampling = SamplingConfig(1.0)
