@@ -195,6 +195,22 @@ def warp_candidates(
     return ids, logprobs, decided
 
 
+def dense_logprobs(logits: mx.array, sampling: SamplingConfig) -> mx.array:
+    """`process_logits` (..., V), through `warp_candidates` when top-k or top-p truncate: a
+    partial selection instead of a sort of the vocabulary (one host sync to check that the
+    candidates decided every row; the full sort otherwise)."""
+    vocab = logits.shape[-1]
+    if sampling.greedy or not (0 < sampling.top_k < vocab or sampling.top_p < 1.0):
+        return process_logits(logits, sampling)
+    shape = logits.shape
+    flat = logits.reshape(-1, vocab)
+    ids, logprobs, decided = warp_candidates(flat, sampling)
+    if not mx.all(decided).item():
+        return process_logits(logits, sampling)
+    dense = mx.full(flat.shape, _NEG_INF, mx.float32)
+    return mx.put_along_axis(dense, ids, logprobs, axis=-1).reshape(shape)
+
+
 def sample_token(
     logits: mx.array, sampling: SamplingConfig, key: mx.array | None = None
 ) -> mx.array:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from .accept import Acceptance, AcceptanceBatch, SamplingConfig, process_logits
+from .accept import Acceptance, AcceptanceBatch, SamplingConfig, dense_logprobs
 from .rsd_draft import (
     GUMBEL_TOPK,
     STOCHASTIC_BEAM,
@@ -272,7 +272,7 @@ def rsd_accept(
         raise ValueError(
             f"logits must have shape (num_nodes={tree.num_nodes}, V), got {tuple(logits.shape)}"
         )
-    logp = process_logits(logits, sampling)
+    logp = dense_logprobs(logits, sampling)
     logq = dense_draft_logq(proposals, draft, logits.shape[1])
     shape = (tree.num_nodes, proposals.nodes.shape[1] + 1)
     if uniforms is None:
@@ -340,6 +340,24 @@ def _slot_outcomes(
 ) -> tuple[mx.array, mx.array]:
     """Per tree and node: the first accepted slot (-1: none) and the token emitted when none
     is, from the residual. logp, logq (B, N, V); slot_tokens (B, N, T), -1 padding."""
+    num_slots = slot_tokens.shape[-1]
+    accept, r = slot_probabilities(logp, logq, slot_tokens, sampled)
+    accepted = uniforms[..., :num_slots] < accept
+    first = mx.argmax(accepted.astype(mx.int32), axis=-1).astype(mx.int32)
+    chosen = mx.where(mx.any(accepted, axis=-1), first, -1).astype(mx.int32)
+    vocab = r.shape[-1]
+    cdf = mx.cumsum(r, axis=-1)
+    target = uniforms[..., num_slots] * cdf[..., -1]
+    token = mx.sum(cdf <= target[..., None], axis=-1).astype(mx.int32)
+    last = vocab - 1 - mx.argmax((r > 0)[..., ::-1].astype(mx.int32), axis=-1).astype(mx.int32)
+    return chosen, mx.minimum(token, last).astype(mx.int32)
+
+
+def slot_probabilities(
+    logp: mx.array, logq: mx.array, slot_tokens: mx.array, sampled: mx.array
+) -> tuple[mx.array, mx.array]:
+    """P(slot t accepted | slots before it rejected) (B, N, T), and the final residual
+    (B, N, V) a node emits from when every slot is rejected."""
     vocab = logp.shape[-1]
     num_slots = slot_tokens.shape[-1]
     columns = mx.arange(vocab)
@@ -363,15 +381,77 @@ def _slot_outcomes(
         # No mass left means r <= q_i everywhere, so rejection had probability 0.
         r = mx.where(valid[..., None] & (mass > 0), rest / mx.maximum(mass, 1e-30), r)
         q_left = _remove_draw(q_left, hot, draw, valid)
-    accept = mx.stack(accept, axis=-1)  # (B, N, T)
-    accepted = uniforms[..., :num_slots] < accept
-    first = mx.argmax(accepted.astype(mx.int32), axis=-1).astype(mx.int32)
-    chosen = mx.where(mx.any(accepted, axis=-1), first, -1).astype(mx.int32)
-    cdf = mx.cumsum(r, axis=-1)
-    target = uniforms[..., num_slots] * cdf[..., -1]
-    token = mx.sum(cdf <= target[..., None], axis=-1).astype(mx.int32)
-    last = vocab - 1 - mx.argmax((r > 0)[..., ::-1].astype(mx.int32), axis=-1).astype(mx.int32)
-    return chosen, mx.minimum(token, last).astype(mx.int32)
+    return mx.stack(accept, axis=-1), r
+
+
+def expected_accepted(
+    tree: Tree,
+    proposals: Proposals,
+    logp: mx.array,
+    logq: mx.array | None = None,
+    support: np.ndarray | None = None,
+) -> float:
+    """E[drafted tokens accepted] in one round over this tree, exactly (no uniforms drawn):
+    the sum over nodes of P(the walk reaches the node). logp, logq (N, V) warped log-probs
+    (logq None: point masses only). Used to replay acceptance without sampling noise.
+
+    support: token ids outside which q is 0 (a drafter's draft vocabulary). The columns
+    outside it and the slot tokens then only ever scale together, so they are summed into
+    one column: the same probabilities from a fraction of the vocabulary.
+    """
+    safe = np.maximum(proposals.nodes, 0)
+    slot_tokens = np.where(proposals.nodes >= 0, tree.tokens[safe], -1)  # (N, T)
+    if logq is None or not proposals.any_sampled:
+        accept = _point_mass_accept(logp, slot_tokens)
+    else:
+        if support is not None:
+            logp, logq, slot_tokens = _fold_columns(logp, logq, slot_tokens, support)
+        accept, _ = slot_probabilities(
+            logp[None], logq[None], mx.array(slot_tokens[None]), mx.array(proposals.sampled[None])
+        )
+        accept = np.array(accept[0], dtype=np.float64)  # (N, T)
+    reach = np.zeros(tree.num_nodes)
+    reach[0] = 1.0
+    for u in range(tree.num_nodes):  # parents precede their children
+        left = reach[u]
+        for t, v in enumerate(proposals.nodes[u]):
+            if v < 0 or left <= 0:
+                continue
+            reach[v] += left * accept[u, t]
+            left *= 1.0 - accept[u, t]
+    return float(reach[1:].sum())
+
+
+def _point_mass_accept(logp: mx.array, slot_tokens: np.ndarray) -> np.ndarray:
+    """The deterministic-children rule's slot probabilities, from p at the slot tokens only:
+    p(x_t) / (1 - p(x_1) - ... - p(x_{t-1})), repeated tokens counted once."""
+    at = mx.array(np.maximum(slot_tokens, 0))
+    p = np.array(mx.exp(mx.take_along_axis(logp, at, axis=1)), dtype=np.float64)
+    p = np.where(slot_tokens >= 0, p, 0.0)
+    accept = np.zeros_like(p)
+    for u in range(p.shape[0]):
+        used, left = set(), 1.0
+        for t in range(p.shape[1]):
+            tok = int(slot_tokens[u, t])
+            if tok < 0 or tok in used:
+                continue
+            accept[u, t] = min(1.0, p[u, t] / left) if left > 0 else 0.0
+            used.add(tok)
+            left -= p[u, t]
+    return accept
+
+
+def _fold_columns(logp: mx.array, logq: mx.array, slot_tokens: np.ndarray, support):
+    """Keep the columns of `support` and of the slot tokens; sum the rest into one."""
+    cols = np.union1d(np.asarray(support), slot_tokens[slot_tokens >= 0]).astype(np.int32)
+    keep = mx.array(cols)
+    outside = mx.ones((1, logp.shape[1]), mx.bool_)
+    outside = mx.put_along_axis(outside, keep[None], mx.array(False), axis=1)  # (1, V)
+    rest = mx.logsumexp(mx.where(outside, logp, -mx.inf), axis=1, keepdims=True)
+    logp = mx.concatenate([logp[:, keep], rest], axis=1)
+    logq = mx.concatenate([logq[:, keep], mx.full(rest.shape, -mx.inf, mx.float32)], axis=1)
+    where = np.searchsorted(cols, np.maximum(slot_tokens, 0))
+    return logp, logq, np.where(slot_tokens >= 0, where, -1).astype(np.int32)
 
 
 def _remove_draw(q_left: mx.array, hot: mx.array, draw: mx.array, valid: mx.array) -> mx.array:

@@ -25,7 +25,7 @@ from typing import Protocol
 import mlx.core as mx
 import numpy as np
 
-from .accept import SamplingConfig, process_logits
+from .accept import SamplingConfig, dense_logprobs
 
 GUMBEL_TOPK = "gumbel-topk"
 STOCHASTIC_BEAM = "sbs"
@@ -117,7 +117,7 @@ def _take_rows(x: mx.array, index: mx.array) -> mx.array:
 
 def _warp(logits: mx.array, sampling: SamplingConfig) -> mx.array:
     """The drafter's q: its logits warped exactly as the target's are."""
-    return process_logits(logits, sampling)
+    return dense_logprobs(logits, sampling)
 
 
 def _log1mexp(a: mx.array) -> mx.array:
