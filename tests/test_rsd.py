@@ -17,18 +17,30 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from test_accept import ACCEPT_P, REJECT_P, chi2_pvalue, ref_probs
+from test_generation import tiny_model, tokens_of
 
 import mlx_redrafter.rsd as rsd
 from mlx_redrafter.accept import SamplingConfig, process_logits, sample_accept
+from mlx_redrafter.drafter import init_drafter
+from mlx_redrafter.errors import GenerationError
 from mlx_redrafter.rsd import (
     accept_batch,
+    accepted_keys,
     build_round,
     draft_logq_rows,
+    node_key,
     point_mass_proposals,
     proposals_batch,
     rsd_accept,
+    split_choice,
 )
-from mlx_redrafter.rsd_draft import gumbel_topk_tree, stochastic_beam_tree
+from mlx_redrafter.rsd_draft import SampledDraft, gumbel_topk_tree, stochastic_beam_tree
+from mlx_redrafter.sizing import (
+    TreePolicy,
+    default_cost_curve,
+    lookup_candidate,
+    sampled_candidates,
+)
 from mlx_redrafter.tree import pack_sequences
 
 ROOT = 0
@@ -306,3 +318,91 @@ def test_build_round_orders_samples_then_copies_and_checks_kept():
     assert props.q_rows[0] == 0 and (props.q_rows[1:] == -1).all()
     with pytest.raises(ValueError, match="earlier-drawn"):
         build_round([], draft, [1, 3])
+
+
+# ---------------------------------------------------------------------------------------------
+# Expected acceptance (replay), sizing, the engine
+
+
+def test_expected_accepted_equals_the_mean_of_rounds():
+    world = World(vocab=5, depth=3, seed=12)
+    sampling = SamplingConfig(0.9)
+    draft = stochastic_beam_tree(world.step(), ROOT, 2, 4, sampling, 1, mx.random.key(7))
+    kept = [j for j in range(1, draft.tokens.shape[1]) if draft.valid[0, j]]
+    tree, props = build_round([(ROOT, 1, 2)], draft, kept)
+    codes = [world.code[_prefix(tree, u)] for u in range(tree.num_nodes)]
+    logp = process_logits(mx.array(world.p)[mx.array(codes)], sampling)
+    logq = draft_logq_rows(draft.logq, None, props.q_rows[None], world.vocab)[0]
+    exact = rsd.expected_accepted(tree, props, logp, logq)
+    folded = rsd.expected_accepted(tree, props, logp, logq, support=np.arange(3))
+    samples = 40_000
+    u = mx.random.uniform(shape=(samples, tree.num_nodes, props.nodes.shape[1] + 1))
+    slots = proposals_batch([props] * samples, tree.num_nodes)
+    result = accept_batch(
+        np.broadcast_to(tree.tokens, (samples, tree.num_nodes)),
+        np.broadcast_to(tree.depths, (samples, tree.num_nodes)),
+        slots,
+        mx.broadcast_to(logp, (samples, *logp.shape)),
+        mx.broadcast_to(logq, (samples, *logq.shape)),
+        u,
+    )
+    mean, sd = result.num_accepted.mean(), result.num_accepted.std() / samples**0.5
+    assert exact > 0.5 and abs(mean - exact) < 5 * sd
+    assert folded == pytest.approx(exact, rel=1e-5)  # folding columns changes nothing
+    point = point_mass_proposals(tree)
+    beams = rsd.expected_accepted(tree, point, logp)  # the deterministic-children rule
+    u = mx.random.uniform(shape=(samples, tree.num_nodes, point.nodes.shape[1] + 1))
+    batch = accept_batch(
+        np.broadcast_to(tree.tokens, (samples, tree.num_nodes)),
+        np.broadcast_to(tree.depths, (samples, tree.num_nodes)),
+        proposals_batch([point] * samples, tree.num_nodes),
+        mx.broadcast_to(logp, (samples, *logp.shape)),
+        mx.full((samples, *logp.shape), -mx.inf),
+        u,
+    )
+    got = batch.num_accepted.mean()
+    assert abs(got - beams) < 5 * batch.num_accepted.std() / samples**0.5
+
+
+def test_sizing_choice_does_not_depend_on_the_drawn_tokens():
+    world = World(vocab=6, depth=3, seed=2)
+    sampling = SamplingConfig(1.0)
+    draft = gumbel_topk_tree(world.step(), ROOT, (4, 2), sampling, 1, mx.random.key(5))
+    policy = TreePolicy(default_cost_curve("cpu"), max_nodes=8)
+    lookup = [lookup_candidate(ROOT, (1, 2), 3)]
+
+    def kept_nodes(d):
+        choice = policy.select(sampled_candidates(d) + lookup, True)
+        det, kept = split_choice(choice.sequences, d)
+        build_round(det, d, kept)  # a valid round: parents and earlier draws kept
+        return det, kept
+
+    det, kept = kept_nodes(draft)
+    assert 0 < len(kept) < int(draft.valid.sum()) - 1  # the budget cut the tree
+    tokens = draft.tokens.copy()
+    tokens[:, 1:] = (tokens[:, 1:] + 3) % world.vocab  # other draws, the root kept
+    other = SampledDraft(**{**vars(draft), "tokens": tokens})
+    assert kept_nodes(other) == (det, kept)
+    # The calibration learns from accepted sampled nodes (their keys).
+    tree, props = build_round(det, draft, kept)
+    path = np.array([0, int(props.nodes[0, 0])])
+    keys = accepted_keys(tree, props, path, draft)
+    assert keys[0] == (ROOT, int(tree.tokens[path[1]])) and keys[1] == (ROOT, node_key(1))
+
+
+@pytest.mark.parametrize("method", ["sbs", "gumbel-topk", "beam"])
+def test_engine_sampled_rounds_and_greedy(method):
+    model = tiny_model(3)
+    drafter = init_drafter(model, seed=1, draft_vocab_ids=list(range(0, 64, 2)))
+    prompt = [5, 9, 2, 5, 9, 2, 5]
+    for lookup in (False, True):
+        out = tokens_of(model, prompt, drafter, max_tokens=24, temperature=0.8, top_p=0.9,
+                        seed=4, beam_width=3, beam_length=3, draft_method=method, lookup=lookup)  # fmt: skip
+        assert len(out) == 24 and all(0 <= t < 64 for t in out)
+    plain = tokens_of(model, prompt, max_tokens=20)
+    assert tokens_of(model, prompt, drafter, max_tokens=20, draft_method=method) == plain
+
+
+def test_bad_draft_method_is_one_error():
+    with pytest.raises(GenerationError, match="draft_method"):
+        tokens_of(tiny_model(0), [1, 2], object(), temperature=1.0, draft_method="nope")
