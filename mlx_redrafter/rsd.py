@@ -18,7 +18,13 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from .accept import Acceptance, AcceptanceBatch, SamplingConfig, dense_logprobs
+from .accept import (
+    Acceptance,
+    AcceptanceBatch,
+    SamplingConfig,
+    dense_logprobs,
+    warp_candidates,
+)
 from .rsd_draft import (
     GUMBEL_TOPK,
     STOCHASTIC_BEAM,
@@ -267,21 +273,54 @@ def rsd_accept(
     uniforms: mx.array | None = None,
 ) -> Acceptance:
     """One round's exact acceptance. logits (N, V): the target's logits per node; uniforms
-    (N, T + 1), drawn here if None."""
+    (N, T + 1), drawn here if None.
+
+    With top-k/top-p, p and q have mass only on their candidates: the recursion then runs
+    over those columns and the slot tokens (a few hundred instead of the vocabulary)."""
     if logits.ndim != 2 or logits.shape[0] != tree.num_nodes:
         raise ValueError(
             f"logits must have shape (num_nodes={tree.num_nodes}, V), got {tuple(logits.shape)}"
         )
-    logp = dense_logprobs(logits, sampling)
-    logq = dense_draft_logq(proposals, draft, logits.shape[1])
+    vocab = logits.shape[1]
+    logq = dense_draft_logq(proposals, draft, vocab)
     shape = (tree.num_nodes, proposals.nodes.shape[1] + 1)
     if uniforms is None:
         uniforms = mx.random.uniform(shape=shape)
+    folded = _folded_target(tree, proposals, logits, logq, sampling)
+    if folded is None:
+        logp, cols = dense_logprobs(logits, sampling), None
+        tokens = tree.tokens
+    else:
+        logp, logq, cols = folded
+        tokens = np.searchsorted(cols, tree.tokens).astype(np.int32)  # slot tokens are in cols
     batch = accept_batch(
-        tree.tokens[None], tree.depths[None], proposals_batch([proposals]),
+        tokens[None], tree.depths[None], proposals_batch([proposals]),
         logp[None], logq[None], uniforms[None],
     )  # fmt: skip
-    return batch[0]
+    result = batch[0]
+    if cols is not None:
+        result.tokens = [int(cols[t]) for t in result.tokens]
+    return result
+
+
+def _folded_target(tree, proposals, logits, logq, sampling):
+    """(logp, logq, columns) restricted to the columns where p or q has mass, or None when
+    p is not truncated (or its top-p reaches past the candidates)."""
+    vocab = logits.shape[1]
+    if sampling.greedy or not (0 < sampling.top_k < vocab or sampling.top_p < 1.0):
+        return None
+    ids, lp, decided = warp_candidates(logits, sampling)
+    q_support = mx.any(logq > -mx.inf, axis=0)  # (V,)
+    mx.eval(ids, decided, q_support)
+    if not bool(mx.all(decided).item()):
+        return None
+    slot_tokens = tree.tokens[proposals.nodes[proposals.nodes >= 0]]
+    cols = np.union1d(np.array(ids).ravel(), np.flatnonzero(np.array(q_support)))
+    cols = np.union1d(cols, slot_tokens).astype(np.int32)
+    keep = mx.array(cols)
+    dense = mx.full(logits.shape, -mx.inf, mx.float32)
+    logp = mx.put_along_axis(dense, ids, lp, axis=1)[:, keep]
+    return logp, logq[:, keep], cols
 
 
 @dataclass(frozen=True, eq=False)

@@ -25,7 +25,7 @@ from typing import Protocol
 import mlx.core as mx
 import numpy as np
 
-from .accept import SamplingConfig, dense_logprobs
+from .accept import SamplingConfig, process_logits, warp_candidates
 
 GUMBEL_TOPK = "gumbel-topk"
 STOCHASTIC_BEAM = "sbs"
@@ -116,8 +116,17 @@ def _take_rows(x: mx.array, index: mx.array) -> mx.array:
 
 
 def _warp(logits: mx.array, sampling: SamplingConfig) -> mx.array:
-    """The drafter's q: its logits warped exactly as the target's are."""
-    return dense_logprobs(logits, sampling)
+    """The drafter's q (..., K): its logits warped as the target's are. With top-k/top-p,
+    over the candidates `warp_candidates` keeps (no sort of K, no host sync): where their
+    top-p mass falls short this is the warp of the most likely candidates, a slightly
+    different q, which is fine: the acceptance only needs the q the draws came from."""
+    k = logits.shape[-1]
+    if sampling.greedy or not (0 < sampling.top_k < k or sampling.top_p < 1.0):
+        return process_logits(logits, sampling)
+    flat = logits.reshape(-1, k)
+    ids, logprobs, _ = warp_candidates(flat, sampling)
+    dense = mx.full(flat.shape, -mx.inf, mx.float32)
+    return mx.put_along_axis(dense, ids, logprobs, axis=-1).reshape(logits.shape)
 
 
 def _log1mexp(a: mx.array) -> mx.array:

@@ -406,3 +406,42 @@ def test_engine_sampled_rounds_and_greedy(method):
 def test_bad_draft_method_is_one_error():
     with pytest.raises(GenerationError, match="draft_method"):
         tokens_of(tiny_model(0), [1, 2], object(), temperature=1.0, draft_method="nope")
+
+
+@pytest.mark.parametrize("sampling", [SamplingConfig(0.8, 0.7, 0), SamplingConfig(1.0, 1.0, 5)])
+def test_folded_columns_give_the_dense_outcomes(monkeypatch, sampling):
+    # With top-p/top-k, rsd_accept works over the columns where p or q has mass; the same
+    # uniforms must give the same outcome as the recursion over the whole vocabulary.
+    import mlx_redrafter.accept as accept
+
+    monkeypatch.setattr(accept, "TOP_P_CANDIDATES", 12)
+    world = World(vocab=6, depth=2, seed=3)
+    vocab = 40
+    draft = gumbel_topk_tree(world.step(), ROOT, (3, 2), sampling, 1, mx.random.key(1))
+    kept = [j for j in range(1, draft.tokens.shape[1]) if draft.valid[0, j]]
+    tree, props = build_round([(ROOT, 7, 8)], draft, kept)
+    # Target logits over a larger vocabulary, peaked on the low ids (top-p decided).
+    rng = np.random.default_rng(0)
+    logits = np.concatenate(
+        [rng.normal(size=(tree.num_nodes, 10)) * 2 + 4, rng.normal(size=(tree.num_nodes, 30))],
+        axis=1,
+    ).astype(np.float32)
+    logits = mx.array(logits)
+    q6 = draft_logq_rows(draft.logq, None, props.q_rows[None], 6)[0]
+    logq = mx.concatenate([q6, mx.full((tree.num_nodes, vocab - 6), -mx.inf)], axis=1)
+    logp = process_logits(logits, sampling)
+    folded_used = 0
+    for seed in range(30):
+        u = mx.random.uniform(
+            shape=(tree.num_nodes, props.nodes.shape[1] + 1), key=mx.random.key(seed)
+        )
+        draft40 = SampledDraft(**{**vars(draft), "logq": mx.concatenate(
+            [draft.logq, mx.full((1, draft.logq.shape[1], vocab - 6), -mx.inf)], axis=2)})  # fmt: skip
+        got = rsd_accept(tree, props, logits, sampling, draft40, u)
+        want = accept_batch(
+            tree.tokens[None], tree.depths[None], proposals_batch([props]),
+            logp[None], logq[None], u[None],
+        )[0]  # fmt: skip
+        assert got.tokens == want.tokens and got.path.tolist() == want.path.tolist()
+        folded_used += rsd._folded_target(tree, props, logits, logq, sampling) is not None
+    assert folded_used == 30
