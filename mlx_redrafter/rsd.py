@@ -39,10 +39,16 @@ BEAM = "beam"  # deterministic beam search (the drafter's children are point mas
 DRAFT_CHOICES = (BEAM, GUMBEL_TOPK, STOCHASTIC_BEAM)
 
 
+# Below this temperature sampled drafts gain little over beams (BENCHMARKS.md section 10:
+# <= 3% at the budgets a CPU verifies, T = 0.3) and cost more to draft; above it Stochastic
+# Beam Search won at most budgets (T = 0.7 and 1.0).
+SAMPLED_DRAFT_MIN_TEMPERATURE = 0.5
+
+
 def default_draft_method(sampling: SamplingConfig) -> str:
-    """How the drafter drafts for this request: beams when greedy; when sampling, what won
-    the fixed-budget comparison (BENCHMARKS.md, RSD section) at that temperature."""
-    if sampling.greedy:
+    """How the drafter drafts for this request: beams when greedy or nearly so; Stochastic
+    Beam Search when sampling at SAMPLED_DRAFT_MIN_TEMPERATURE or above."""
+    if sampling.greedy or sampling.temperature < SAMPLED_DRAFT_MIN_TEMPERATURE:
         return BEAM
     return STOCHASTIC_BEAM
 
