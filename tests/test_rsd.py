@@ -445,3 +445,10 @@ def test_folded_columns_give_the_dense_outcomes(monkeypatch, sampling):
         assert got.tokens == want.tokens and got.path.tolist() == want.path.tolist()
         folded_used += rsd._folded_target(tree, props, logits, logq, sampling) is not None
     assert folded_used == 30
+
+
+def test_default_draft_method_by_temperature():
+    assert rsd.default_draft_method(SamplingConfig(0.0)) == "beam"
+    assert rsd.default_draft_method(SamplingConfig(0.3, 0.9)) == "beam"
+    assert rsd.default_draft_method(SamplingConfig(0.7, 0.9)) == "sbs"
+    assert rsd.default_draft_method(SamplingConfig(1.0, 1.0, 1)) == "beam"  # top-k 1: greedy
