@@ -1,7 +1,8 @@
 """Acceptance over a verified prefix tree: greedy, and exact sampling with deterministic children.
 
-Also owns the warped target distribution (`process_logits`), so plain sampling and tree
-acceptance sample from one definition. docs/tree-attention.md walks through both rules.
+Also owns how tokens are drawn (`SamplingConfig`) and the warped target distribution
+(`process_logits`), so plain sampling, tree acceptance and sampled drafts (rsd.py) share one
+definition. docs/tree-attention.md walks through the rules.
 """
 
 from __future__ import annotations
