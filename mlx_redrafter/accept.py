@@ -1,7 +1,8 @@
 """Acceptance over a verified prefix tree: greedy, and exact sampling with deterministic children.
 
-Also owns the warped target distribution (`process_logits`), so plain sampling and tree
-acceptance sample from one definition. docs/tree-attention.md walks through both rules.
+Also owns how tokens are drawn (`SamplingConfig`) and the warped target distribution
+(`process_logits`), so plain sampling, tree acceptance and sampled drafts (rsd.py) share one
+definition. docs/tree-attention.md walks through the rules.
 """
 
 from __future__ import annotations
@@ -12,10 +13,34 @@ import mlx.core as mx
 import numpy as np
 
 from .env import fast_path
+from .errors import GenerationError
 from .model import fast_exp, fast_kernels_available
 from .tree import Tree
 
 _NEG_INF = float("-inf")
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How tokens are drawn, the one description that plain sampling, tree acceptance and
+    sampled drafting share. Fields (and constructor arguments) in the order temperature
+    (0 = greedy), top_p (1.0 = off), top_k (0 = off); `process_logits` applies them."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0 or self.top_k == 1
+
+    def validate(self) -> None:
+        if self.temperature < 0:
+            raise GenerationError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise GenerationError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise GenerationError(f"top_k must be >= 0, got {self.top_k}")
 
 
 def _fast_cpu(x: mx.array) -> bool:
@@ -84,18 +109,17 @@ class AcceptanceBatch:
 # The target distribution
 
 
-def process_logits(
-    logits: mx.array, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
-) -> mx.array:
+def process_logits(logits: mx.array, sampling: SamplingConfig) -> mx.array:
     """Warp logits (..., V) into float32 log-probabilities (..., V); removed tokens get -inf.
 
     Order: temperature (divides the logits), then top-k (keep the k largest; 0 = off),
     then top-p (keep the smallest most-likely set whose mass is >= p, always at least the top
     token; 1.0 = off). temperature <= 0 gives the one-hot argmax distribution.
     """
+    temperature, top_p, top_k = sampling.temperature, sampling.top_p, sampling.top_k
     logits = logits.astype(mx.float32)
     vocab = logits.shape[-1]
-    if temperature <= 0 or top_k == 1:
+    if sampling.greedy:
         best = mx.argmax(logits, axis=-1, keepdims=True)
         hot = mx.arange(vocab) == best
         return mx.where(hot, mx.array(0.0, mx.float32), mx.array(_NEG_INF, mx.float32))
@@ -137,7 +161,7 @@ TOP_P_CANDIDATES = 256
 
 
 def warp_candidates(
-    logits: mx.array, temperature: float, top_k: int = 0, top_p: float = 1.0
+    logits: mx.array, sampling: SamplingConfig
 ) -> tuple[mx.array, mx.array, mx.array]:
     """`process_logits` restricted to the tokens it can keep, for top-k and/or top-p.
 
@@ -147,6 +171,7 @@ def warp_candidates(
     (top-p mass beyond the K candidates) use `process_logits`. A partial selection
     (argpartition) and a sort of K values replace the sort of the whole vocabulary.
     """
+    temperature, top_p, top_k = sampling.temperature, sampling.top_p, sampling.top_k
     logits = logits.astype(mx.float32) / temperature
     vocab = logits.shape[-1]
     truncated = 0 < top_k < vocab
@@ -171,17 +196,29 @@ def warp_candidates(
     return ids, logprobs, decided
 
 
+def dense_logprobs(logits: mx.array, sampling: SamplingConfig) -> mx.array:
+    """`process_logits` (..., V), through `warp_candidates` when top-k or top-p truncate: a
+    partial selection instead of a sort of the vocabulary (one host sync to check that the
+    candidates decided every row; the full sort otherwise)."""
+    vocab = logits.shape[-1]
+    if sampling.greedy or not (0 < sampling.top_k < vocab or sampling.top_p < 1.0):
+        return process_logits(logits, sampling)
+    shape = logits.shape
+    flat = logits.reshape(-1, vocab)
+    ids, logprobs, decided = warp_candidates(flat, sampling)
+    if not mx.all(decided).item():
+        return process_logits(logits, sampling)
+    dense = mx.full(flat.shape, _NEG_INF, mx.float32)
+    return mx.put_along_axis(dense, ids, logprobs, axis=-1).reshape(shape)
+
+
 def sample_token(
-    logits: mx.array,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    key: mx.array | None = None,
+    logits: mx.array, sampling: SamplingConfig, key: mx.array | None = None
 ) -> mx.array:
     """Plain sampling from `process_logits`; logits (..., V) -> int32 token ids (...)."""
-    if temperature <= 0 or top_k == 1:
+    if sampling.greedy:
         return mx.argmax(logits, axis=-1).astype(mx.int32)
-    logprobs = process_logits(logits, temperature, top_k, top_p)
+    logprobs = process_logits(logits, sampling)
     return mx.random.categorical(logprobs, axis=-1, key=key).astype(mx.int32)
 
 
@@ -222,12 +259,7 @@ def uniforms_shape(tree: Tree) -> tuple[int, int]:
 
 
 def sample_accept(
-    tree: Tree,
-    logits: mx.array,
-    temperature: float,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    uniforms: mx.array | None = None,
+    tree: Tree, logits: mx.array, sampling: SamplingConfig, uniforms: mx.array | None = None
 ) -> Acceptance:
     """Exact speculative sampling over the tree (deterministic-children rule).
 
@@ -245,17 +277,12 @@ def sample_accept(
             f"uniforms must have shape {uniforms_shape(tree)} (nodes, child slots + 1), "
             f"got {tuple(uniforms.shape)}"
         )
-    batch = sample_accept_batch(tree, logits, temperature, top_k, top_p, uniforms[None])
+    batch = sample_accept_batch(tree, logits, sampling, uniforms[None])
     return batch[0]
 
 
 def sample_accept_batch(
-    tree: Tree,
-    logits: mx.array,
-    temperature: float,
-    top_k: int,
-    top_p: float,
-    uniforms: mx.array,
+    tree: Tree, logits: mx.array, sampling: SamplingConfig, uniforms: mx.array
 ) -> AcceptanceBatch:
     """`sample_accept` for S independent draws at once: uniforms (S, N, C + 1)."""
     _check_logits(tree, logits)
@@ -267,9 +294,9 @@ def sample_accept_batch(
         )
     uniforms = uniforms.astype(mx.float32)
     vocab = logits.shape[-1]
-    if temperature > 0 and top_k != 1 and (0 < top_k < vocab or top_p < 1.0):
+    if not sampling.greedy and (0 < sampling.top_k < vocab or sampling.top_p < 1.0):
         # Only the candidates top-k/top-p can keep: no sort or cumsum over the vocabulary.
-        ids, logprobs, decided = warp_candidates(logits, temperature, top_k, top_p)
+        ids, logprobs, decided = warp_candidates(logits, sampling)
         outcome = mx.stack(_node_outcomes(tree, logprobs, uniforms, ids))
         decided = mx.all(decided)
         mx.eval(outcome, decided)  # the one host sync
@@ -277,7 +304,7 @@ def sample_accept_batch(
             outcome = np.array(outcome)
             return _walk_batch(tree, outcome[0], outcome[1])
         # Some node's top-p mass lies beyond its candidates: the whole-vocabulary path.
-    logprobs = process_logits(logits, temperature, top_k, top_p)
+    logprobs = process_logits(logits, sampling)
     chosen, fallback = _node_outcomes(tree, logprobs, uniforms)
     outcome = np.array(mx.stack([chosen, fallback]))  # (2, S, N), the one host sync
     return _walk_batch(tree, outcome[0], outcome[1])

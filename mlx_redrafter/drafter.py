@@ -252,10 +252,6 @@ class Drafter(nn.Module):
             return nn.silu(self.rnn_w(embeddings) + self.rnn_u(state))
         return state + embeddings
 
-    def step_state(self, state: mx.array, tokens: mx.array, base_model) -> mx.array:
-        """s_t from s_{t-1} and the tokens x_{t-1} (int, shape state.shape[:-1])."""
-        return self.next_state(state, base_model.embed(tokens))
-
     def head(self, context: mx.array, state: mx.array) -> mx.array:
         """Logits (..., V or K) from the context c (..., context_size; broadcast to the
         state) and s_t. A multi-layer context is first fused to h."""

@@ -16,7 +16,7 @@ import mlx.core as mx
 import numpy as np
 
 from . import defaults
-from .accept import greedy_accept, sample_accept, sample_token
+from .accept import SamplingConfig, greedy_accept, sample_accept, sample_token
 from .cache import KVCache
 from .defaults import load_cost_curve
 from .drafter import beam_search
@@ -24,6 +24,16 @@ from .errors import GenerationError
 from .logprobs import LogprobRecorder, TokenLogprob
 from .lookup import ContextIndex
 from .prompts import eos_ids
+from .rsd import (
+    BEAM,
+    DRAFT_CHOICES,
+    accepted_keys,
+    build_round,
+    default_draft_method,
+    draft_sampled,
+    rsd_accept,
+    split_choice,
+)
 from .sizing import (
     DRAFTER,
     TreePolicy,
@@ -31,8 +41,9 @@ from .sizing import (
     default_cost_curve,
     drafter_candidates,
     lookup_candidate,
+    sampled_candidates,
 )
-from .tree import Tree, pack_beams, pack_sequences
+from .tree import Tree, pack_sequences
 
 DEFAULT_LOOKUP = True
 
@@ -40,30 +51,22 @@ PREFILL_CHUNK = 512
 
 
 @dataclass
-class SamplingConfig:
-    """How a token is chosen from the target's logits, and what is kept about each choice.
+@dataclass(frozen=True)
+class TokenChoice(SamplingConfig):
+    """The sampling rule (SamplingConfig: what acceptance and drafting take) plus what a
+    generation keeps about each choice: `constraint`, a grammar (constrain.py) that masks the
+    logits before the choice and prunes candidates; `logprobs`, a LogprobRecorder fed the
+    logits of each choice."""
 
-    constraint: a grammar (constrain.GrammarConstraint) that masks the logits before the
-    choice and prunes candidates; logprobs: a LogprobRecorder fed the logits of each choice.
-    """
-
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
     constraint: object | None = None
     logprobs: LogprobRecorder | None = None
 
-    @property
-    def greedy(self) -> bool:
-        return self.temperature <= 0.0 or self.top_k == 1
-
-    def validate(self) -> None:
-        if self.temperature < 0:
-            raise GenerationError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise GenerationError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise GenerationError(f"top_k must be >= 0, got {self.top_k}")
+    @classmethod
+    def of(cls, sampling: SamplingConfig) -> TokenChoice:
+        """`sampling` as a TokenChoice (a plain SamplingConfig keeps nothing extra)."""
+        if isinstance(sampling, cls):
+            return sampling
+        return cls(sampling.temperature, sampling.top_p, sampling.top_k)
 
 
 @dataclass
@@ -153,16 +156,16 @@ def _sample(logits: mx.array, sampling: SamplingConfig) -> mx.array:
     Under a constraint the forbidden tokens are masked first (and the state moves past the
     choice: one host sync); the choice's logprobs are recorded from the unmasked logits.
     """
-    constraint = sampling.constraint
+    constraint = getattr(sampling, "constraint", None)
     if constraint is None:
-        token = sample_token(logits, sampling.temperature, sampling.top_k, sampling.top_p)
+        token = sample_token(logits, sampling)
     else:
         mx.async_eval(logits)  # the forward runs while the host computes the mask
-        masked = constraint.mask_logits(logits)
-        token = sample_token(masked, sampling.temperature, sampling.top_k, sampling.top_p)
+        token = sample_token(constraint.mask_logits(logits), sampling)
         constraint.advance([token.item()])
-    if sampling.logprobs is not None:
-        sampling.logprobs.record(logits[None], token[None])
+    recorder = getattr(sampling, "logprobs", None)
+    if recorder is not None:
+        recorder.record(logits[None], token[None])
     return token
 
 
@@ -194,6 +197,7 @@ def plain_steps(
     stats: DecodeStats,
 ) -> Iterator[list[int]]:
     """Autoregressive decoding; yields [token] per step. The cache holds all but the last."""
+    sampling = TokenChoice.of(sampling)
     t0 = time.perf_counter()
     hidden = prefill(model, cache, prompt)
     token = _sample(model.logits(hidden).astype(mx.float32), sampling)
@@ -212,14 +216,6 @@ def plain_steps(
         yield [token.item()]
         stats.steps += 1
         token = nxt
-
-
-def draft_tree(
-    model, drafter, context: mx.array, g0: int, beam_width: int, beam_length: int
-) -> Tree:
-    """Beam-search drafts from `g0` and pack them into a prefix tree (one host sync)."""
-    beams, _ = draft_beams(model, drafter, context, g0, beam_width, beam_length)
-    return pack_beams(beams)
 
 
 def draft_beams(
@@ -290,6 +286,7 @@ class _RoundState:
     def __init__(self, drafter, beam, lookup: LookupConfig | None, policy, history, profile):
         self.profile = profile  # evaluate the verify forward on its own (exact time split)
         self.drafter = drafter
+        self.draft_method = BEAM  # when sampling: beams or a sampled draft (rsd.py)
         self.features = drafter_features(drafter)
         self.beam = beam  # (W, L) for the drafter
         self.lookup = lookup
@@ -304,13 +301,21 @@ def speculative_round(model, cache: KVCache, state: _RoundState, context, g0, sa
     """draft -> lookup -> select -> pack -> verify -> accept -> commit; returns (tokens, new
     context). The tree holds the nodes worth their verify cost on this device (all drafter
     beams when there is no sizing policy)."""
+    sampling = TokenChoice.of(sampling)
     t0 = time.perf_counter()
     policy = state.policy
     candidates = _allowed(sampling, lookup_candidates(state, g0), g0)  # lookup
     with_drafter = state.drafter is not None and (
         policy is None or policy.want_drafter(policy.select(candidates, False))
     )
-    if with_drafter:  # draft
+    draft = None
+    sampled_draft = state.draft_method != BEAM and not sampling.greedy
+    if with_drafter and sampled_draft and sampling.constraint is None:  # draft (RSD)
+        draft = draft_sampled(
+            model, state.drafter, context, g0, state.draft_method, state.beam, sampling
+        )
+        candidates = sampled_candidates(draft) + candidates
+    elif with_drafter:  # draft
         beams, prefix = draft_beams(model, state.drafter, context, g0, *state.beam)
         candidates = _allowed(sampling, drafter_candidates(beams, prefix)) + candidates
     t_draft = time.perf_counter()
@@ -320,7 +325,12 @@ def speculative_round(model, cache: KVCache, state: _RoundState, context, g0, sa
     else:
         choice = policy.select(candidates, with_drafter) if candidates else None
         sequences = choice.sequences if choice else [(g0,)]
-    tree = pack_sequences(sequences)  # pack
+    proposals = None
+    if draft is None:  # pack
+        tree = pack_sequences(sequences)
+    else:
+        det, kept = split_choice(sequences, draft)
+        tree, proposals = build_round(det, draft, kept)
     hidden, logits = verify_tree(model, cache, tree, state.features)  # verify
     if state.profile:
         mx.eval(hidden, logits)
@@ -328,8 +338,10 @@ def speculative_round(model, cache: KVCache, state: _RoundState, context, g0, sa
     target = logits if sampling.constraint is None else _mask_tree(sampling, tree, logits)
     if sampling.greedy:  # accept
         result = greedy_accept(tree, target)
+    elif proposals is not None and proposals.any_sampled:
+        result = rsd_accept(tree, proposals, target, sampling, draft)
     else:
-        result = sample_accept(tree, target, sampling.temperature, sampling.top_k, sampling.top_p)
+        result = sample_accept(tree, target, sampling)
     path = np.asarray(result.path)
     _after_accept(sampling, logits, path, result.tokens)
     cache.commit(path)  # commit
@@ -337,7 +349,8 @@ def speculative_round(model, cache: KVCache, state: _RoundState, context, g0, sa
 
     accepted = [tuple(int(t) for t in tree.tokens[path[: k + 1]]) for k in range(1, len(path))]
     if policy is not None:
-        policy.observe(choice, accepted, with_drafter)
+        keys = accepted if proposals is None else accepted_keys(tree, proposals, path, draft)
+        policy.observe(choice, keys, with_drafter)
         if with_drafter:
             policy.observe_times(t_draft - t0, t_end - t_draft, tree.num_nodes)
     credit = credit_sources(choice, accepted) if choice else {DRAFTER: len(accepted)}
@@ -405,6 +418,7 @@ def redrafter_steps(
     lookup: LookupConfig | None = None,
     policy: TreePolicy | None = None,
     history: Sequence[int] | None = None,
+    draft_method: str = BEAM,
 ) -> Iterator[list[int]]:
     """Speculative decoding: prefill, then rounds (`speculative_round`) until closed.
 
@@ -416,6 +430,7 @@ def redrafter_steps(
     default `prompt`). With profile=True the verify forward is evaluated on its own so the
     time split is exact (one more sync per round).
     """
+    sampling = TokenChoice.of(sampling)
     stats.beam_length = beam_length
     t0 = time.perf_counter()
     context = prefill(model, cache, prompt, features=drafter_features(drafter))
@@ -427,6 +442,8 @@ def redrafter_steps(
 
     history = list(prompt if history is None else history) + [g0]
     state = _RoundState(drafter, (beam_width, beam_length), lookup, policy, history, profile)
+    if drafter is not None and getattr(drafter, "propose", None) is None:
+        state.draft_method = draft_method  # sampled drafts need the RNN drafter's q
     while True:
         tokens, context = speculative_round(model, cache, state, context, g0, sampling, stats)
         g0 = tokens[-1]
@@ -502,6 +519,7 @@ def stream_generate(
     profile: bool = False,
     constraint=None,
     logprobs: int | None = None,
+    draft_method: str | None = None,
 ) -> Iterator[GenerationResponse]:
     """Generate from `prompt` (text or token ids), yielding one response per token.
 
@@ -518,9 +536,15 @@ def stream_generate(
     the output to a grammar, exactly and still speculatively; it is reset here, so it serves
     one generation at a time. `logprobs` (None: off; k >= 0) puts on each response the
     token's log-probability and the k most likely tokens, from the logits that chose it.
+
+    When sampling, the drafter's children are drawn without replacement from its own
+    distribution (`draft_method` "sbs" or "gumbel-topk"; "beam" for deterministic beams;
+    default: the best measured for sampling) and verified by recursive rejection sampling
+    (rsd.py). Under a `constraint` the drafter drafts beams (a pruned sampled child would
+    change the rejection residual; a pruned point mass does not).
     """
     recorder = None if logprobs is None else LogprobRecorder(logprobs)
-    sampling = SamplingConfig(temperature, top_p, top_k, constraint, recorder)
+    sampling = TokenChoice(temperature, top_p, top_k, constraint, recorder)
     sampling.validate()
     if constraint is not None:
         vocab = getattr(getattr(model, "args", None), "vocab_size", constraint.vocab_size)
@@ -533,6 +557,10 @@ def stream_generate(
     if max_tokens < 1:
         raise GenerationError(f"max_tokens must be >= 1, got {max_tokens}")
     beam_width, beam_length = resolve_beam(model, beam_width, beam_length)
+    if draft_method is None:
+        draft_method = default_draft_method(sampling, beam_width)
+    if draft_method not in DRAFT_CHOICES:
+        raise GenerationError(f"draft_method must be one of {DRAFT_CHOICES}, got {draft_method!r}")
     look = resolve_lookup(lookup, lookup_max)
     ids = encode_prompt(tokenizer, prompt)
     _check_fits(
@@ -552,7 +580,7 @@ def stream_generate(
         policy = tree_policy(model) if look is not None else None
         steps = redrafter_steps(
             model, drafter, cache, new_ids, sampling, stats, beam_width, beam_length, profile,
-            lookup=look, policy=policy, history=ids,
+            lookup=look, policy=policy, history=ids, draft_method=draft_method,
         )  # fmt: skip
 
     text_out = _TextOut(tokenizer, stop, max_tokens)

@@ -23,6 +23,7 @@ import numpy as np
 
 DRAFTER = "drafter"
 LOOKUP = "lookup"
+SAMPLED = "sampled"  # calibration bucket of drafter nodes drawn without replacement
 
 # t(n)/t(1) measured on a 2-core x86 CPU (SmolLM2-135M, float32, the fast path; `tune
 # --curve-only`, BENCHMARKS.md section 7): used when `tune` has stored no curve for the device
@@ -92,6 +93,36 @@ def drafter_candidates(beams: np.ndarray, prefix_scores: np.ndarray | None) -> l
             raw = np.exp(np.diff(prefix_scores[w].astype(np.float64))).tolist()
         buckets = tuple((DRAFTER, d) for d in range(1, beams.shape[1]))
         out.append(Candidate(DRAFTER, tuple(int(t) for t in beams[w]), tuple(raw), buckets))
+    return out
+
+
+def sampled_candidates(draft, kept: Sequence[int] | None = None) -> list[Candidate]:
+    """Nodes drawn without replacement (`rsd_draft.SampledDraft`, tree 0) as candidates, one
+    per leaf. Their tokens are keys, not tokens: node j is -1 - j, so that while the tree is
+    chosen a drawn node never merges with another source's node. The choice must not depend
+    on which tokens were drawn (a sibling's proposal assumes it was kept whatever it drew):
+    a rank-i draw at any depth is estimated by the root q's i-th largest probability (known
+    before any draw), calibrated per depth. Estimates fall with rank, so any kept set holds
+    each node's earlier draws."""
+    valid = draft.valid[0]
+    nodes = [j for j in range(1, valid.shape[0]) if valid[j] and (kept is None or j in kept)]
+    if not nodes:
+        return []
+    top = draft.root_top[0]
+    parents, ranks, depths = draft.parents[0], draft.ranks[0], draft.depths
+    inner = {int(parents[j]) for j in nodes}
+    out = []
+    for leaf in (j for j in nodes if j not in inner):
+        chain = []
+        j = leaf
+        while j > 0:
+            chain.append(j)
+            j = int(parents[j])
+        chain.reverse()
+        raw = tuple(float(top[min(int(ranks[j]), top.size - 1)]) for j in chain)
+        buckets = tuple((SAMPLED, int(depths[j])) for j in chain)
+        keys = (int(draft.tokens[0, 0]), *(-1 - j for j in chain))
+        out.append(Candidate(DRAFTER, keys, raw, buckets))
     return out
 
 

@@ -3,7 +3,7 @@ a JSON schema, interleaved per prompt; and what the grammar's masks cost per tok
 
     python scripts/bench_structured.py [-n 128] [--out structured.json]
 
-Prints a table and writes the per-run records as JSON (BENCHMARKS.md section 10).
+Prints a table and writes the per-run records as JSON (BENCHMARKS.md section 11).
 """
 
 from __future__ import annotations

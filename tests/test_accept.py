@@ -19,6 +19,7 @@ from helpers import assert_close
 
 from mlx_redrafter.accept import (
     Acceptance,
+    SamplingConfig,
     greedy_accept,
     process_logits,
     sample_accept,
@@ -212,7 +213,9 @@ def random_case(seed: int, width: int, length: int, vocab: int):
 
 def run_batch(tree, logits, temperature, top_k, top_p, samples, seed):
     uniforms = mx.random.uniform(shape=(samples, *uniforms_shape(tree)), key=mx.random.key(seed))
-    return sample_accept_batch(tree, mx.array(logits), temperature, top_k, top_p, uniforms)
+    return sample_accept_batch(
+        tree, mx.array(logits), SamplingConfig(temperature, top_p, top_k), uniforms
+    )
 
 
 def expected_for(tree, logits, temperature, top_k, top_p):
@@ -285,7 +288,7 @@ def test_bad_logits_shape_raises():
     with pytest.raises(ValueError, match="num_nodes=7"):
         greedy_accept(tree, mx.zeros((6, 100)))
     with pytest.raises(ValueError, match="uniforms"):
-        sample_accept(tree, mx.zeros((7, 100)), 1.0, 0, 1.0, mx.zeros((7, 2)))
+        sample_accept(tree, mx.zeros((7, 100)), SamplingConfig(1.0), mx.zeros((7, 2)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,7 +301,7 @@ def test_bad_logits_shape_raises():
 )
 def test_process_logits_matches_reference(temperature, top_k, top_p):
     logits = np.random.default_rng(1).normal(size=(2, 5, 12)).astype(np.float32) * 2
-    out = process_logits(mx.array(logits), temperature, top_k, top_p)
+    out = process_logits(mx.array(logits), SamplingConfig(temperature, top_p, top_k))
     assert out.dtype == mx.float32 and out.shape == (2, 5, 12)
     probs = np.exp(np.array(out))
     for row_in, row_out in zip(logits.reshape(-1, 12), probs.reshape(-1, 12), strict=True):
@@ -309,9 +312,9 @@ def test_process_logits_matches_reference(temperature, top_k, top_p):
 
 def test_process_logits_keeps_the_top_token_and_tolerates_minus_inf():
     logits = mx.array([[0.0, -np.inf, 3.0, 2.9], [-np.inf, -np.inf, 1.0, -np.inf]])
-    probs = np.exp(np.array(process_logits(logits, 1.0, 0, 1e-6)))
+    probs = np.exp(np.array(process_logits(logits, SamplingConfig(1.0, 1e-6, 0))))
     assert probs.tolist() == [[0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 1.0, 0.0]]
-    probs = np.array(process_logits(logits, 1e-4, 2, 1.0))
+    probs = np.array(process_logits(logits, SamplingConfig(1e-4, 1.0, 2)))
     assert not np.isnan(probs).any()
 
 
@@ -319,13 +322,13 @@ def test_sample_token_distribution_and_greedy_cases():
     logits = np.random.default_rng(2).normal(size=10).astype(np.float32)
     samples = 20_000
     tiled = mx.broadcast_to(mx.array(logits), (samples, 10))
-    tokens = np.array(sample_token(tiled, 0.8, 6, 0.9, key=mx.random.key(3)))
+    tokens = np.array(sample_token(tiled, SamplingConfig(0.8, 0.9, 6), key=mx.random.key(3)))
     expected = dict(enumerate(ref_probs(logits, 0.8, 6, 0.9)))
     observed = dict(zip(*np.unique(tokens, return_counts=True), strict=True))
     assert chi2_pvalue(observed, expected, samples) > ACCEPT_P
     best = int(np.argmax(logits))
-    assert int(sample_token(mx.array(logits), 0.0)) == best
-    assert np.all(np.array(sample_token(tiled[:100], 1.0, top_k=1)) == best)
+    assert int(sample_token(mx.array(logits), SamplingConfig(0.0))) == best
+    assert np.all(np.array(sample_token(tiled[:100], SamplingConfig(1.0, top_k=1))) == best)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -435,7 +438,9 @@ def test_top_k_1_and_tiny_temperature_act_greedy():
         logits = (np.argsort(np.argsort(logits, axis=1), axis=1) * 0.05).astype(np.float32)
         greedy = greedy_accept(tree, mx.array(logits))
         for temperature, top_k in [(1.0, 1), (1e-4, 0), (0.0, 0)]:
-            probs = np.array(process_logits(mx.array(logits), temperature, top_k, 1.0))
+            probs = np.array(
+                process_logits(mx.array(logits), SamplingConfig(temperature, 1.0, top_k))
+            )
             assert not np.isnan(probs).any()
             batch = run_batch(tree, logits, temperature, top_k, 1.0, 64, seed=seed)
             for s in range(len(batch)):
@@ -454,12 +459,12 @@ def test_children_holding_all_mass_with_uniforms_at_one():
     # Make the fallback uniform vary so both tokens can appear.
     fallback = mx.random.uniform(shape=(500, tree.num_nodes), key=mx.random.key(0))
     uniforms = mx.concatenate([ones[..., :-1], fallback[..., None]], axis=-1)
-    batch = sample_accept_batch(tree, mx.array(logits), 1.0, 2, 1.0, uniforms)
+    batch = sample_accept_batch(tree, mx.array(logits), SamplingConfig(1.0, 1.0, 2), uniforms)
     assert np.all(batch.num_accepted == 0)
     assert set(np.unique(batch.tokens[:, 0]).tolist()) == {3, 5}
     # With the largest float32 uniform below 1, the last remaining child is always accepted.
     below_one = mx.full((1, *uniforms_shape(tree)), np.nextafter(np.float32(1), np.float32(0)))
-    result = sample_accept_batch(tree, mx.array(logits), 1.0, 2, 1.0, below_one)[0]
+    result = sample_accept_batch(tree, mx.array(logits), SamplingConfig(1.0, 1.0, 2), below_one)[0]
     assert result.path.tolist() == [0, 3]  # node 3 carries token 5
     assert result.tokens[0] == 5
 
@@ -477,10 +482,10 @@ def test_residual_mass_below_float32_range():
     u = np.random.default_rng(3).random((samples, *uniforms_shape(tree))).astype(np.float32)
     u[:, 0, :2] = 0.99  # reject the first two children (r(x) is 1/3, then 1/2)
     u[:, 0, 2] = below_one
-    batch = sample_accept_batch(tree, mx.array(logits), 1.0, 0, 1.0, mx.array(u))
+    batch = sample_accept_batch(tree, mx.array(logits), SamplingConfig(1.0, 1.0, 0), mx.array(u))
     assert np.all(batch.paths[:, 1] == 3)
     u[:, 0, 2] = 1.0  # now force the last child out too
-    batch = sample_accept_batch(tree, mx.array(logits), 1.0, 0, 1.0, mx.array(u))
+    batch = sample_accept_batch(tree, mx.array(logits), SamplingConfig(1.0, 1.0, 0), mx.array(u))
     assert np.all(batch.num_accepted == 0)
     weights = np.exp(offsets.astype(np.float64))
     expected = {(i,): w / weights.sum() for i, w in enumerate(weights)}
@@ -492,17 +497,17 @@ def test_seeded_determinism_and_single_equals_batch():
     _, tree, logits = random_case(3, 4, 4, 10)
     logits = mx.array(logits)
     mx.random.seed(123)
-    first = sample_accept(tree, logits, 0.9, 0, 0.95)
+    first = sample_accept(tree, logits, SamplingConfig(0.9, 0.95, 0))
     mx.random.seed(123)
-    second = sample_accept(tree, logits, 0.9, 0, 0.95)
+    second = sample_accept(tree, logits, SamplingConfig(0.9, 0.95, 0))
     assert first.path.tolist() == second.path.tolist() and first.tokens == second.tokens
 
     uniforms = mx.random.uniform(shape=(32, *uniforms_shape(tree)), key=mx.random.key(5))
-    batch = sample_accept_batch(tree, logits, 0.9, 0, 0.95, uniforms)
-    again = sample_accept_batch(tree, logits, 0.9, 0, 0.95, uniforms)
+    batch = sample_accept_batch(tree, logits, SamplingConfig(0.9, 0.95, 0), uniforms)
+    again = sample_accept_batch(tree, logits, SamplingConfig(0.9, 0.95, 0), uniforms)
     assert np.array_equal(batch.tokens, again.tokens)
     for s in range(32):
-        single = sample_accept(tree, logits, 0.9, 0, 0.95, uniforms[s])
+        single = sample_accept(tree, logits, SamplingConfig(0.9, 0.95, 0), uniforms[s])
         assert single.path.tolist() == batch[s].path.tolist()
         assert single.tokens == batch[s].tokens
         assert len(single.tokens) == len(single.path) == single.num_accepted + 1
@@ -524,8 +529,12 @@ def test_candidates_give_process_logits_where_decided(
     monkeypatch.setattr(accept, "TOP_P_CANDIDATES", candidates)
     logits = np.random.default_rng(4).normal(size=(40, 30)).astype(np.float32) * 2
     logits[0, :4] = 5.0  # a tie at the top
-    ids, logprobs, decided = accept.warp_candidates(mx.array(logits), temperature, top_k, top_p)
-    full = np.exp(np.array(process_logits(mx.array(logits), temperature, top_k, top_p)))
+    ids, logprobs, decided = accept.warp_candidates(
+        mx.array(logits), SamplingConfig(temperature, top_p, top_k)
+    )
+    full = np.exp(
+        np.array(process_logits(mx.array(logits), SamplingConfig(temperature, top_p, top_k)))
+    )
     ids, probs, decided = np.array(ids), np.exp(np.array(logprobs)), np.array(decided)
     for row in np.flatnonzero(decided):
         dense = np.zeros(30)
@@ -545,14 +554,14 @@ def test_sampling_is_lossless_with_few_candidates(monkeypatch, candidates):
 
     monkeypatch.setattr(accept, "TOP_P_CANDIDATES", candidates)
     _, tree, logits = random_case(23, 3, 3, 10)
-    _, _, decided = accept.warp_candidates(mx.array(logits), 1.0, 0, 0.85)
+    _, _, decided = accept.warp_candidates(mx.array(logits), SamplingConfig(1.0, 0.85))
     samples = 40_000
     batch = run_batch(tree, logits, 1.0, 0, 0.85, samples, seed=5)
     observed = count_outcomes(batch.tokens, batch.num_accepted)
     assert chi2_pvalue(observed, expected_for(tree, logits, 1.0, 0, 0.85), samples) > ACCEPT_P
     assert np.array(decided).all() == (candidates == 8)
     # A single round (no batch) goes through the same path.
-    result = sample_accept(tree, mx.array(logits), 1.0, 0, 0.85)
+    result = sample_accept(tree, mx.array(logits), SamplingConfig(1.0, 0.85, 0))
     assert result.tokens[:-1] == [int(t) for t in tree.tokens[result.path[1:]]]
 
 

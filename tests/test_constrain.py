@@ -19,7 +19,7 @@ from helpers import (
 from test_generation import chi2_pvalue
 
 from mlx_redrafter import generation
-from mlx_redrafter.accept import process_logits, sample_accept_batch
+from mlx_redrafter.accept import SamplingConfig, process_logits, sample_accept_batch
 from mlx_redrafter.constrain import JsonGrammar, allowed_tokens, apply_bitmask
 from mlx_redrafter.drafter import load_drafter
 from mlx_redrafter.errors import ConstraintError, GenerationError
@@ -360,7 +360,7 @@ def _sampling_case(tiny):
 def _samples(tree, logits, temperature, n=20000):
     mx.random.seed(1)
     uniforms = mx.random.uniform(shape=(n, tree.num_nodes, tree.children.shape[1] + 1))
-    return sample_accept_batch(tree, logits, temperature, 0, 1.0, uniforms)
+    return sample_accept_batch(tree, logits, SamplingConfig(temperature, 1.0, 0), uniforms)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
@@ -370,7 +370,7 @@ def test_sampling_under_masks_is_exact(tiny, temperature):
     constraint, tree, logits, node_a, (a, b, c) = _sampling_case(tiny)
     masked = constraint.mask_tree(tree, logits)
     batch = _samples(tree, masked, temperature)
-    probs = np.exp(np.array(process_logits(masked, temperature)))  # (N, V)
+    probs = np.exp(np.array(process_logits(masked, SamplingConfig(temperature))))  # (N, V)
     first = np.bincount(batch.tokens[:, 0], minlength=probs.shape[1])
     assert chi2_pvalue(first, probs[0]) > 1e-4
     after_a = batch.tokens[(batch.paths[:, 1] == node_a), 1]
@@ -385,7 +385,8 @@ def test_the_masked_sampling_check_can_fail(tiny):
     '"a', which the check calls impossible; masking every node with node 'a's mask (wrong at
     the root) shifts the first token's distribution, and the chi-square test catches it."""
     constraint, tree, logits, node_a, _ = _sampling_case(tiny)
-    right = np.exp(np.array(process_logits(constraint.mask_tree(tree, logits), 1.0)))
+    masked = constraint.mask_tree(tree, logits)
+    right = np.exp(np.array(process_logits(masked, SamplingConfig(1.0))))
     bits = constraint.tree_bitmasks(tree)
 
     batch = _samples(tree, apply_bitmask(logits, np.repeat(bits[:1], tree.num_nodes, 0)), 1.0)

@@ -198,7 +198,7 @@ def mlx_logits(drafter, base, context, tokens):
     state = drafter.initial_state(1)
     out = []
     for tok in tokens:
-        state = drafter.step_state(state, mx.array([tok]), base)
+        state = drafter.next_state(state, base.embed(mx.array([tok])))
         out.append(drafter.head(mx.array(context)[None], state)[0])
     return np.array(mx.stack(out).astype(mx.float32))
 

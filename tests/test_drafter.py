@@ -94,12 +94,12 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
 
 def drafter_log_probs(drafter, base, context, prefixes) -> np.ndarray:
     """log q(. | prefix) for each prefix (tokens including g0), with the drafter's own
-    step_state/head, one prefix at a time. -> (n, head_size) float64."""
+    next_state/head, one prefix at a time. -> (n, head_size) float64."""
     out = []
     for prefix in prefixes:
         state = drafter.initial_state(1)
         for tok in prefix:
-            state = drafter.step_state(state, mx.array([tok]), base)
+            state = drafter.next_state(state, base.embed(mx.array([tok])))
         logits = drafter.head(context, state)[0].astype(mx.float32)
         out.append(log_softmax(np.array(logits, dtype=np.float64)))
     return np.stack(out)
@@ -146,7 +146,7 @@ def test_forward_matches_numpy_equations(base, variant):
     for tokens in ([5], [5, 17], [63, 0, 9, 9]):
         state = drafter.initial_state(1)
         for tok in tokens:
-            state = drafter.step_state(state, mx.array([tok]), base)
+            state = drafter.next_state(state, base.embed(mx.array([tok])))
         ours = np.array(drafter.head(context, state)[0])
         ref = numpy_logits(p, drafter.args, table, c, tokens)
         assert ours.shape == (drafter.head_size,)
@@ -177,7 +177,7 @@ def test_module_layout_matches_apple_names(base):
 def test_head_broadcasts_context_over_beams(base):
     drafter = make_drafter(base)
     context = context_vector()
-    state = drafter.step_state(drafter.initial_state(3), mx.array([1, 2, 3]), base)
+    state = drafter.next_state(drafter.initial_state(3), base.embed(mx.array([1, 2, 3])))
     batched = drafter.head(context, state)
     for i in range(3):
         single = drafter.head(context[None], state[i : i + 1])
@@ -383,7 +383,7 @@ def test_beam_search_rejects_bad_shapes(base):
 
 
 def logits_of(drafter, base) -> np.ndarray:
-    state = drafter.step_state(drafter.initial_state(2), mx.array([4, 50]), base)
+    state = drafter.next_state(drafter.initial_state(2), base.embed(mx.array([4, 50])))
     return np.array(drafter.head(context_vector(), state).astype(mx.float32))
 
 

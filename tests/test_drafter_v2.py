@@ -579,7 +579,7 @@ def test_multi_layer_training_logits_equal_beam_search_logits(vocab):
     logits_t = draft_logits(drafter, context[None], model.embed(inputs))  # (N, 1, K)
     state = drafter.initial_state(1)
     for i in range(N):
-        state = drafter.step_state(state, mx.array([beam[i]]), model)
+        state = drafter.next_state(state, model.embed(mx.array([beam[i]])))
         assert_close(logits_t[i], drafter.head(context[None], state))
     drafted = drafter.full_vocab_ids(mx.argmax(logits_t[:, 0], axis=-1))
     assert np.array(drafted).tolist() == beam[1:]

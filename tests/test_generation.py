@@ -10,17 +10,23 @@ import numpy as np
 import pytest
 from helpers import assert_greedy_equal, random_model, reference_logits, tiny_llama_config
 
-from mlx_redrafter.accept import process_logits, sample_accept_batch, sample_token
+from mlx_redrafter.accept import (
+    SamplingConfig,
+    process_logits,
+    sample_accept_batch,
+    sample_token,
+)
 from mlx_redrafter.drafter import init_drafter
 from mlx_redrafter.generation import (
     GenerationError,
-    draft_tree,
+    draft_beams,
     generate,
     prefill,
     stream_generate,
     verify_tree,
 )
 from mlx_redrafter.model import Model
+from mlx_redrafter.tree import pack_beams
 
 
 class FakeDetokenizer:
@@ -374,7 +380,9 @@ def exact_first_three(model, prompt, temperature, top_k, top_p, V):
 
     def dist(prefixes):
         _, logits = model(mx.array(prefixes, dtype=mx.int32))
-        return np.exp(np.array(process_logits(logits[:, -1], temperature, top_k, top_p)))
+        return np.exp(
+            np.array(process_logits(logits[:, -1], SamplingConfig(temperature, top_p, top_k)))
+        )
 
     p1 = dist([prompt])[0]
     p2 = dist([prompt + [a] for a in range(V)])  # (V, V)
@@ -393,7 +401,8 @@ def redrafter_first_three(
     counts = np.zeros((V, V, V), np.int64)
     first = np.array(
         sample_token(
-            mx.broadcast_to(model(mx.array([prompt]))[1][0, -1], (S, V)), temperature, top_k, top_p
+            mx.broadcast_to(model(mx.array([prompt]))[1][0, -1], (S, V)),
+            SamplingConfig(temperature, top_p, top_k),
         )
     )
 
@@ -406,12 +415,12 @@ def redrafter_first_three(
         cache = model.make_cache()
         context = prefill(model, cache, prompt + committed)
         if make_tree is None:
-            tree = draft_tree(model, drafter, context, g0, W, L)
+            tree = pack_beams(draft_beams(model, drafter, context, g0, W, L)[0])
         else:
             tree = make_tree(model, drafter, context, g0, W, L, prompt + committed)
         _, logits = verify_tree(model, cache, tree)
         u = mx.random.uniform(shape=(n, tree.num_nodes, tree.children.shape[1] + 1))
-        batch = sample_accept_batch(tree, logits, temperature, top_k, top_p, u)
+        batch = sample_accept_batch(tree, logits, SamplingConfig(temperature, top_p, top_k), u)
         outcomes = {}
         for s in range(n):
             k = int(batch.num_accepted[s])

@@ -301,7 +301,7 @@ def test_training_logits_equal_beam_search_logits(model, vocab):
     # The same step by step, as inference runs it.
     state = drafter.initial_state(1)
     for i in range(N):
-        state = drafter.step_state(state, mx.array([beam[i]]), model)
+        state = drafter.next_state(state, model.embed(mx.array([beam[i]])))
         step_logits = drafter.head(context[None], state)
         assert_close(logits_t[i], step_logits)
     # Beam search drafted each head's argmax, and its score is the sum of their log-probs.

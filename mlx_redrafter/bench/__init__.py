@@ -9,6 +9,8 @@ measures. The pipeline, one module per step:
   JSON, the header naming the machine.
 - `replay`: plain greedy references and tokens per step for many beam shapes replayed from
   them, without timing (`bench --acceptance`).
+- `rsd_replay`: the same for sampled decoding (`bench --acceptance --temp`): deterministic
+  beams against drafts sampled without replacement, expected tokens per step per budget.
 - `tune`: the verify-cost curve and the W x L sweep behind `mlx-redrafter tune`.
 - `profile_ops`: the verify forward's time by kind of op (`tune --profile-ops`).
 
@@ -18,8 +20,10 @@ else in the package imports this one; the command line does.
 
 from __future__ import annotations
 
+from ..accept import SamplingConfig
 from ..errors import BenchError
 from ..prompts import Prompt, load_prompts
+from ..rsd import DRAFT_CHOICES
 from .harness import WARMUP_TOKENS, Bench, benchmark, load_mlx_lm
 from .methods import (
     DEFAULT_LENGTHS,
@@ -57,10 +61,16 @@ from .report import (
     sweep_grid,
     write_json,
 )
+from .rsd_replay import DraftConfig, format_sampled_acceptance, sampled_acceptance
 from .tune import run_tune, verify_cost_curve
 
 __all__ = [
     "CATEGORIES",
+    "DRAFT_CHOICES",
+    "DraftConfig",
+    "SamplingConfig",
+    "format_sampled_acceptance",
+    "sampled_acceptance",
     "DEFAULT_LENGTHS",
     "DEFAULT_WIDTHS",
     "DRAFTER_METHODS",

@@ -16,6 +16,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from ..accept import SamplingConfig
 from ..env import parse_dtype
 from ..errors import BenchError, LoadError
 from ..generation import stream_generate
@@ -77,7 +78,12 @@ class Bench:
         mlx_lm_tokenizer=None,
         max_tokens: int = 128,
         profile: bool = False,
+        sampling: SamplingConfig | None = None,
+        seeds: Sequence[int] = (0,),
     ):
+        self.sampling = sampling or SamplingConfig()
+        self.seeds = list(seeds) if not self.sampling.greedy else list(seeds)[:1]
+        self.seed = self.seeds[0]  # the seed of the run in progress
         self.model = model
         self.tokenizer = tokenizer
         self.drafter = drafter
@@ -102,11 +108,15 @@ class Bench:
 
     def _stream(self, method: Method, ids: list[int], max_tokens: int) -> Iterator[tuple]:
         """(token, stats or None) per generated token."""
+        s = self.sampling
         if method.kind == "mlx-lm":
             from mlx_lm.generate import stream_generate as mlx_lm_stream_generate
+            from mlx_lm.sample_utils import make_sampler
 
+            mx.random.seed(self.seed)
+            sampler = make_sampler(s.temperature, top_p=s.top_p, top_k=s.top_k)
             for r in mlx_lm_stream_generate(
-                self.lm_model, self.lm_tokenizer, ids, max_tokens=max_tokens
+                self.lm_model, self.lm_tokenizer, ids, max_tokens=max_tokens, sampler=sampler
             ):
                 yield r.token, None
             return
@@ -121,6 +131,11 @@ class Bench:
             beam_length=method.beam_length,
             lookup=method.lookup,
             profile=self.profile,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            top_k=s.top_k,
+            seed=self.seed,
+            draft_method=method.draft,
         ):
             yield r.token, r.stats
 
@@ -220,24 +235,29 @@ class Bench:
             for method in methods:
                 self.run_one(method, encoded[0], min(WARMUP_TOKENS, self.max_tokens))
         records = []
-        for i, (prompt, ids) in enumerate(zip(prompts, encoded, strict=True)):
+        runs = [
+            (p, ids, seed) for p, ids in zip(prompts, encoded, strict=True) for seed in self.seeds
+        ]
+        for i, (prompt, ids, seed) in enumerate(runs):
             # A rotating order: each method runs first, second, ... equally often.
             k = i % len(methods)
             order = list(methods[k:]) + list(methods[:k])
             figures = {}
+            self.seed = seed
             for method in order:
                 figures[method.name] = self.run_one(method, ids)
                 if progress is not None:
                     progress(method.name)
-            records.append(
-                {
-                    "id": prompt.id,
-                    "category": prompt.category,
-                    "source": prompt.source,
-                    "prompt_tokens": len(ids),
-                    "methods": {m.name: figures[m.name] for m in methods},
-                }
-            )
+            record = {
+                "id": prompt.id,
+                "category": prompt.category,
+                "source": prompt.source,
+                "prompt_tokens": len(ids),
+                "methods": {m.name: figures[m.name] for m in methods},
+            }
+            if not self.sampling.greedy:
+                record["seed"] = seed
+            records.append(record)
         return records
 
 

@@ -23,6 +23,7 @@ class Method:
     beam_width: int | None = None
     beam_length: int | None = None
     lookup: bool = False  # context lookup candidates (with the cost-aware tree)
+    draft: str | None = None  # when sampling: beam, sbs or gumbel-topk (None: the default)
 
     @property
     def speculative(self) -> bool:
@@ -36,9 +37,13 @@ def _check_names(names: Sequence[str]) -> None:
 
 
 def make_methods(
-    names: Sequence[str], shapes: Sequence[tuple[int, int]], sweep: bool = False
+    names: Sequence[str],
+    shapes: Sequence[tuple[int, int]],
+    sweep: bool = False,
+    drafts: Sequence[str] | None = None,
 ) -> list[Method]:
-    """Methods in the order given; `redrafter` becomes one method per beam shape in a sweep."""
+    """Methods in the order given; `redrafter` becomes one method per beam shape in a sweep,
+    and one per draft method (`--draft`, named name/draft) when several are compared."""
     out = []
     for name in names:
         _check_names([name])
@@ -49,7 +54,11 @@ def make_methods(
             if w < 1 or length < 2:
                 raise BenchError(f"beam shape W={w}, L={length}: need W >= 1 and L >= 2")
             label = f"{name}-W{w}-L{length}" if sweep else name
-            out.append(Method(label, "redrafter", w, length, lookup=name != "redrafter"))
+            for draft in drafts or [None]:
+                full = f"{label}/{draft}" if drafts and len(drafts) > 1 else label
+                out.append(
+                    Method(full, "redrafter", w, length, lookup=name != "redrafter", draft=draft)
+                )
     if len({m.name for m in out}) != len(out):
         raise BenchError(f"a method is listed twice: {', '.join(names)}")
     return out

@@ -160,6 +160,7 @@ def summarize(records: list[dict], methods: Sequence[Method]) -> dict:
     for m in methods:
         runs = [r["methods"][m.name] for r in records]
         summary[m.name] = _method_summary(runs, ref)
+        summary[m.name]["decode_tps_seed_spread"] = _seed_spread(records, m.name)
         if m.speculative:
             summary[m.name].update(_speculative_summary(m, runs))
     for base, key in (("ar", "speedup_vs_ar"), ("mlx-lm", "speedup_vs_mlx_lm")):
@@ -168,6 +169,17 @@ def summarize(records: list[dict], methods: Sequence[Method]) -> dict:
             if ref_tps and entry["decode_tps_mean"] is not None:
                 entry[key] = entry["decode_tps_mean"] / ref_tps
     return summary
+
+
+def _seed_spread(records: list[dict], name: str) -> float | None:
+    """Standard deviation over seeds of the per-seed mean decode tok/s (None: one seed)."""
+    by_seed: dict = {}
+    for r in records:
+        if "seed" in r and r["methods"][name]["decode_tps"] is not None:
+            by_seed.setdefault(r["seed"], []).append(r["methods"][name]["decode_tps"])
+    if len(by_seed) < 2:
+        return None
+    return statistics.pstdev(statistics.fmean(v) for v in by_seed.values())
 
 
 def summarize_groups(records: list[dict], methods: Sequence[Method]) -> dict:
@@ -224,8 +236,18 @@ def _header_lines(h: dict) -> list[str]:
         f"model: {h['model']}",
         f"drafter: {h['drafter'] or 'none'}",
         f"prompts: {h['prompts']} ({h['num_prompts']}, first turn, chat template), "
-        f"max {h['max_tokens']} new tokens, greedy",
+        f"max {h['max_tokens']} new tokens, {_sampling_text(h)}",
     ]
+
+
+def _sampling_text(h: dict) -> str:
+    if not h.get("temperature"):
+        return "greedy"
+    seeds = h.get("seeds") or []
+    return (
+        f"sampled: temperature {h['temperature']}, top-p {h.get('top_p', 1.0)}, "
+        f"top-k {h.get('top_k', 0)}, seeds {','.join(map(str, seeds))} (mean over seeds)"
+    )
 
 
 def _method_rows(result: BenchResult) -> list[str]:
@@ -250,7 +272,16 @@ def _method_rows(result: BenchResult) -> list[str]:
 
 
 def _agreement_lines(result: BenchResult) -> list[str]:
-    """Whether every method's greedy tokens equal the reference method's."""
+    """Whether every method's greedy tokens equal the reference method's; when sampling, the
+    spread of each method's decode speed over seeds instead."""
+    if result.header.get("temperature"):
+        spread = {
+            m.name: result.summary[m.name].get("decode_tps_seed_spread") for m in result.methods
+        }
+        cells = ", ".join(f"{k} {v:.1f}" for k, v in spread.items() if v is not None)
+        return (
+            [f"\nspread over seeds (std of per-seed mean decode tok/s): {cells}"] if cells else []
+        )
     ref = _reference(result.methods)
     key = "mismatches_vs_" + ref.replace("-", "_")
     others = [m.name for m in result.methods if m.name != ref]

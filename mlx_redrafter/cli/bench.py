@@ -102,11 +102,34 @@ def bench(
         ),
     ] = None,
     dtype: Annotated[str | None, typer.Option(help="Cast the models to this dtype.")] = None,
+    temp: Annotated[
+        float, typer.Option("--temp", help="Sampling temperature for every method (0: greedy).")
+    ] = 0.0,
+    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling (1.0: off).")] = 1.0,
+    top_k: Annotated[int, typer.Option("--top-k", help="Top-k sampling (0: off).")] = 0,
+    seeds: Annotated[
+        str,
+        typer.Option(
+            "--seed",
+            help="Comma-separated seeds; when sampling, every prompt runs once per seed and "
+            "the tables give the mean (and the spread over seeds).",
+        ),
+    ] = "0",
+    draft_methods: Annotated[
+        str | None,
+        typer.Option(
+            "--draft",
+            help="When sampling, how the drafter drafts: beam (deterministic beams), sbs "
+            "(stochastic beam search) or gumbel-topk (sampled without replacement); comma-"
+            "separated to compare (default: the engine's choice; with --acceptance all three).",
+        ),
+    ] = None,
 ):
     """Decode speed of ReDrafter against plain decoding and mlx-lm, on the same prompts."""
     names = [m.strip() for m in methods.split(",") if m.strip()]
     check_options(num_prompts=(num_prompts, 1), max_tokens=(max_tokens, 1))
     check_beam_options(beam_width, beam_length)
+    sampling, seed_list, drafts = _sampling_options(temp, top_p, top_k, seeds, draft_methods)
     prompt_list = load_prompts(prompts, num_prompts, per_category)
     bench_lib.check_request(names, prompt_list, sweep, beam_width, beam_length, plot)
     no_drafter = not bench_lib.needs_drafter(names)
@@ -114,13 +137,24 @@ def bench(
     if acceptance:
         if loaded.draft is None:
             raise RedrafterError("--acceptance needs a drafter: pass --drafter")
+        if not sampling.greedy:
+            if compare:
+                raise RedrafterError("--compare replays greedy decoding; drop --temp")
+            configs = [
+                bench_lib.DraftConfig(d, w, length)
+                for w, length in _shapes(widths, lengths)
+                for d in drafts or bench_lib.DRAFT_CHOICES
+            ]
+            return _sampled_acceptance(
+                loaded, prompt_list, configs, sampling, seed_list, max_tokens, json_out
+            )
         others = [load_drafter(path, base=loaded.base) for path in compare or []]
         shapes = _shapes(widths, lengths)
         return _acceptance(loaded, others, compare or [], prompt_list, shapes, max_tokens, json_out)
     if compare:
         raise RedrafterError("--compare needs --acceptance")
     shapes = _shapes(widths, lengths) if sweep else [(loaded.beam_width, loaded.beam_length)]
-    method_list = bench_lib.make_methods(names, shapes, sweep=sweep)
+    method_list = bench_lib.make_methods(names, shapes, sweep=sweep, drafts=drafts)
     lm_model, lm_tokenizer = (
         bench_lib.load_mlx_lm(loaded.model_path, dtype) if "mlx-lm" in names else (None, None)
     )
@@ -132,6 +166,8 @@ def bench(
         lm_tokenizer,
         max_tokens=max_tokens,
         profile=profile,
+        sampling=sampling,
+        seeds=seed_list,
     )
     runner.check(method_list)
     header = bench_lib.make_header(
@@ -144,8 +180,13 @@ def bench(
         methods=method_list,
         profile=profile,
         command="mlx-redrafter " + " ".join(sys.argv[1:]),
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        top_k=sampling.top_k,
+        seeds=seed_list if not sampling.greedy else [],
     )
-    bar, advance = progress_bar(len(prompt_list) * len(method_list), "bench")
+    runs = len(prompt_list) * (1 if sampling.greedy else len(seed_list))
+    bar, advance = progress_bar(runs * len(method_list), "bench")
     with bar:
         result = bench_lib.benchmark(
             runner, prompt_list, method_list, header, sweep=sweep, progress=advance
@@ -178,6 +219,38 @@ def _plot(result, method_list, sweep: bool, plot: str | None, title: str) -> Non
             )
         png = bench_lib.plot_groups(result.groups, [m.name for m in method_list], plot, title)
         typer.echo(f"wrote {png}")
+
+
+def _sampling_options(temp: float, top_p: float, top_k: int, seeds: str, drafts: str | None):
+    """(SamplingConfig, seeds, draft methods or None) from the options, checked."""
+    sampling = bench_lib.SamplingConfig(temp, top_p, top_k)
+    sampling.validate()
+    seed_list = int_list(seeds, "--seed")
+    draft_list = None
+    if drafts is not None:
+        draft_list = [d.strip() for d in drafts.split(",") if d.strip()]
+        bad = [d for d in draft_list if d not in bench_lib.DRAFT_CHOICES]
+        if bad or not draft_list:
+            raise RedrafterError(
+                f"--draft takes {', '.join(bench_lib.DRAFT_CHOICES)}, got {drafts!r}"
+            )
+    return sampling, seed_list, draft_list
+
+
+def _sampled_acceptance(loaded, prompt_list, configs, sampling, seeds, max_tokens, json_out):
+    """bench --acceptance --temp: expected tokens per step of every draft configuration."""
+    ids = [encode_chat(loaded.tokenizer, p.text) for p in prompt_list]
+    bar, advance = progress_bar(len(ids) * len(seeds), "acceptance")
+    with bar:
+        result = bench_lib.sampled_acceptance(
+            loaded.base, loaded.tokenizer, loaded.draft, ids, configs, sampling, seeds,
+            max_tokens, on_prompt=advance,
+        )  # fmt: skip
+    result["command"] = "mlx-redrafter " + " ".join(sys.argv[1:])
+    result["prompts"] = [p.id for p in prompt_list]
+    typer.echo(bench_lib.format_sampled_acceptance(result))
+    if json_out:
+        _write_json(json_out, result)
 
 
 def _shapes(widths: str, lengths: str) -> list[tuple[int, int]]:
