@@ -33,8 +33,8 @@ from mlx_redrafter.cli.common import (
     text_option,
     warn_plain_text,
 )
-from mlx_redrafter.defaults import DEFAULT_MAX_TOKENS
 from mlx_redrafter.constrain import JsonGrammar
+from mlx_redrafter.defaults import DEFAULT_MAX_TOKENS
 from mlx_redrafter.distributed import is_leader
 from mlx_redrafter.env import compute_dtype, device_name, dtype_name
 from mlx_redrafter.errors import ConstraintError, read_json_object
