@@ -22,6 +22,7 @@ from .defaults import load_cost_curve
 from .drafter import beam_search
 from .errors import GenerationError
 from .lookup import ContextIndex
+from .lookup_memory import ClientMemory, LookupMemory
 from .prompts import eos_ids
 from .sizing import (
     DRAFTER,
@@ -29,11 +30,15 @@ from .sizing import (
     credit_sources,
     default_cost_curve,
     drafter_candidates,
+    MEMORY,
+    copy_candidate,
     lookup_candidate,
 )
+from .suffix_index import SuffixIndex
 from .tree import Tree, pack_beams, pack_sequences
 
 DEFAULT_LOOKUP = True
+DEFAULT_LOOKUP_VERSION = 2
 
 PREFILL_CHUNK = 512
 
@@ -241,16 +246,27 @@ def verify_tree(
 
 @dataclass
 class LookupConfig:
-    """Context lookup: continuations of the longest earlier match of the context's suffix."""
+    """Context lookup: continuations of the longest earlier match of the context's suffix.
 
-    max_tokens: int = 8  # longest copied continuation
+    version 2 (the default): `SuffixIndex`, long copies weighted by agreement, and candidates
+    from earlier requests when a `LookupMemory` is given; version 1: `ContextIndex` (n-gram
+    continuations of at most 8 tokens; kept for comparison)."""
+
+    max_tokens: int = 32  # longest copied continuation
     min_match: int = 2
     max_match: int = 8
-    max_candidates: int = 2
+    max_candidates: int = 3
+    version: int = DEFAULT_LOOKUP_VERSION
+
+    @classmethod
+    def v1(cls) -> LookupConfig:
+        return cls(max_tokens=8, max_candidates=2, version=1)
 
     def validate(self) -> None:
         if self.max_tokens < 1:
             raise GenerationError(f"lookup max tokens must be >= 1, got {self.max_tokens}")
+        if self.version not in (1, 2):
+            raise GenerationError(f"lookup version must be 1 or 2, got {self.version}")
         if not 1 <= self.min_match <= self.max_match:
             raise GenerationError(
                 f"lookup match lengths must satisfy 1 <= min <= max, got "
@@ -261,7 +277,9 @@ class LookupConfig:
 class _RoundState:
     """What a speculative generation carries between rounds."""
 
-    def __init__(self, drafter, beam, lookup: LookupConfig | None, policy, history, profile):
+    def __init__(
+        self, drafter, beam, lookup: LookupConfig | None, policy, history, profile, memory=None
+    ):
         self.profile = profile  # evaluate the verify forward on its own (exact time split)
         self.drafter = drafter
         self.features = drafter_features(drafter)
@@ -269,8 +287,10 @@ class _RoundState:
         self.lookup = lookup
         self.policy = policy  # TreePolicy, or None: verify every drafter beam as drafted
         self.index = None
+        self.memory: ClientMemory | None = memory  # earlier requests (lookup v2 only)
         if lookup is not None:
-            self.index = ContextIndex(lookup.min_match, lookup.max_match)
+            kind = SuffixIndex if lookup.version == 2 else ContextIndex
+            self.index = kind(lookup.min_match, lookup.max_match)
             self.index.extend(history)
 
 
@@ -333,8 +353,16 @@ def lookup_candidates(state: _RoundState, g0: int) -> list:
     """Continuations copied from the context (which ends with g0), as sizing candidates."""
     if state.index is None:
         return []
-    found = state.index.propose(state.lookup.max_tokens, state.lookup.max_candidates)
-    return [lookup_candidate(g0, c.tokens, c.match_len) for c in found]
+    look = state.lookup
+    found = state.index.propose(look.max_tokens, look.max_candidates)
+    if look.version == 1:
+        return [lookup_candidate(g0, c.tokens, c.match_len) for c in found]
+    out = [copy_candidate(g0, c.tokens, c.match_len, c.support) for c in found]
+    if state.memory is not None:
+        query = state.index.tail(state.memory.index.max_extend)
+        found = state.memory.index.propose(look.max_tokens, look.max_candidates, query)
+        out += [copy_candidate(g0, c.tokens, c.match_len, c.support, MEMORY) for c in found]
+    return out
 
 
 def redrafter_steps(
@@ -350,6 +378,7 @@ def redrafter_steps(
     lookup: LookupConfig | None = None,
     policy: TreePolicy | None = None,
     history: Sequence[int] | None = None,
+    memory: ClientMemory | None = None,
 ) -> Iterator[list[int]]:
     """Speculative decoding: prefill, then rounds (`speculative_round`) until closed.
 
@@ -371,7 +400,9 @@ def redrafter_steps(
     yield [g0]
 
     history = list(prompt if history is None else history) + [g0]
-    state = _RoundState(drafter, (beam_width, beam_length), lookup, policy, history, profile)
+    state = _RoundState(
+        drafter, (beam_width, beam_length), lookup, policy, history, profile, memory
+    )
     while True:
         tokens, context = speculative_round(model, cache, state, context, g0, sampling, stats)
         g0 = tokens[-1]
@@ -440,11 +471,13 @@ def stream_generate(
     seed: int | None = None,
     beam_width: int | None = None,
     beam_length: int | None = None,
-    lookup: bool | None = None,
+    lookup: bool | LookupConfig | None = None,
     lookup_max: int | None = None,
     stop: Sequence[str] = (),
     cache: KVCache | None = None,
     profile: bool = False,
+    lookup_memory: LookupMemory | None = None,
+    lookup_client: str | None = None,
 ) -> Iterator[GenerationResponse]:
     """Generate from `prompt` (text or token ids), yielding one response per token.
 
@@ -456,6 +489,10 @@ def stream_generate(
     nodes worth their cost on this device; with neither, plain decoding. Pass a `cache`
     (from `model.make_cache()`) to keep the KV cache across calls; it must then hold a
     prefix of `prompt` (its `tokens` attribute records what it holds).
+
+    With a `lookup_memory`, lookup also copies from the earlier requests of `lookup_client`
+    (one bounded corpus per client), and this request's prompt and output are remembered for
+    its next ones; output is unchanged, only the speed is.
     """
     sampling = SamplingConfig(temperature, top_p, top_k)
     sampling.validate()
@@ -475,13 +512,16 @@ def stream_generate(
     new_ids = _reuse_cache(cache, ids)
 
     stats = DecodeStats(prompt_tokens=len(new_ids))
+    memory, policy = None, None
+    if look is not None and look.version == 2 and lookup_memory is not None:
+        memory = lookup_memory.client(lookup_client)
     if drafter is None and look is None:
         steps = plain_steps(model, cache, new_ids, sampling, stats)
     else:
-        policy = tree_policy(model) if look is not None else None
+        policy = tree_policy(model, memory) if look is not None else None
         steps = redrafter_steps(
             model, drafter, cache, new_ids, sampling, stats, beam_width, beam_length, profile,
-            lookup=look, policy=policy, history=ids,
+            lookup=look, policy=policy, history=ids, memory=memory,
         )  # fmt: skip
 
     text_out = _TextOut(tokenizer, stop, max_tokens)
@@ -512,6 +552,10 @@ def stream_generate(
                     return
     finally:
         steps.close()
+        if memory is not None:
+            memory.add(list(ids) + emitted)
+            if policy is not None:
+                memory.learn(policy.calibration)
         # The cache holds every emitted token but the last (it would be fed next), or less
         # if a prefill was interrupted (Ctrl-C) before all of it was committed.
         cache.tokens = (list(ids) + emitted[:-1])[: cache.offset]
@@ -572,8 +616,13 @@ def lookahead_tokens(with_drafter: bool, beam_length: int, lookup: LookupConfig 
     return extra
 
 
-def resolve_lookup(lookup: bool | None, lookup_max: int | None) -> LookupConfig | None:
-    """Context lookup settings, or None when it is off (default: on)."""
+def resolve_lookup(
+    lookup: bool | LookupConfig | None, lookup_max: int | None
+) -> LookupConfig | None:
+    """Context lookup settings, or None when it is off (default: on, version 2)."""
+    if isinstance(lookup, LookupConfig):
+        lookup.validate()
+        return lookup
     if lookup is None:
         lookup = DEFAULT_LOOKUP
     if not lookup:
@@ -583,13 +632,18 @@ def resolve_lookup(lookup: bool | None, lookup_max: int | None) -> LookupConfig 
     return config
 
 
-def tree_policy(model) -> TreePolicy:
+def tree_policy(model, memory: ClientMemory | None = None) -> TreePolicy:
     """Tree sizing for this model on this device: the verify-cost curve `tune` stored for it,
-    else the default curve of the device type."""
+    else the default curve of the device type; with a client's `memory`, starting from what
+    its earlier requests learnt about copies from that memory."""
     curve = load_cost_curve(getattr(model, "source_path", None))
     if curve is None:
         curve = default_cost_curve("gpu" if mx.default_device().type == mx.gpu else "cpu")
-    return TreePolicy(curve)
+    policy = TreePolicy(curve)
+    if memory is not None:
+        policy.calibration.predicted.update(memory.calibration.predicted)
+        policy.calibration.hits.update(memory.calibration.hits)
+    return policy
 
 
 def _reuse_cache(cache: KVCache, ids: list[int]) -> list[int]:

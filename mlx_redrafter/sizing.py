@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 DRAFTER = "drafter"
-LOOKUP = "lookup"
+LOOKUP = "lookup"  # copied from this request's context
+MEMORY = "memory"  # copied from earlier requests (lookup_memory.LookupMemory)
 
 # t(n)/t(1) measured on a 2-core x86 CPU (SmolLM2-135M, float32, the fast path; `tune
 # --curve-only`, BENCHMARKS.md section 7): used when `tune` has stored no curve for the device
@@ -41,6 +42,17 @@ GPU_COST_POINTS = {1: 1.0, 2: 1.03, 8: 1.08, 12: 1.12, 16: 1.45, 32: 2.0}
 LOOKUP_PRIOR = {1: 0.3, 2: 0.45, 3: 0.6, 4: 0.7}
 LOOKUP_RUN_PRIOR = 0.8
 LOOKUP_RUN = "lookup-run"  # calibration bucket of the copied tokens after the first
+# Lookup v2 (`copy_candidate`): priors per match-length bucket, for the first copied token and
+# for each one after it. A copied token k (0-based) is only tested once the k before it were
+# accepted, when the match behind it is match_len + k long: its bucket is that length's, so a
+# copy that keeps matching earns ever higher estimates and the tree keeps it long.
+MATCH_BUCKETS = (1, 2, 3, 4, 5, 8, 12, 16, 24, 32)
+COPY_PRIOR = {
+    LOOKUP: {1: 0.3, 2: 0.45, 3: 0.6, 4: 0.7, 5: 0.75, 8: 0.8, 12: 0.85, 16: 0.85, 24: 0.9, 32: 0.9},
+    # earlier requests' text: a match there says less about this request
+    MEMORY: {1: 0.2, 2: 0.3, 3: 0.4, 4: 0.5, 5: 0.55, 8: 0.65, 12: 0.7, 16: 0.75, 24: 0.8, 32: 0.85},
+}
+COPY_RUN_PRIOR = {1: 0.8, 2: 0.8, 3: 0.8, 4: 0.8, 5: 0.82, 8: 0.85, 12: 0.88, 16: 0.9, 24: 0.92, 32: 0.94}
 UNKNOWN_PRIOR = 0.5  # for candidates that bring no estimate (e.g. test oracles)
 MAX_COND = 0.98
 PRIOR_WEIGHT = 4.0  # pseudo-observations behind each calibration's initial scale of 1
@@ -99,6 +111,38 @@ def lookup_candidate(root: int, continuation: Sequence[int], match_len: int) -> 
     raw = (LOOKUP_PRIOR[m],) + (LOOKUP_RUN_PRIOR,) * (n - 1)
     buckets = ((LOOKUP, m),) + ((LOOKUP_RUN, m),) * (n - 1)
     return Candidate(LOOKUP, (int(root), *map(int, continuation)), raw[:n], buckets[:n])
+
+
+def match_bucket(length: int) -> int:
+    """The calibration bucket of a match length: the largest MATCH_BUCKETS entry <= it."""
+    out = MATCH_BUCKETS[0]
+    for b in MATCH_BUCKETS:
+        if length >= b:
+            out = b
+    return out
+
+
+def copy_candidate(
+    root: int,
+    continuation: Sequence[int],
+    match_len: int,
+    support: Sequence[float] | None = None,
+    source: str = LOOKUP,
+) -> Candidate:
+    """A lookup-v2 continuation (from the context, or from earlier requests with source
+    MEMORY): token k's estimate is the prior of its match-length bucket (match_len + k, see
+    COPY_RUN_PRIOR) times its support among the matched occurrences; the first token and the
+    ones after it are calibrated apart, per source and bucket."""
+    n = len(continuation)
+    support = (1.0,) * n if support is None else tuple(support)
+    first = match_bucket(match_len)
+    raw = [COPY_PRIOR[source][first] * support[0]]
+    buckets = [(source, first)]
+    for k in range(1, n):
+        b = match_bucket(match_len + k)
+        raw.append(COPY_RUN_PRIOR[b] * support[k])
+        buckets.append((source + "-run", b))
+    return Candidate(source, (int(root), *map(int, continuation)), tuple(raw), tuple(buckets))
 
 
 @dataclass
