@@ -302,7 +302,7 @@ def speculative_round(model, cache: KVCache, state: _RoundState, context, g0, sa
     policy = state.policy
     candidates = lookup_candidates(state, g0)  # lookup
     with_drafter = state.drafter is not None and (
-        policy is None or policy.want_drafter(policy.select(candidates, False))
+        policy is None or policy.want_drafter(candidates)
     )
     if with_drafter:  # draft
         beams, prefix = draft_beams(model, state.drafter, context, g0, *state.beam)

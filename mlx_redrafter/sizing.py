@@ -58,6 +58,7 @@ MAX_COND = 0.98
 PRIOR_WEIGHT = 4.0  # pseudo-observations behind each calibration's initial scale of 1
 DEFAULT_MAX_NODES = 32
 REPROBE_EVERY = 16  # rounds between two drafter runs when lookup keeps winning
+DRAFT_COST_WINDOW = 15  # rounds behind the drafter's cost estimate (a running median)
 
 
 def cost_curve_from_points(points: dict[int, float], max_nodes: int) -> np.ndarray:
@@ -203,13 +204,21 @@ class TreePolicy:
         self.max_nodes = max_nodes
         self.draft_cost = draft_cost
         self.calibration = Calibration()
-        self.drafter_value: float | None = None  # EMA of a drafter round's realised value
+        # EMA of the drafter's raw conditional estimates along its best beam, per depth: what
+        # a drafter round typically brings, for deciding whether to run it (`want_drafter`)
+        self.drafter_profile: list[float] | None = None
         self.rounds_without_drafter = 0
+        self._draft_ratios: list[float] = []  # the last DRAFT_COST_WINDOW draft/step ratios
 
     # -- choosing ---------------------------------------------------------------------------
 
-    def select(self, candidates: Sequence[Candidate], with_drafter: bool) -> Choice:
-        """The n most likely nodes (ancestors first) that maximise E(n) / (c(n) + d)."""
+    def select(
+        self, candidates: Sequence[Candidate], with_drafter: bool, learn: bool = True
+    ) -> Choice:
+        """The n most likely nodes (ancestors first) that maximise E(n) / (c(n) + d). A
+        round's real choice (`learn`) also updates the drafter's profile."""
+        if with_drafter and learn:
+            self._learn_profile(candidates)
         estimate: dict[tuple[int, ...], float] = {}
         sources: dict[tuple[int, ...], list] = {}
         order: dict[tuple[int, ...], int] = {}
@@ -250,16 +259,40 @@ class TreePolicy:
             cost=float(cost[n - 1]),
         )
 
-    def want_drafter(self, lookup_choice: Choice) -> bool:
-        """Run the drafter unless lookup alone is expected to do at least as well as drafter
-        rounds have done (tokens per plain step), or, with nothing to copy, unless drafter
-        rounds have been worth less than a plain step. The drafter is re-probed every
-        REPROBE_EVERY rounds so that its figure does not go stale."""
-        if self.drafter_value is None or self.rounds_without_drafter >= REPROBE_EVERY:
+    def _learn_profile(self, candidates: Sequence[Candidate]) -> None:
+        beam = next((c for c in candidates if c.source == DRAFTER), None)
+        if beam is None or not beam.raw:
+            return
+        if self.drafter_profile is None or len(self.drafter_profile) != len(beam.raw):
+            self.drafter_profile = list(beam.raw)
+        else:
+            self.drafter_profile = [
+                0.8 * old + 0.2 * new for old, new in zip(self.drafter_profile, beam.raw)
+            ]
+
+    def want_drafter(self, candidates: Sequence[Candidate]) -> bool:
+        """Whether this round should run the drafter, given the lookup candidates it has.
+
+        Both sides are estimates of the same kind: the tree lookup alone would verify,
+        against the tree of lookup plus a typical drafter beam (its profile, calibrated like
+        any drafter node, its tokens distinct from every copy), the drafter's cost included.
+        Comparing a lookup estimate with the drafter's realised rounds (as before) let
+        optimistic lookup estimates keep the drafter out where it paid. The drafter runs
+        until it has a profile, and is re-probed every REPROBE_EVERY rounds so that its
+        calibration does not go stale."""
+        if self.drafter_profile is None or self.rounds_without_drafter >= REPROBE_EVERY:
             return True
-        if len(lookup_choice.estimate) == 0:
-            return self.drafter_value > 1.0 / self.curve[0]
-        return lookup_choice.value < self.drafter_value
+        root = candidates[0].tokens[0] if candidates else 0
+        depth = len(self.drafter_profile)
+        phantom = Candidate(
+            DRAFTER,
+            (root, *range(-1, -depth - 1, -1)),  # ids no real candidate has: no merging
+            tuple(self.drafter_profile),
+            tuple((DRAFTER, d) for d in range(1, depth + 1)),
+        )
+        alone = self.select(candidates, False, learn=False)
+        merged = self.select([*candidates, phantom], True, learn=False)
+        return merged.value > alone.value
 
     # -- learning ---------------------------------------------------------------------------
 
@@ -280,20 +313,19 @@ class TreePolicy:
             for _, bucket, raw in contributions:
                 self.calibration.observe(bucket, raw, hit)
         if with_drafter:
-            v = (1 + len(accepted)) / choice.cost  # tokens per plain step, as it turned out
-            self.drafter_value = (
-                v if self.drafter_value is None else 0.8 * self.drafter_value + 0.2 * v
-            )
             self.rounds_without_drafter = 0
         else:
             self.rounds_without_drafter += 1
 
     def observe_times(self, draft_time: float, verify_time: float, num_nodes: int) -> None:
-        """Learn the drafter's cost in plain steps from one round's timings."""
+        """Learn the drafter's cost in plain steps from one round's timings: the median of the
+        last DRAFT_COST_WINDOW rounds' ratios, so that one round slowed down by anything else
+        on the machine (a shared CPU's verify times swing 2x) does not move it."""
         if draft_time <= 0 or verify_time <= 0:
             return
         step = verify_time / self.curve[min(num_nodes, self.max_nodes) - 1]
-        self.draft_cost = 0.8 * self.draft_cost + 0.2 * (draft_time / step)
+        self._draft_ratios = [*self._draft_ratios[-(DRAFT_COST_WINDOW - 1) :], draft_time / step]
+        self.draft_cost = float(np.median(self._draft_ratios))
 
 
 def credit_sources(choice: Choice, accepted: Sequence[tuple[int, ...]]) -> dict[str, int]:

@@ -508,7 +508,7 @@ def test_greedy_with_lookup_equals_plain_on_repeating_prompts(seed):
 
 
 class OracleIndex:
-    """Stands in for ContextIndex: proposes the true continuation (and a wrong one)."""
+    """Stands in for SuffixIndex (lookup v2): proposes the true continuation (and a wrong one)."""
 
     def __init__(self, reference: list[int], prompt_len: int):
         self.ref, self.prompt_len, self.tokens = reference, prompt_len, []
@@ -520,12 +520,12 @@ class OracleIndex:
         self.tokens += list(tokens)
 
     def propose(self, max_tokens, max_candidates=2):
-        from mlx_redrafter.lookup import LookupCandidate
+        from mlx_redrafter.suffix_index import SuffixCandidate
 
         pos = len(self.tokens) - self.prompt_len  # index in ref of the next token
         true = tuple(self.ref[pos : pos + max_tokens])
         wrong = tuple((t + 1) % 64 for t in true)
-        return [LookupCandidate(c, 4, 1) for c in (true, wrong) if c]
+        return [SuffixCandidate(c, (1.0,) * len(c), 4, 1) for c in (true, wrong) if c]
 
 
 def test_oracle_lookup_runs_are_accepted_whole(monkeypatch):
@@ -534,7 +534,7 @@ def test_oracle_lookup_runs_are_accepted_whole(monkeypatch):
     model = tiny_model(40)
     prompt = [2, 7, 1, 8]
     plain = tokens_of(model, prompt, max_tokens=60)
-    monkeypatch.setattr(generation, "ContextIndex", OracleIndex(plain, len(prompt)))
+    monkeypatch.setattr(generation, "SuffixIndex", OracleIndex(plain, len(prompt)))
     responses = list(
         stream_generate(model, FakeTokenizer(), prompt, None, max_tokens=41, lookup_max=7)
     )
@@ -557,7 +557,7 @@ def test_eos_inside_an_accepted_lookup_run_stops_there(monkeypatch):
             break
     k = fresh[0]  # inside the first copied run, which starts after plain[0]
     eos = plain[k]
-    monkeypatch.setattr(generation, "ContextIndex", OracleIndex(plain, len(prompt)))
+    monkeypatch.setattr(generation, "SuffixIndex", OracleIndex(plain, len(prompt)))
     spec = list(
         stream_generate(model, FakeTokenizer([eos]), prompt, None, max_tokens=40, lookup_max=8)
     )
