@@ -77,6 +77,7 @@ class DecodeStats:
     verify_time: float = 0.0
     accept_time: float = 0.0
     tree_nodes: int = 0
+    nodes: list[int] = field(default_factory=list)  # verified nodes per round
     drafter_rounds: int = 0  # rounds in which the drafter ran
     accepted_from: dict[str, int] = field(default_factory=dict)  # accepted tokens per source
 
@@ -345,6 +346,7 @@ def speculative_round(model, cache: KVCache, state: _RoundState, context, g0, sa
     stats.steps += 1
     stats.drafter_rounds += int(with_drafter)
     stats.tree_nodes += tree.num_nodes
+    stats.nodes.append(tree.num_nodes)
     stats.accepted.append(len(path) - 1)
     return [int(t) for t in result.tokens], hidden[int(path[-1])]
 

@@ -1,6 +1,7 @@
 """What a benchmark compares: the methods (mlx-lm, plain decoding, ReDrafter with or without
-context lookup, lookup alone), one `Method` per beam shape in a sweep, and the checks a request
-must pass before any model is loaded."""
+context lookup, lookup alone; lookup v1 or v2, with or without the cross-request memory), one
+`Method` per beam shape in a sweep, and the checks a request must pass before any model is
+loaded."""
 
 from __future__ import annotations
 
@@ -10,8 +11,22 @@ from dataclasses import dataclass
 from ..errors import BenchError
 from ..prompts import Prompt
 
-METHODS = ("mlx-lm", "ar", "redrafter", "lookup", "redrafter+lookup")
-DRAFTER_METHODS = ("redrafter", "redrafter+lookup")  # the methods that run the drafter
+METHODS = (
+    "mlx-lm",
+    "ar",
+    "redrafter",
+    "lookup",
+    "redrafter+lookup",  # the default: what `generate` runs with a drafter
+    "lookup-v1",
+    "redrafter+lookup-v1",
+    "lookup+memory",
+    "redrafter+lookup+memory",
+)
+# the methods that run the drafter
+DRAFTER_METHODS = tuple(m for m in METHODS if m.startswith("redrafter"))
+DEFAULT_METHOD = "redrafter+lookup"
+# the single sources the default is checked against (`bench` flags the groups where it loses)
+SINGLE_METHODS = ("redrafter", "lookup")
 DEFAULT_WIDTHS = (1, 2, 3, 4)
 DEFAULT_LENGTHS = (2, 3, 4, 5, 6)
 
@@ -23,6 +38,8 @@ class Method:
     beam_width: int | None = None
     beam_length: int | None = None
     lookup: bool = False  # context lookup candidates (with the cost-aware tree)
+    lookup_version: int = 2
+    memory: bool = False  # lookup also copies from earlier prompts of the run (one client)
 
     @property
     def speculative(self) -> bool:
@@ -42,14 +59,20 @@ def make_methods(
     out = []
     for name in names:
         _check_names([name])
+        looks = {
+            "lookup": "lookup" in name,
+            "lookup_version": 1 if name.endswith("-v1") else 2,
+            "memory": name.endswith("+memory"),
+        }
         if name not in DRAFTER_METHODS:
-            out.append(Method(name, name, lookup=name == "lookup"))
+            kind = "lookup" if looks["lookup"] else name
+            out.append(Method(name, kind, **looks))
             continue
         for w, length in shapes:
             if w < 1 or length < 2:
                 raise BenchError(f"beam shape W={w}, L={length}: need W >= 1 and L >= 2")
             label = f"{name}-W{w}-L{length}" if sweep else name
-            out.append(Method(label, "redrafter", w, length, lookup=name != "redrafter"))
+            out.append(Method(label, "redrafter", w, length, **looks))
     if len({m.name for m in out}) != len(out):
         raise BenchError(f"a method is listed twice: {', '.join(names)}")
     return out
