@@ -26,12 +26,12 @@ from .lookup_memory import ClientMemory, LookupMemory
 from .prompts import eos_ids
 from .sizing import (
     DRAFTER,
+    MEMORY,
     TreePolicy,
+    copy_candidate,
     credit_sources,
     default_cost_curve,
     drafter_candidates,
-    MEMORY,
-    copy_candidate,
     lookup_candidate,
 )
 from .suffix_index import SuffixIndex
@@ -302,9 +302,7 @@ def speculative_round(model, cache: KVCache, state: _RoundState, context, g0, sa
     t0 = time.perf_counter()
     policy = state.policy
     candidates = lookup_candidates(state, g0)  # lookup
-    with_drafter = state.drafter is not None and (
-        policy is None or policy.want_drafter(candidates)
-    )
+    with_drafter = state.drafter is not None and (policy is None or policy.want_drafter(candidates))
     if with_drafter:  # draft
         beams, prefix = draft_beams(model, state.drafter, context, g0, *state.beam)
         candidates = drafter_candidates(beams, prefix) + candidates

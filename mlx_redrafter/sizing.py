@@ -48,11 +48,44 @@ LOOKUP_RUN = "lookup-run"  # calibration bucket of the copied tokens after the f
 # copy that keeps matching earns ever higher estimates and the tree keeps it long.
 MATCH_BUCKETS = (1, 2, 3, 4, 5, 8, 12, 16, 24, 32)
 COPY_PRIOR = {
-    LOOKUP: {1: 0.3, 2: 0.45, 3: 0.6, 4: 0.7, 5: 0.75, 8: 0.8, 12: 0.85, 16: 0.85, 24: 0.9, 32: 0.9},
+    LOOKUP: {
+        1: 0.3,
+        2: 0.45,
+        3: 0.6,
+        4: 0.7,
+        5: 0.75,
+        8: 0.8,
+        12: 0.85,
+        16: 0.85,
+        24: 0.9,
+        32: 0.9,
+    },
     # earlier requests' text: a match there says less about this request
-    MEMORY: {1: 0.2, 2: 0.3, 3: 0.4, 4: 0.5, 5: 0.55, 8: 0.65, 12: 0.7, 16: 0.75, 24: 0.8, 32: 0.85},
+    MEMORY: {
+        1: 0.2,
+        2: 0.3,
+        3: 0.4,
+        4: 0.5,
+        5: 0.55,
+        8: 0.65,
+        12: 0.7,
+        16: 0.75,
+        24: 0.8,
+        32: 0.85,
+    },
 }
-COPY_RUN_PRIOR = {1: 0.8, 2: 0.8, 3: 0.8, 4: 0.8, 5: 0.82, 8: 0.85, 12: 0.88, 16: 0.9, 24: 0.92, 32: 0.94}
+COPY_RUN_PRIOR = {
+    1: 0.8,
+    2: 0.8,
+    3: 0.8,
+    4: 0.8,
+    5: 0.82,
+    8: 0.85,
+    12: 0.88,
+    16: 0.9,
+    24: 0.92,
+    32: 0.94,
+}
 UNKNOWN_PRIOR = 0.5  # for candidates that bring no estimate (e.g. test oracles)
 MAX_COND = 0.98
 PRIOR_WEIGHT = 4.0  # pseudo-observations behind each calibration's initial scale of 1
@@ -267,7 +300,8 @@ class TreePolicy:
             self.drafter_profile = list(beam.raw)
         else:
             self.drafter_profile = [
-                0.8 * old + 0.2 * new for old, new in zip(self.drafter_profile, beam.raw)
+                0.8 * old + 0.2 * new
+                for old, new in zip(self.drafter_profile, beam.raw, strict=True)
             ]
 
     def want_drafter(self, candidates: Sequence[Candidate]) -> bool:

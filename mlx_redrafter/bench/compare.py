@@ -67,7 +67,10 @@ def default_check(records: list[dict], methods: Sequence[Method]) -> list[dict]:
         best = max(singles, key=speed)
         ratios = []
         for r in group:
-            ours, theirs = r["methods"][DEFAULT_METHOD]["decode_tps"], r["methods"][best]["decode_tps"]
+            ours, theirs = (
+                r["methods"][DEFAULT_METHOD]["decode_tps"],
+                r["methods"][best]["decode_tps"],
+            )
             if ours and theirs:
                 ratios.append(ours / theirs)
         if not ratios:
@@ -87,7 +90,9 @@ def default_check(records: list[dict], methods: Sequence[Method]) -> list[dict]:
                 "noise": noise,
                 "flag": ratio < 1.0 - noise,
                 "modelled": modelled,
-                "modelled_ratio": modelled[DEFAULT_METHOD] / best_modelled if best_modelled else None,
+                "modelled_ratio": modelled[DEFAULT_METHOD] / best_modelled
+                if best_modelled
+                else None,
             }
         )
     return out

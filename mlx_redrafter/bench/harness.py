@@ -21,9 +21,9 @@ from ..errors import BenchError, LoadError
 from ..generation import LookupConfig, stream_generate
 from ..lookup_memory import LookupMemory
 from ..prompts import Prompt, encode_chat, encode_messages, eos_ids
+from .compare import default_check
 from .methods import Method
 from .replay import reference_batch
-from .compare import default_check
 from .report import BenchResult, strip_tokens, summarize, summarize_groups, sweep_grid
 
 WARMUP_TOKENS = 16
