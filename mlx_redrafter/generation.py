@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import mlx.core as mx
 import numpy as np
@@ -501,6 +501,7 @@ def stream_generate(
     beam_width, beam_length = resolve_beam(model, beam_width, beam_length)
     look = resolve_lookup(lookup, lookup_max)
     ids = encode_prompt(tokenizer, prompt)
+    look = _fit_copies(model, look, len(ids), max_tokens, lookup_max)
     _check_fits(
         model, len(ids), max_tokens, lookahead_tokens(drafter is not None, beam_length, look)
     )
@@ -560,6 +561,18 @@ def stream_generate(
         # if a prefill was interrupted (Ctrl-C) before all of it was committed.
         cache.tokens = (list(ids) + emitted[:-1])[: cache.offset]
         cache.trim(cache.offset - len(cache.tokens))
+
+
+def _fit_copies(model, look, prompt_tokens: int, max_tokens: int, lookup_max) -> LookupConfig:
+    """Near the end of the context, default-length copies shrink to the room left (at least
+    the 8 tokens of v1) rather than turning the request down; an explicit lookup_max stays."""
+    limit = model.context_length
+    if look is None or lookup_max is not None or not limit:
+        return look
+    room = limit - prompt_tokens - max_tokens - 1
+    if room >= look.max_tokens:
+        return look
+    return replace(look, max_tokens=max(min(8, look.max_tokens), room))
 
 
 def _check_fits(model, prompt_tokens: int, max_tokens: int, lookahead: int) -> None:

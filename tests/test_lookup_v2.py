@@ -155,3 +155,30 @@ def test_a_long_agreeing_copy_fills_a_flat_tree_and_a_steep_curve_trims_it():
     assert len(flat.sequences[0]) == 31  # the root and all 30 copied tokens
     steep = TreePolicy([1.0 + 0.5 * i for i in range(32)]).select([cand], with_drafter=False)
     assert 1 < len(steep.sequences[0]) < 31
+
+
+def test_copies_shrink_to_the_room_left_near_the_end_of_the_context():
+    """1024 positions: 990 prompt tokens + 16 new ones leave 18 for a round's lookahead; the
+    default copy length (32) shrinks to fit instead of turning the request down, so a caller
+    that keeps v1's headroom (16 tokens past max_tokens) still gets answers."""
+    import mlx.core as mx
+    from helpers import random_model, tiny_llama_config
+
+    from mlx_redrafter.generation import GenerationError, stream_generate
+
+    class Tok:
+        eos_token_ids: set = set()
+
+        class detokenizer:  # noqa: N801  (a stand-in object)
+            reset = add_token = finalize = staticmethod(lambda *a: None)
+            last_segment = ""
+
+    config = tiny_llama_config(64, 48, 2, max_position_embeddings=1024, tie_word_embeddings=False)
+    model = random_model(config, 3)
+    mx.eval(model.parameters())
+    prompt = ([1, 2, 3, 4] * 250)[:990]
+    spec = [r.token for r in stream_generate(model, Tok(), prompt, max_tokens=16)]
+    plain = [r.token for r in stream_generate(model, Tok(), prompt, max_tokens=16, lookup=False)]
+    assert spec == plain
+    with pytest.raises(GenerationError, match="context length"):  # an explicit length stays
+        list(stream_generate(model, Tok(), prompt, max_tokens=16, lookup_max=32))
