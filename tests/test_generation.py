@@ -594,3 +594,27 @@ def test_the_chi_square_check_can_fail_with_mixed_trees():
         prompt, 77, 2, 3, (1.0, 0, 1.0), (0.8, 0, 1.0), make_tree=mixed_tree
     )
     assert chi2_pvalue(counts.reshape(-1), exact) < 1e-6
+
+
+def mixed_tree_v2(model, drafter, context, g0, W, L, history):
+    """As `mixed_tree`, with lookup v2: branches from the context's suffix index and copies
+    from a memory of an earlier request, all merged with the drafter's beams."""
+    from mlx_redrafter.generation import draft_beams
+    from mlx_redrafter.suffix_index import SuffixIndex
+    from mlx_redrafter.tree import pack_sequences
+
+    beams, _ = draft_beams(model, drafter, context, g0, W, L)
+    index = SuffixIndex(1, 4)
+    index.extend(history + [g0])
+    memory = SuffixIndex(1, 4)
+    memory.add_document([3, 1, 5, 3, 2, 7, 1, 5, 3, 9, 4])
+    found = index.propose(4, 3) + memory.propose(4, 2, query=index.tail(8))
+    copies = [(g0, *c.tokens) for c in found]
+    return pack_sequences([tuple(int(t) for t in b) for b in beams] + copies)
+
+
+def test_sampling_is_lossless_with_lookup_v2_and_memory_trees():
+    prompt = [1, 5, 3, 1, 5, 3, 1]
+    counts, exact = sampled_and_exact(prompt, 2468, 1, 3, (1.0, 0, 1.0), make_tree=mixed_tree_v2)
+    assert counts.sum() == 20000
+    assert chi2_pvalue(counts.reshape(-1), exact) > 1e-4
