@@ -654,8 +654,7 @@ def tree_policy(model, memory: ClientMemory | None = None) -> TreePolicy:
         curve = default_cost_curve("gpu" if mx.default_device().type == mx.gpu else "cpu")
     policy = TreePolicy(curve)
     if memory is not None:
-        policy.calibration.predicted.update(memory.calibration.predicted)
-        policy.calibration.hits.update(memory.calibration.hits)
+        policy.calibration.absorb(memory.calibration)
     return policy
 
 

@@ -95,15 +95,16 @@ class ClientMemory:
 
     def learn(self, calibration: Calibration) -> None:
         """Keep a request's learnt MEMORY calibration for the next request of this client."""
+        carried = Calibration()
+        for bucket, predicted in calibration.predicted.items():
+            if not bucket[0].startswith(MEMORY):
+                continue
+            # at most MAX_CARRIED observations' worth, so that the client's own recent
+            # requests keep moving it
+            keep = min(1.0, MAX_CARRIED / max(predicted, 1e-9))
+            carried.add(bucket, predicted * keep, calibration.hits.get(bucket, 0.0) * keep)
         with self._lock:
-            for bucket, predicted in calibration.predicted.items():
-                if not bucket[0].startswith(MEMORY):
-                    continue
-                # at most MAX_CARRIED observations' worth, so the client's own recent
-                # requests keep moving it
-                keep = min(1.0, MAX_CARRIED / max(predicted, 1e-9))
-                self.calibration.predicted[bucket] = predicted * keep
-                self.calibration.hits[bucket] = calibration.hits.get(bucket, 0.0) * keep
+            self.calibration = carried
 
 
 class LookupMemory:

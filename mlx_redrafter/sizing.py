@@ -197,21 +197,45 @@ class Choice:
 
 @dataclass
 class Calibration:
-    """Per bucket: sum of raw estimates and hits over the nodes whose parent was accepted."""
+    """Per bucket: sum of raw estimates and hits over the nodes whose parent was accepted.
+
+    A bucket's scale shrinks towards its group's (the buckets of one kind, e.g. every match
+    length of lookup's first copied tokens), and the group's towards 1: with ten match-length
+    buckets per source, each seen a few times in a short answer, lookup that keeps failing must
+    be learnt from all of them at once, not bucket by bucket."""
 
     predicted: dict[tuple[str, int], float] = field(default_factory=dict)
     hits: dict[tuple[str, int], float] = field(default_factory=dict)
+    group_predicted: dict[str, float] = field(default_factory=dict)
+    group_hits: dict[str, float] = field(default_factory=dict)
+
+    def group_scale(self, group: str) -> float:
+        pred = self.group_predicted.get(group, 0.0)
+        return (self.group_hits.get(group, 0.0) + PRIOR_WEIGHT) / (pred + PRIOR_WEIGHT)
 
     def scale(self, bucket: tuple[str, int]) -> float:
         pred = self.predicted.get(bucket, 0.0)
-        return (self.hits.get(bucket, 0.0) + PRIOR_WEIGHT) / (pred + PRIOR_WEIGHT)
+        prior = PRIOR_WEIGHT * self.group_scale(bucket[0])
+        return (self.hits.get(bucket, 0.0) + prior) / (pred + PRIOR_WEIGHT)
 
     def corrected(self, raw: float, bucket: tuple[str, int]) -> float:
         return float(min(MAX_COND, raw * self.scale(bucket)))
 
     def observe(self, bucket: tuple[str, int], raw: float, hit: bool) -> None:
-        self.predicted[bucket] = self.predicted.get(bucket, 0.0) + raw
-        self.hits[bucket] = self.hits.get(bucket, 0.0) + float(hit)
+        self.add(bucket, raw, float(hit))
+
+    def add(self, bucket: tuple[str, int], predicted: float, hits: float) -> None:
+        """Count `predicted` (a sum of raw estimates) and `hits` for a bucket and its group."""
+        self.predicted[bucket] = self.predicted.get(bucket, 0.0) + predicted
+        self.hits[bucket] = self.hits.get(bucket, 0.0) + hits
+        group = bucket[0]
+        self.group_predicted[group] = self.group_predicted.get(group, 0.0) + predicted
+        self.group_hits[group] = self.group_hits.get(group, 0.0) + hits
+
+    def absorb(self, other: Calibration) -> None:
+        """Add every bucket of `other` (what an earlier request learnt) to this one."""
+        for bucket, predicted in other.predicted.items():
+            self.add(bucket, predicted, other.hits.get(bucket, 0.0))
 
 
 class TreePolicy:

@@ -8,6 +8,7 @@ import pytest
 from mlx_redrafter.sizing import (
     DRAFTER,
     LOOKUP,
+    Calibration,
     Candidate,
     TreePolicy,
     copy_candidate,
@@ -218,3 +219,17 @@ def test_with_nothing_to_copy_the_drafter_runs_while_it_pays():
     for _ in range(30):  # rounds where nothing drafted is accepted: worth less than plain
         policy.observe(policy.select(_beams(), with_drafter=True), [], with_drafter=True)
     assert not policy.want_drafter([])
+
+
+def test_calibration_shrinks_buckets_towards_their_group():
+    """Misses at some match lengths lower the estimate at a length never seen yet."""
+    calibration = Calibration()
+    for m in (2, 3, 4):
+        for _ in range(5):
+            calibration.observe((LOOKUP, m), 0.6, False)
+    unseen = calibration.scale((LOOKUP, 8))
+    assert unseen == pytest.approx(4 / (9 + 4))  # the group's rate, not the prior's 1.0
+    assert calibration.scale((DRAFTER, 1)) == 1.0  # other groups are untouched
+    merged = Calibration()
+    merged.absorb(calibration)
+    assert merged.scale((LOOKUP, 8)) == pytest.approx(unseen)
