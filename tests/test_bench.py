@@ -252,3 +252,24 @@ def test_default_check_flags_a_group_where_the_default_loses_beyond_noise():
         4 * curve[2] + 0.4
     )
     assert default_check(records, make_methods(["ar", "redrafter"], [(1, 3)])) == []
+
+
+def test_timing_noise_of_the_run_widens_the_noise():
+    """ar and mlx-lm do the same work: their per-prompt ratio's spread is the run's timing
+    noise, and a one-prompt group is not flagged within it."""
+    from mlx_redrafter.bench.compare import default_check, ratio_noise
+
+    methods = make_methods(["mlx-lm", "ar", "redrafter", "redrafter+lookup"], [(1, 3)])
+
+    def record(category, ar, lm, default, drafter):
+        return {"source": "s", "category": category, "methods": {
+            "mlx-lm": _spec_run(lm, 9, []), "ar": _spec_run(ar, 9, []),
+            "redrafter": _spec_run(drafter, 9, [3] * 4, 4),
+            "redrafter+lookup": _spec_run(default, 9, [3] * 4, 4)}}  # fmt: skip
+
+    quiet = [record("a", 10, 10, 9, 10), record("b", 10, 10, 10, 10)]
+    assert ratio_noise(quiet) == 0.0
+    assert {r["group"]: r["flag"] for r in default_check(quiet, methods)}["s/a"]
+    noisy = [record("a", 10, 5, 9, 10), record("b", 10, 15, 10, 10)]
+    assert ratio_noise(noisy) > 0.5
+    assert not {r["group"]: r["flag"] for r in default_check(noisy, methods)}["s/a"]

@@ -12,6 +12,8 @@ from ..sizing import default_cost_curve
 from .methods import DEFAULT_METHOD, SINGLE_METHODS, Method
 
 NOISE_FLOOR = 0.03  # a ratio within 3% of 1 is never flagged, whatever the spread
+# two timings of the same work: how far a per-prompt speed ratio strays by noise alone
+TWIN_METHODS = ("ar", "mlx-lm")
 DRAFT_COST = 0.1  # the drafter's time in plain steps for the model (measured: 0.08-0.10)
 
 
@@ -43,17 +45,33 @@ def modelled_speed(runs: list[dict], curve: Sequence[float]) -> float:
     return tokens / steps if steps > 0 else 0.0
 
 
+def ratio_noise(records: list[dict]) -> float | None:
+    """The spread (standard deviation) of one per-prompt speed ratio due to timing noise
+    alone: that of ar / mlx-lm over the run's prompts (two implementations of the same
+    computation, whose true ratio is one number), or None without both."""
+    ratios = []
+    for r in records:
+        a, b = (r["methods"].get(n, {}).get("decode_tps") for n in TWIN_METHODS)
+        if a and b:
+            ratios.append(a / b)
+    if len(ratios) < 2:
+        return None
+    return statistics.stdev(ratios) / statistics.fmean(ratios)
+
+
 def default_check(records: list[dict], methods: Sequence[Method]) -> list[dict]:
     """Per group: the best single method by mean decode speed, the default's speed relative to
-    it (mean of per-prompt ratios, and its noise: twice the standard error, at least
-    NOISE_FLOOR), the same ratio by the cost model, and `flag` where the default is below the
-    best single method by more than the noise. [] unless the run has the default and a
-    single method."""
+    it (mean of per-prompt ratios) and its noise: twice the standard error of that mean, from
+    the group's own spread or, when the run has ar and mlx-lm, from the run's timing noise
+    (`ratio_noise`) if that is larger; at least NOISE_FLOOR. Also the same ratio by the cost
+    model, and `flag` where the default is below the best single method by more than the
+    noise. [] unless the run has the default and a single method."""
     names = {m.name for m in methods}
     singles = [n for n in SINGLE_METHODS if n in names]
     if DEFAULT_METHOD not in names or not singles:
         return []
     curve = default_cost_curve("cpu")
+    timing = ratio_noise(records) or 0.0
     out = []
     groups = group_records(records)
     if len(groups) > 2:
@@ -76,8 +94,8 @@ def default_check(records: list[dict], methods: Sequence[Method]) -> list[dict]:
         if not ratios:
             continue
         ratio = statistics.fmean(ratios)
-        spread = statistics.stdev(ratios) / len(ratios) ** 0.5 if len(ratios) > 1 else 0.0
-        noise = max(2 * spread, NOISE_FLOOR)
+        own = statistics.stdev(ratios) if len(ratios) > 1 else 0.0
+        noise = max(2 * max(own, timing) / len(ratios) ** 0.5, NOISE_FLOOR)
         runs = {n: [r["methods"][n] for r in group] for n in (DEFAULT_METHOD, *singles)}
         modelled = {n: modelled_speed(v, curve) for n, v in runs.items()}
         best_modelled = max(modelled[n] for n in singles)
