@@ -128,7 +128,7 @@ Lookup = Annotated[
 ]
 LookupMax = Annotated[
     int | None,
-    typer.Option("--lookup-max", help="Longest continuation copied from the context (default 8)."),
+    typer.Option("--lookup-max", help="Longest continuation copied from the context (default 32)."),
 ]
 Temp = Annotated[float, typer.Option("--temp", help="Sampling temperature (0 = greedy).")]
 TopP = Annotated[float, typer.Option("--top-p")]
