@@ -22,6 +22,7 @@ from .generation import (
     resolve_lookup,
     stream_generate,
 )
+from .lookup_memory import LookupMemory
 from .prompts import encode_messages, eos_ids
 
 _PROBE = "\x00mlx-redrafter-probe\x00"
@@ -57,7 +58,8 @@ class ChatSession:
     The conversation lives in `ids` (every token the model has seen, answers as generated,
     never re-tokenized) and in the KV cache, which holds all of them but the last. A new turn
     appends the template's end of the previous answer and the new user turn, so only those
-    tokens are prefilled.
+    tokens are prefilled. Context lookup copies from all of it; with a `lookup_memory` also
+    from earlier conversations (kept there after /reset, or loaded from a history file).
     """
 
     model: object
@@ -73,6 +75,10 @@ class ChatSession:
     beam_length: int | None = None
     lookup: bool | None = None  # context lookup candidates (None: the default, on)
     lookup_max: int | None = None
+    # earlier conversations (and this one's turns) as a second lookup corpus; keep one memory
+    # across sessions (and a history file, see LookupMemory.save) to copy from past chats
+    lookup_memory: LookupMemory | None = None
+    lookup_client: str | None = None
     messages: list[dict] = field(default_factory=list)
     ids: list[int] = field(default_factory=list)
     turns: list[TurnRecord] = field(default_factory=list)
@@ -201,6 +207,8 @@ class ChatSession:
             lookup=self.lookup,
             lookup_max=self.lookup_max,
             cache=self.cache,
+            lookup_memory=self.lookup_memory,
+            lookup_client=self.lookup_client,
         )
         tokens: list[int] = []
         pieces: list[str] = []

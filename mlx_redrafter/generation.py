@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import mlx.core as mx
 import numpy as np
@@ -23,6 +23,7 @@ from .drafter import beam_search
 from .errors import GenerationError
 from .logprobs import LogprobRecorder, TokenLogprob
 from .lookup import ContextIndex
+from .lookup_memory import ClientMemory, LookupMemory
 from .prompts import eos_ids
 from .rsd import (
     BEAM,
@@ -36,21 +37,24 @@ from .rsd import (
 )
 from .sizing import (
     DRAFTER,
+    MEMORY,
     TreePolicy,
+    copy_candidate,
     credit_sources,
     default_cost_curve,
     drafter_candidates,
     lookup_candidate,
     sampled_candidates,
 )
+from .suffix_index import SuffixIndex
 from .tree import Tree, pack_sequences
 
 DEFAULT_LOOKUP = True
+DEFAULT_LOOKUP_VERSION = 2
 
 PREFILL_CHUNK = 512
 
 
-@dataclass
 @dataclass(frozen=True)
 class TokenChoice(SamplingConfig):
     """The sampling rule (SamplingConfig: what acceptance and drafting take) plus what a
@@ -86,6 +90,7 @@ class DecodeStats:
     verify_time: float = 0.0
     accept_time: float = 0.0  # acceptance and the cache commit (measured with profile only)
     tree_nodes: int = 0
+    nodes: list[int] = field(default_factory=list)  # verified nodes per round
     drafter_rounds: int = 0  # rounds in which the drafter ran
     accepted_from: dict[str, int] = field(default_factory=dict)  # accepted tokens per source
 
@@ -263,16 +268,27 @@ def verify_tree(
 
 @dataclass
 class LookupConfig:
-    """Context lookup: continuations of the longest earlier match of the context's suffix."""
+    """Context lookup: continuations of the longest earlier match of the context's suffix.
 
-    max_tokens: int = 8  # longest copied continuation
+    version 2 (the default): `SuffixIndex`, long copies weighted by agreement, and candidates
+    from earlier requests when a `LookupMemory` is given; version 1: `ContextIndex` (n-gram
+    continuations of at most 8 tokens; kept for comparison)."""
+
+    max_tokens: int = 32  # longest copied continuation
     min_match: int = 2
     max_match: int = 8
-    max_candidates: int = 2
+    max_candidates: int = 3
+    version: int = DEFAULT_LOOKUP_VERSION
+
+    @classmethod
+    def v1(cls) -> LookupConfig:
+        return cls(max_tokens=8, max_candidates=2, version=1)
 
     def validate(self) -> None:
         if self.max_tokens < 1:
             raise GenerationError(f"lookup max tokens must be >= 1, got {self.max_tokens}")
+        if self.version not in (1, 2):
+            raise GenerationError(f"lookup version must be 1 or 2, got {self.version}")
         if not 1 <= self.min_match <= self.max_match:
             raise GenerationError(
                 f"lookup match lengths must satisfy 1 <= min <= max, got "
@@ -283,7 +299,9 @@ class LookupConfig:
 class _RoundState:
     """What a speculative generation carries between rounds."""
 
-    def __init__(self, drafter, beam, lookup: LookupConfig | None, policy, history, profile):
+    def __init__(
+        self, drafter, beam, lookup: LookupConfig | None, policy, history, profile, memory=None
+    ):
         self.profile = profile  # evaluate the verify forward on its own (exact time split)
         self.drafter = drafter
         self.draft_method = BEAM  # when sampling: beams or a sampled draft (rsd.py)
@@ -292,8 +310,10 @@ class _RoundState:
         self.lookup = lookup
         self.policy = policy  # TreePolicy, or None: verify every drafter beam as drafted
         self.index = None
+        self.memory: ClientMemory | None = memory  # earlier requests (lookup v2 only)
         if lookup is not None:
-            self.index = ContextIndex(lookup.min_match, lookup.max_match)
+            kind = SuffixIndex if lookup.version == 2 else ContextIndex
+            self.index = kind(lookup.min_match, lookup.max_match)
             self.index.extend(history)
 
 
@@ -305,9 +325,7 @@ def speculative_round(model, cache: KVCache, state: _RoundState, context, g0, sa
     t0 = time.perf_counter()
     policy = state.policy
     candidates = _allowed(sampling, lookup_candidates(state, g0), g0)  # lookup
-    with_drafter = state.drafter is not None and (
-        policy is None or policy.want_drafter(policy.select(candidates, False))
-    )
+    with_drafter = state.drafter is not None and (policy is None or policy.want_drafter(candidates))
     draft = None
     sampled_draft = state.draft_method != BEAM and not sampling.greedy
     if with_drafter and sampled_draft and sampling.constraint is None:  # draft (RSD)
@@ -368,6 +386,7 @@ def speculative_round(model, cache: KVCache, state: _RoundState, context, g0, sa
     stats.steps += 1
     stats.drafter_rounds += int(with_drafter)
     stats.tree_nodes += tree.num_nodes
+    stats.nodes.append(tree.num_nodes)
     stats.accepted.append(len(path) - 1)
     return [int(t) for t in result.tokens], hidden[int(path[-1])]
 
@@ -401,8 +420,16 @@ def lookup_candidates(state: _RoundState, g0: int) -> list:
     """Continuations copied from the context (which ends with g0), as sizing candidates."""
     if state.index is None:
         return []
-    found = state.index.propose(state.lookup.max_tokens, state.lookup.max_candidates)
-    return [lookup_candidate(g0, c.tokens, c.match_len) for c in found]
+    look = state.lookup
+    found = state.index.propose(look.max_tokens, look.max_candidates)
+    if look.version == 1:
+        return [lookup_candidate(g0, c.tokens, c.match_len) for c in found]
+    out = [copy_candidate(g0, c.tokens, c.match_len, c.support) for c in found]
+    if state.memory is not None:
+        query = state.index.tail(state.memory.index.max_extend)
+        found = state.memory.index.propose(look.max_tokens, look.max_candidates, query)
+        out += [copy_candidate(g0, c.tokens, c.match_len, c.support, MEMORY) for c in found]
+    return out
 
 
 def redrafter_steps(
@@ -419,6 +446,7 @@ def redrafter_steps(
     policy: TreePolicy | None = None,
     history: Sequence[int] | None = None,
     draft_method: str = BEAM,
+    memory: ClientMemory | None = None,
 ) -> Iterator[list[int]]:
     """Speculative decoding: prefill, then rounds (`speculative_round`) until closed.
 
@@ -441,7 +469,9 @@ def redrafter_steps(
     yield [g0]
 
     history = list(prompt if history is None else history) + [g0]
-    state = _RoundState(drafter, (beam_width, beam_length), lookup, policy, history, profile)
+    state = _RoundState(
+        drafter, (beam_width, beam_length), lookup, policy, history, profile, memory
+    )
     if drafter is not None and getattr(drafter, "propose", None) is None:
         state.draft_method = draft_method  # sampled drafts need the RNN drafter's q
     while True:
@@ -512,7 +542,7 @@ def stream_generate(
     seed: int | None = None,
     beam_width: int | None = None,
     beam_length: int | None = None,
-    lookup: bool | None = None,
+    lookup: bool | LookupConfig | None = None,
     lookup_max: int | None = None,
     stop: Sequence[str] = (),
     cache: KVCache | None = None,
@@ -520,6 +550,8 @@ def stream_generate(
     constraint=None,
     logprobs: int | None = None,
     draft_method: str | None = None,
+    lookup_memory: LookupMemory | None = None,
+    lookup_client: str | None = None,
 ) -> Iterator[GenerationResponse]:
     """Generate from `prompt` (text or token ids), yielding one response per token.
 
@@ -542,6 +574,10 @@ def stream_generate(
     default: the best measured for sampling) and verified by recursive rejection sampling
     (rsd.py). Under a `constraint` the drafter drafts beams (a pruned sampled child would
     change the rejection residual; a pruned point mass does not).
+
+    With a `lookup_memory`, lookup also copies from the earlier requests of `lookup_client`
+    (one bounded corpus per client), and this request's prompt and output are remembered for
+    its next ones; output is unchanged, only the speed is.
     """
     recorder = None if logprobs is None else LogprobRecorder(logprobs)
     sampling = TokenChoice(temperature, top_p, top_k, constraint, recorder)
@@ -563,6 +599,7 @@ def stream_generate(
         raise GenerationError(f"draft_method must be one of {DRAFT_CHOICES}, got {draft_method!r}")
     look = resolve_lookup(lookup, lookup_max)
     ids = encode_prompt(tokenizer, prompt)
+    look = _fit_copies(model, look, len(ids), max_tokens, lookup_max)
     _check_fits(
         model, len(ids), max_tokens, lookahead_tokens(drafter is not None, beam_length, look)
     )
@@ -574,13 +611,17 @@ def stream_generate(
     new_ids = _reuse_cache(cache, ids)
 
     stats = DecodeStats(prompt_tokens=len(new_ids))
+    memory, policy = None, None
+    if look is not None and look.version == 2 and lookup_memory is not None:
+        memory = lookup_memory.client(lookup_client)
     if drafter is None and look is None:
         steps = plain_steps(model, cache, new_ids, sampling, stats)
     else:
-        policy = tree_policy(model) if look is not None else None
+        policy = tree_policy(model, memory) if look is not None else None
         steps = redrafter_steps(
             model, drafter, cache, new_ids, sampling, stats, beam_width, beam_length, profile,
             lookup=look, policy=policy, history=ids, draft_method=draft_method,
+            memory=memory,
         )  # fmt: skip
 
     text_out = _TextOut(tokenizer, stop, max_tokens)
@@ -612,10 +653,26 @@ def stream_generate(
                     return
     finally:
         steps.close()
+        if memory is not None:
+            memory.add(list(ids) + emitted)
+            if policy is not None:
+                memory.learn(policy.calibration)
         # The cache holds every emitted token but the last (it would be fed next), or less
         # if a prefill was interrupted (Ctrl-C) before all of it was committed.
         cache.tokens = (list(ids) + emitted[:-1])[: cache.offset]
         cache.trim(cache.offset - len(cache.tokens))
+
+
+def _fit_copies(model, look, prompt_tokens: int, max_tokens: int, lookup_max) -> LookupConfig:
+    """Near the end of the context, default-length copies shrink to the room left (at least
+    the 8 tokens of v1) rather than turning the request down; an explicit lookup_max stays."""
+    limit = model.context_length
+    if look is None or lookup_max is not None or not limit:
+        return look
+    room = limit - prompt_tokens - max_tokens - 1
+    if room >= look.max_tokens:
+        return look
+    return replace(look, max_tokens=max(min(8, look.max_tokens), room))
 
 
 def _check_fits(model, prompt_tokens: int, max_tokens: int, lookahead: int) -> None:
@@ -672,8 +729,13 @@ def lookahead_tokens(with_drafter: bool, beam_length: int, lookup: LookupConfig 
     return extra
 
 
-def resolve_lookup(lookup: bool | None, lookup_max: int | None) -> LookupConfig | None:
-    """Context lookup settings, or None when it is off (default: on)."""
+def resolve_lookup(
+    lookup: bool | LookupConfig | None, lookup_max: int | None
+) -> LookupConfig | None:
+    """Context lookup settings, or None when it is off (default: on, version 2)."""
+    if isinstance(lookup, LookupConfig):
+        lookup.validate()
+        return lookup
     if lookup is None:
         lookup = DEFAULT_LOOKUP
     if not lookup:
@@ -683,13 +745,17 @@ def resolve_lookup(lookup: bool | None, lookup_max: int | None) -> LookupConfig 
     return config
 
 
-def tree_policy(model) -> TreePolicy:
+def tree_policy(model, memory: ClientMemory | None = None) -> TreePolicy:
     """Tree sizing for this model on this device: the verify-cost curve `tune` stored for it,
-    else the default curve of the device type."""
+    else the default curve of the device type; with a client's `memory`, starting from what
+    its earlier requests learnt about copies from that memory."""
     curve = load_cost_curve(getattr(model, "source_path", None))
     if curve is None:
         curve = default_cost_curve("gpu" if mx.default_device().type == mx.gpu else "cpu")
-    return TreePolicy(curve)
+    policy = TreePolicy(curve)
+    if memory is not None:
+        policy.calibration.absorb(memory.calibration)
+    return policy
 
 
 def _reuse_cache(cache: KVCache, ids: list[int]) -> list[int]:

@@ -23,9 +23,13 @@ DATA_DIR = Path(__file__).resolve().parent / "data"
 MT_BENCH = "mt-bench"  # MT-Bench's first turns
 MT_BENCH_2 = "mt-bench-2"  # second turns, after the model's own greedy first answer
 DOC_PROMPTS = "doc-prompts"  # prompts that carry a document (Alpaca items with an input)
+EDIT = "edit"  # a standard-library function + an edit instruction; the answer is the whole
+AGENT = "agent"  # multi-turn agent loops: tool outputs fed back, answers that quote them
 MT_BENCH_FILE = DATA_DIR / "mt_bench" / "question.jsonl"
 DOC_PROMPTS_FILE = DATA_DIR / "doc_prompts" / "prompts.jsonl"
-SOURCES = (MT_BENCH, MT_BENCH_2, DOC_PROMPTS)
+EDIT_FILE = DATA_DIR / "edit_prompts" / "prompts.jsonl"
+AGENT_FILE = DATA_DIR / "agent_prompts" / "prompts.jsonl"
+SOURCES = (MT_BENCH, MT_BENCH_2, DOC_PROMPTS, EDIT, AGENT)
 
 
 @dataclass
@@ -34,7 +38,7 @@ class Prompt:
     text: str
     category: str | None = None
     before: tuple[str, ...] = ()  # earlier user turns, each answered by the model first
-    source: str | None = None  # mt-bench, mt-bench-2, doc-prompts or the file's name
+    source: str | None = None  # one of SOURCES or the file's name
     answer: str | None = None  # the file's own answer (Alpaca `output`), if any
     turns: tuple[str, ...] = ()  # every user turn the record holds
 
@@ -122,7 +126,9 @@ def load_prompts(
 ) -> list[Prompt]:
     """Prompts from one or more comma-separated sources: `mt-bench` (first turns),
     `mt-bench-2` (second turns; the first turn is in `before`, to be answered by the model),
-    `doc-prompts` (document-carrying prompts shipped with the package) or a prompt file.
+    `doc-prompts` (document-carrying prompts shipped with the package), `edit` (a function
+    and an edit instruction), `agent` (the last turn of an agent loop; the earlier turns are in
+    `before`) or a prompt file.
     `num_prompts` applies to each source; `per_category` keeps the first K of each category."""
     if per_category is not None:
         if per_category < 1:
@@ -144,10 +150,14 @@ def load_prompts(
                 raise PromptError(f"{MT_BENCH_FILE}: question {p.id} has no second turn")
             prompts.append(Prompt(f"{p.id}-2", p.turns[1], p.category, (p.turns[0],)))
         prompts = prompts[:num_prompts]
-    elif source in (MT_BENCH, DOC_PROMPTS):
-        prompts = read_prompts(
-            MT_BENCH_FILE if source == MT_BENCH else DOC_PROMPTS_FILE, num_prompts
-        )
+    elif source == AGENT:
+        prompts = [
+            Prompt(p.id, p.turns[-1], p.category, p.turns[:-1])
+            for p in read_prompts(AGENT_FILE, num_prompts)
+        ]
+    elif source in (MT_BENCH, DOC_PROMPTS, EDIT):
+        files = {MT_BENCH: MT_BENCH_FILE, DOC_PROMPTS: DOC_PROMPTS_FILE, EDIT: EDIT_FILE}
+        prompts = read_prompts(files[source], num_prompts)
     else:
         prompts = read_prompts(source, num_prompts)
     for p in prompts:

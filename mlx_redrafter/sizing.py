@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 DRAFTER = "drafter"
-LOOKUP = "lookup"
+LOOKUP = "lookup"  # copied from this request's context
+MEMORY = "memory"  # copied from earlier requests (lookup_memory.LookupMemory)
 SAMPLED = "sampled"  # calibration bucket of drafter nodes drawn without replacement
 
 # t(n)/t(1) measured on a 2-core x86 CPU (SmolLM2-135M, float32, the fast path; `tune
@@ -42,11 +43,56 @@ GPU_COST_POINTS = {1: 1.0, 2: 1.03, 8: 1.08, 12: 1.12, 16: 1.45, 32: 2.0}
 LOOKUP_PRIOR = {1: 0.3, 2: 0.45, 3: 0.6, 4: 0.7}
 LOOKUP_RUN_PRIOR = 0.8
 LOOKUP_RUN = "lookup-run"  # calibration bucket of the copied tokens after the first
+# Lookup v2 (`copy_candidate`): priors per match-length bucket, for the first copied token and
+# for each one after it. A copied token k (0-based) is only tested once the k before it were
+# accepted, when the match behind it is match_len + k long: its bucket is that length's, so a
+# copy that keeps matching earns ever higher estimates and the tree keeps it long.
+MATCH_BUCKETS = (1, 2, 3, 4, 5, 8, 12, 16, 24, 32)
+COPY_PRIOR = {
+    LOOKUP: {
+        1: 0.3,
+        2: 0.45,
+        3: 0.6,
+        4: 0.7,
+        5: 0.75,
+        8: 0.8,
+        12: 0.85,
+        16: 0.85,
+        24: 0.9,
+        32: 0.9,
+    },
+    # earlier requests' text: a match there says less about this request
+    MEMORY: {
+        1: 0.2,
+        2: 0.3,
+        3: 0.4,
+        4: 0.5,
+        5: 0.55,
+        8: 0.65,
+        12: 0.7,
+        16: 0.75,
+        24: 0.8,
+        32: 0.85,
+    },
+}
+COPY_RUN_PRIOR = {
+    1: 0.8,
+    2: 0.8,
+    3: 0.8,
+    4: 0.8,
+    5: 0.82,
+    8: 0.85,
+    12: 0.88,
+    16: 0.9,
+    24: 0.92,
+    32: 0.94,
+}
 UNKNOWN_PRIOR = 0.5  # for candidates that bring no estimate (e.g. test oracles)
 MAX_COND = 0.98
 PRIOR_WEIGHT = 4.0  # pseudo-observations behind each calibration's initial scale of 1
 DEFAULT_MAX_NODES = 32
 REPROBE_EVERY = 16  # rounds between two drafter runs when lookup keeps winning
+DRAFT_COST_WINDOW = 15  # rounds behind the drafter's cost estimate (a running median)
 
 
 def cost_curve_from_points(points: dict[int, float], max_nodes: int) -> np.ndarray:
@@ -136,6 +182,38 @@ def lookup_candidate(root: int, continuation: Sequence[int], match_len: int) -> 
     return Candidate(LOOKUP, (int(root), *map(int, continuation)), raw[:n], buckets[:n])
 
 
+def match_bucket(length: int) -> int:
+    """The calibration bucket of a match length: the largest MATCH_BUCKETS entry <= it."""
+    out = MATCH_BUCKETS[0]
+    for b in MATCH_BUCKETS:
+        if length >= b:
+            out = b
+    return out
+
+
+def copy_candidate(
+    root: int,
+    continuation: Sequence[int],
+    match_len: int,
+    support: Sequence[float] | None = None,
+    source: str = LOOKUP,
+) -> Candidate:
+    """A lookup-v2 continuation (from the context, or from earlier requests with source
+    MEMORY): token k's estimate is the prior of its match-length bucket (match_len + k, see
+    COPY_RUN_PRIOR) times its support among the matched occurrences; the first token and the
+    ones after it are calibrated apart, per source and bucket."""
+    n = len(continuation)
+    support = (1.0,) * n if support is None else tuple(support)
+    first = match_bucket(match_len)
+    raw = [COPY_PRIOR[source][first] * support[0]]
+    buckets = [(source, first)]
+    for k in range(1, n):
+        b = match_bucket(match_len + k)
+        raw.append(COPY_RUN_PRIOR[b] * support[k])
+        buckets.append((source + "-run", b))
+    return Candidate(source, (int(root), *map(int, continuation)), tuple(raw), tuple(buckets))
+
+
 @dataclass
 class Choice:
     """The nodes a round verifies: the sequences to pack (in candidate order), and for each
@@ -154,21 +232,45 @@ class Choice:
 
 @dataclass
 class Calibration:
-    """Per bucket: sum of raw estimates and hits over the nodes whose parent was accepted."""
+    """Per bucket: sum of raw estimates and hits over the nodes whose parent was accepted.
+
+    A bucket's scale shrinks towards its group's (the buckets of one kind, e.g. every match
+    length of lookup's first copied tokens), and the group's towards 1: with ten match-length
+    buckets per source, each seen a few times in a short answer, lookup that keeps failing must
+    be learnt from all of them at once, not bucket by bucket."""
 
     predicted: dict[tuple[str, int], float] = field(default_factory=dict)
     hits: dict[tuple[str, int], float] = field(default_factory=dict)
+    group_predicted: dict[str, float] = field(default_factory=dict)
+    group_hits: dict[str, float] = field(default_factory=dict)
+
+    def group_scale(self, group: str) -> float:
+        pred = self.group_predicted.get(group, 0.0)
+        return (self.group_hits.get(group, 0.0) + PRIOR_WEIGHT) / (pred + PRIOR_WEIGHT)
 
     def scale(self, bucket: tuple[str, int]) -> float:
         pred = self.predicted.get(bucket, 0.0)
-        return (self.hits.get(bucket, 0.0) + PRIOR_WEIGHT) / (pred + PRIOR_WEIGHT)
+        prior = PRIOR_WEIGHT * self.group_scale(bucket[0])
+        return (self.hits.get(bucket, 0.0) + prior) / (pred + PRIOR_WEIGHT)
 
     def corrected(self, raw: float, bucket: tuple[str, int]) -> float:
         return float(min(MAX_COND, raw * self.scale(bucket)))
 
     def observe(self, bucket: tuple[str, int], raw: float, hit: bool) -> None:
-        self.predicted[bucket] = self.predicted.get(bucket, 0.0) + raw
-        self.hits[bucket] = self.hits.get(bucket, 0.0) + float(hit)
+        self.add(bucket, raw, float(hit))
+
+    def add(self, bucket: tuple[str, int], predicted: float, hits: float) -> None:
+        """Count `predicted` (a sum of raw estimates) and `hits` for a bucket and its group."""
+        self.predicted[bucket] = self.predicted.get(bucket, 0.0) + predicted
+        self.hits[bucket] = self.hits.get(bucket, 0.0) + hits
+        group = bucket[0]
+        self.group_predicted[group] = self.group_predicted.get(group, 0.0) + predicted
+        self.group_hits[group] = self.group_hits.get(group, 0.0) + hits
+
+    def absorb(self, other: Calibration) -> None:
+        """Add every bucket of `other` (what an earlier request learnt) to this one."""
+        for bucket, predicted in other.predicted.items():
+            self.add(bucket, predicted, other.hits.get(bucket, 0.0))
 
 
 class TreePolicy:
@@ -194,13 +296,21 @@ class TreePolicy:
         self.max_nodes = max_nodes
         self.draft_cost = draft_cost
         self.calibration = Calibration()
-        self.drafter_value: float | None = None  # EMA of a drafter round's realised value
+        # EMA of the drafter's raw conditional estimates along its best beam, per depth: what
+        # a drafter round typically brings, for deciding whether to run it (`want_drafter`)
+        self.drafter_profile: list[float] | None = None
         self.rounds_without_drafter = 0
+        self._draft_ratios: list[float] = []  # the last DRAFT_COST_WINDOW draft/step ratios
 
     # -- choosing ---------------------------------------------------------------------------
 
-    def select(self, candidates: Sequence[Candidate], with_drafter: bool) -> Choice:
-        """The n most likely nodes (ancestors first) that maximise E(n) / (c(n) + d)."""
+    def select(
+        self, candidates: Sequence[Candidate], with_drafter: bool, learn: bool = True
+    ) -> Choice:
+        """The n most likely nodes (ancestors first) that maximise E(n) / (c(n) + d). A
+        round's real choice (`learn`) also updates the drafter's profile."""
+        if with_drafter and learn:
+            self._learn_profile(candidates)
         estimate: dict[tuple[int, ...], float] = {}
         sources: dict[tuple[int, ...], list] = {}
         order: dict[tuple[int, ...], int] = {}
@@ -241,16 +351,41 @@ class TreePolicy:
             cost=float(cost[n - 1]),
         )
 
-    def want_drafter(self, lookup_choice: Choice) -> bool:
-        """Run the drafter unless lookup alone is expected to do at least as well as drafter
-        rounds have done (tokens per plain step), or, with nothing to copy, unless drafter
-        rounds have been worth less than a plain step. The drafter is re-probed every
-        REPROBE_EVERY rounds so that its figure does not go stale."""
-        if self.drafter_value is None or self.rounds_without_drafter >= REPROBE_EVERY:
+    def _learn_profile(self, candidates: Sequence[Candidate]) -> None:
+        beam = next((c for c in candidates if c.source == DRAFTER), None)
+        if beam is None or not beam.raw:
+            return
+        if self.drafter_profile is None or len(self.drafter_profile) != len(beam.raw):
+            self.drafter_profile = list(beam.raw)
+        else:
+            self.drafter_profile = [
+                0.8 * old + 0.2 * new
+                for old, new in zip(self.drafter_profile, beam.raw, strict=True)
+            ]
+
+    def want_drafter(self, candidates: Sequence[Candidate]) -> bool:
+        """Whether this round should run the drafter, given the lookup candidates it has.
+
+        Both sides are estimates of the same kind: the tree lookup alone would verify,
+        against the tree of lookup plus a typical drafter beam (its profile, calibrated like
+        any drafter node, its tokens distinct from every copy), the drafter's cost included.
+        Comparing a lookup estimate with the drafter's realised rounds (as before) let
+        optimistic lookup estimates keep the drafter out where it paid. The drafter runs
+        until it has a profile, and is re-probed every REPROBE_EVERY rounds so that its
+        calibration does not go stale."""
+        if self.drafter_profile is None or self.rounds_without_drafter >= REPROBE_EVERY:
             return True
-        if len(lookup_choice.estimate) == 0:
-            return self.drafter_value > 1.0 / self.curve[0]
-        return lookup_choice.value < self.drafter_value
+        root = candidates[0].tokens[0] if candidates else 0
+        depth = len(self.drafter_profile)
+        phantom = Candidate(
+            DRAFTER,
+            (root, *range(-1, -depth - 1, -1)),  # ids no real candidate has: no merging
+            tuple(self.drafter_profile),
+            tuple((DRAFTER, d) for d in range(1, depth + 1)),
+        )
+        alone = self.select(candidates, False, learn=False)
+        merged = self.select([*candidates, phantom], True, learn=False)
+        return merged.value > alone.value
 
     # -- learning ---------------------------------------------------------------------------
 
@@ -271,20 +406,19 @@ class TreePolicy:
             for _, bucket, raw in contributions:
                 self.calibration.observe(bucket, raw, hit)
         if with_drafter:
-            v = (1 + len(accepted)) / choice.cost  # tokens per plain step, as it turned out
-            self.drafter_value = (
-                v if self.drafter_value is None else 0.8 * self.drafter_value + 0.2 * v
-            )
             self.rounds_without_drafter = 0
         else:
             self.rounds_without_drafter += 1
 
     def observe_times(self, draft_time: float, verify_time: float, num_nodes: int) -> None:
-        """Learn the drafter's cost in plain steps from one round's timings."""
+        """Learn the drafter's cost in plain steps from one round's timings: the median of the
+        last DRAFT_COST_WINDOW rounds' ratios, so that one round slowed down by anything else
+        on the machine (a shared CPU's verify times swing 2x) does not move it."""
         if draft_time <= 0 or verify_time <= 0:
             return
         step = verify_time / self.curve[min(num_nodes, self.max_nodes) - 1]
-        self.draft_cost = 0.8 * self.draft_cost + 0.2 * (draft_time / step)
+        self._draft_ratios = [*self._draft_ratios[-(DRAFT_COST_WINDOW - 1) :], draft_time / step]
+        self.draft_cost = float(np.median(self._draft_ratios))
 
 
 def credit_sources(choice: Choice, accepted: Sequence[tuple[int, ...]]) -> dict[str, int]:

@@ -46,7 +46,9 @@ def test_bench_writes_json_with_the_documented_fields(tiny, tmp_path):
     data = json.loads(out.read_text())
     assert HEADER_KEYS <= set(data["header"])
     assert data["header"]["dtype"] == "float32"
-    assert list(data["methods"]) == ["mlx-lm", "ar", "redrafter"]
+    # by default: what `generate` runs (redrafter+lookup) and its single sources
+    defaults = ["mlx-lm", "ar", "redrafter", "lookup", "redrafter+lookup"]
+    assert list(data["methods"]) == defaults
     for name, figures in data["methods"].items():
         assert SUMMARY_KEYS <= set(figures), name
         assert figures["decode_tps_mean"] > 0 and figures["peak_memory_gb"] > 0
@@ -58,7 +60,7 @@ def test_bench_writes_json_with_the_documented_fields(tiny, tmp_path):
     assert data["methods"]["redrafter"]["verify_ms_per_round"] > 0
     assert len(data["prompts"]) == 2
     for prompt in data["prompts"]:
-        assert set(prompt["methods"]) == {"mlx-lm", "ar", "redrafter"}
+        assert set(prompt["methods"]) == set(defaults)
         for run in prompt["methods"].values():
             assert run["num_tokens"] == 10 or run["finish_reason"] == "stop"
             assert run["matches_ar"] and run["prompt_tokens"] == prompt["prompt_tokens"]
@@ -70,6 +72,10 @@ def test_bench_writes_json_with_the_documented_fields(tiny, tmp_path):
     assert "redrafter (W={}, L={})".format(*DEFAULT_BEAM) in proc.stdout
     assert "greedy outputs identical to ar on 2/2 prompts" in proc.stdout
     assert "draft ms/round" in proc.stdout and "t(n)/t(1)" in proc.stdout
+    checks = data["default_check"]  # the source and its one category
+    assert [c["group"] for c in checks] == ["mt-bench", "mt-bench/writing"]
+    assert all(c["best_single"] in ("redrafter", "lookup") for c in checks)
+    assert "against the best single method" in proc.stdout
 
 
 def test_sweep_writes_heatmap(tiny, tmp_path):
@@ -194,3 +200,76 @@ def test_lookup_methods_second_turns_and_groups(tiny, tmp_path):
     assert {"mt-bench-2", "doc-prompts"} <= set(data["groups"])
     assert "per source and category" in proc.stdout
     assert (tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_lookup_and_memory_methods():
+    methods = make_methods(
+        ["lookup", "lookup-v1", "redrafter+lookup-v1", "redrafter+lookup+memory"], [(1, 3)]
+    )
+    assert [(m.kind, m.lookup, m.lookup_version, m.memory) for m in methods] == [
+        ("lookup", True, 2, False),
+        ("lookup", True, 1, False),
+        ("redrafter", True, 1, False),
+        ("redrafter", True, 2, True),
+    ]
+
+
+def _spec_run(tps, tokens, nodes, drafter_rounds=0):
+    return {"decode_tps": tps, "num_tokens": tokens, "nodes": nodes,
+            "drafter_rounds": drafter_rounds}  # fmt: skip
+
+
+def test_default_check_flags_a_group_where_the_default_loses_beyond_noise():
+    from mlx_redrafter.bench.compare import default_check, modelled_steps
+    from mlx_redrafter.sizing import default_cost_curve
+
+    methods = make_methods(["ar", "redrafter", "lookup", "redrafter+lookup"], [(1, 3)])
+
+    def record(category, default_tps, drafter_tps):
+        return {
+            "source": "s",
+            "category": category,
+            "methods": {
+                "ar": _spec_run(10, 9, []),
+                "redrafter": _spec_run(drafter_tps, 9, [3, 3, 3, 3], 4),
+                "lookup": _spec_run(8, 9, [2] * 8),
+                "redrafter+lookup": _spec_run(default_tps, 9, [3, 3, 3, 3], 2),
+            },
+        }
+
+    records = [record("a", 10, 12), record("a", 10.5, 12), record("b", 12, 12),
+               record("b", 11.9, 12), record("c", 9, 12), record("c", 14, 12)]  # fmt: skip
+    rows = {r["group"]: r for r in default_check(records, methods)}
+    assert set(rows) == {"all", "s", "s/a", "s/b", "s/c"}
+    assert rows["s/a"]["flag"] and rows["s/a"]["best_single"] == "redrafter"
+    assert not rows["s/b"]["flag"]  # within 3%
+    assert not rows["s/c"]["flag"]  # below on average, but within its (large) noise
+    # noise-free: the default did the same rounds with the drafter in half of them
+    assert rows["s/a"]["modelled_ratio"] > 1.0
+    curve = default_cost_curve("cpu")
+    assert modelled_steps(records[0]["methods"]["ar"], curve) == 9
+    assert modelled_steps(records[0]["methods"]["redrafter"], curve) == pytest.approx(
+        4 * curve[2] + 0.4
+    )
+    assert default_check(records, make_methods(["ar", "redrafter"], [(1, 3)])) == []
+
+
+def test_timing_noise_of_the_run_widens_the_noise():
+    """ar and mlx-lm do the same work: their per-prompt ratio's spread is the run's timing
+    noise, and a one-prompt group is not flagged within it."""
+    from mlx_redrafter.bench.compare import default_check, ratio_noise
+
+    methods = make_methods(["mlx-lm", "ar", "redrafter", "redrafter+lookup"], [(1, 3)])
+
+    def record(category, ar, lm, default, drafter):
+        return {"source": "s", "category": category, "methods": {
+            "mlx-lm": _spec_run(lm, 9, []), "ar": _spec_run(ar, 9, []),
+            "redrafter": _spec_run(drafter, 9, [3] * 4, 4),
+            "redrafter+lookup": _spec_run(default, 9, [3] * 4, 4)}}  # fmt: skip
+
+    quiet = [record("a", 10, 10, 9, 10), record("b", 10, 10, 10, 10)]
+    assert ratio_noise(quiet) == 0.0
+    assert {r["group"]: r["flag"] for r in default_check(quiet, methods)}["s/a"]
+    noisy = [record("a", 10, 5, 9, 10), record("b", 10, 15, 10, 10)]
+    assert ratio_noise(noisy) > 0.5
+    assert not {r["group"]: r["flag"] for r in default_check(noisy, methods)}["s/a"]

@@ -398,3 +398,34 @@ def test_terminal_paste_of_several_lines_is_one_turn(tiny):
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+
+
+def test_earlier_conversations_feed_lookup_and_output_is_unchanged(loaded):
+    from mlx_redrafter.lookup_memory import LookupMemory
+
+    model, tokenizer, drafter = loaded
+    memory = LookupMemory(max_clients=1)
+    session = ChatSession(model, tokenizer, drafter, max_tokens=24, lookup_memory=memory)
+    ids = session.turn_ids("Tell me a story about a cat and a hat")
+    first = [r.token for r in session.send("Tell me a story about a cat and a hat")]
+    assert first == fresh(model, tokenizer, ids, drafter, max_tokens=24)
+    session.reset()  # a new conversation: the old one stays in the memory
+    again = list(session.send("Tell me a story about a cat and a hat"))
+    assert [r.token for r in again] == first
+    assert again[-1].stats.accepted_from.get("memory", 0) > 0
+    assert memory.client(None).documents[0][: len(ids)] == ids
+
+
+def test_lookup_history_file(tiny, tmp_path):
+    model_dir, drafter_dir = tiny
+    env = cli_env()
+    env["MLX_REDRAFTER_HOME"] = str(tmp_path / "home")
+    args = ["chat", "--model", str(model_dir), "--drafter", str(drafter_dir), "-n", "8"]
+    proc = run_cli([*args, "--lookup-history"], env=env, input="hello world\n")
+    assert proc.returncode == 0, proc.stderr
+    saved = tmp_path / "home" / "lookup-history" / f"{model_dir.name}.json"
+    documents = __import__("json").loads(saved.read_text())["documents"]
+    assert len(documents) == 1 and len(documents[0]) > 8
+    proc = run_cli(args, env=env, input="hello again\n")  # off by default: the file stays
+    assert proc.returncode == 0 and saved.stat().st_size > 0
+    assert __import__("json").loads(saved.read_text())["documents"] == documents

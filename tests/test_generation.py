@@ -517,7 +517,7 @@ def test_greedy_with_lookup_equals_plain_on_repeating_prompts(seed):
 
 
 class OracleIndex:
-    """Stands in for ContextIndex: proposes the true continuation (and a wrong one)."""
+    """Stands in for SuffixIndex (lookup v2): proposes the true continuation (and a wrong one)."""
 
     def __init__(self, reference: list[int], prompt_len: int):
         self.ref, self.prompt_len, self.tokens = reference, prompt_len, []
@@ -529,12 +529,12 @@ class OracleIndex:
         self.tokens += list(tokens)
 
     def propose(self, max_tokens, max_candidates=2):
-        from mlx_redrafter.lookup import LookupCandidate
+        from mlx_redrafter.suffix_index import SuffixCandidate
 
         pos = len(self.tokens) - self.prompt_len  # index in ref of the next token
         true = tuple(self.ref[pos : pos + max_tokens])
         wrong = tuple((t + 1) % 64 for t in true)
-        return [LookupCandidate(c, 4, 1) for c in (true, wrong) if c]
+        return [SuffixCandidate(c, (1.0,) * len(c), 4, 1) for c in (true, wrong) if c]
 
 
 def test_oracle_lookup_runs_are_accepted_whole(monkeypatch):
@@ -543,7 +543,7 @@ def test_oracle_lookup_runs_are_accepted_whole(monkeypatch):
     model = tiny_model(40)
     prompt = [2, 7, 1, 8]
     plain = tokens_of(model, prompt, max_tokens=60)
-    monkeypatch.setattr(generation, "ContextIndex", OracleIndex(plain, len(prompt)))
+    monkeypatch.setattr(generation, "SuffixIndex", OracleIndex(plain, len(prompt)))
     responses = list(
         stream_generate(model, FakeTokenizer(), prompt, None, max_tokens=41, lookup_max=7)
     )
@@ -566,7 +566,7 @@ def test_eos_inside_an_accepted_lookup_run_stops_there(monkeypatch):
             break
     k = fresh[0]  # inside the first copied run, which starts after plain[0]
     eos = plain[k]
-    monkeypatch.setattr(generation, "ContextIndex", OracleIndex(plain, len(prompt)))
+    monkeypatch.setattr(generation, "SuffixIndex", OracleIndex(plain, len(prompt)))
     spec = list(
         stream_generate(model, FakeTokenizer([eos]), prompt, None, max_tokens=40, lookup_max=8)
     )
@@ -603,3 +603,27 @@ def test_the_chi_square_check_can_fail_with_mixed_trees():
         prompt, 77, 2, 3, (1.0, 0, 1.0), (0.8, 0, 1.0), make_tree=mixed_tree
     )
     assert chi2_pvalue(counts.reshape(-1), exact) < 1e-6
+
+
+def mixed_tree_v2(model, drafter, context, g0, W, L, history):
+    """As `mixed_tree`, with lookup v2: branches from the context's suffix index and copies
+    from a memory of an earlier request, all merged with the drafter's beams."""
+    from mlx_redrafter.generation import draft_beams
+    from mlx_redrafter.suffix_index import SuffixIndex
+    from mlx_redrafter.tree import pack_sequences
+
+    beams, _ = draft_beams(model, drafter, context, g0, W, L)
+    index = SuffixIndex(1, 4)
+    index.extend(history + [g0])
+    memory = SuffixIndex(1, 4)
+    memory.add_document([3, 1, 5, 3, 2, 7, 1, 5, 3, 9, 4])
+    found = index.propose(4, 3) + memory.propose(4, 2, query=index.tail(8))
+    copies = [(g0, *c.tokens) for c in found]
+    return pack_sequences([tuple(int(t) for t in b) for b in beams] + copies)
+
+
+def test_sampling_is_lossless_with_lookup_v2_and_memory_trees():
+    prompt = [1, 5, 3, 1, 5, 3, 1]
+    counts, exact = sampled_and_exact(prompt, 2468, 1, 3, (1.0, 0, 1.0), make_tree=mixed_tree_v2)
+    assert counts.sum() == 20000
+    assert chi2_pvalue(counts.reshape(-1), exact) > 1e-4

@@ -8,8 +8,10 @@ import pytest
 from mlx_redrafter.sizing import (
     DRAFTER,
     LOOKUP,
+    Calibration,
     Candidate,
     TreePolicy,
+    copy_candidate,
     cost_curve_from_points,
     credit_sources,
     default_cost_curve,
@@ -160,16 +162,35 @@ def test_nodes_whose_parent_was_rejected_teach_nothing():
 
 def test_drafter_is_skipped_when_lookup_alone_is_better_and_reprobed():
     policy = TreePolicy(1.0 + 0.17 * np.arange(32))
-    look = policy.select([lookup_candidate(0, [1, 2, 3, 4], match_len=4)], with_drafter=False)
-    assert policy.want_drafter(look)  # no drafter estimate yet
-    weak = policy.select(_beams()[1:], with_drafter=True)
+    copy = [copy_candidate(0, list(range(1, 17)), match_len=40)]  # a long, sure copy
+    assert policy.want_drafter(copy)  # no drafter profile yet
+    weak = policy.select(_beams()[1:], with_drafter=True)  # learns the profile (0.9, 0.1, 0.1)
     policy.observe(weak, [], with_drafter=True)
-    assert weak.value < look.value
-    assert not policy.want_drafter(look)
+    assert not policy.want_drafter(copy)  # the copy alone is worth more than copy + drafter
+    assert policy.want_drafter([])  # with nothing to copy, a 0.9 first token pays its cost
     for k in range(16):
         # rounds with a lookup candidate, and rounds with no candidate at all
-        policy.observe(look if k % 2 else None, [], with_drafter=False)
-    assert policy.want_drafter(look)  # re-probed after a while
+        policy.observe(policy.select(copy, False) if k % 2 else None, [], with_drafter=False)
+    assert policy.want_drafter(copy)  # re-probed after a while
+
+
+def test_a_weak_copy_does_not_keep_a_good_drafter_out():
+    """The old rule compared lookup's estimate with the drafter's realised rounds; a copy
+    estimated above what drafter rounds realised kept the drafter out. Now both sides are
+    estimates, and a weak copy (match length 2) loses to copy + drafter."""
+    policy = TreePolicy(1.0 + 0.17 * np.arange(32))
+    good = policy.select(_beams(), with_drafter=True)  # profile (0.9, 0.8, 0.5)
+    policy.observe(good, [(5, 1), (5, 1, 2)], with_drafter=True)
+    weak = [copy_candidate(5, [7, 8, 9], match_len=2)]
+    assert policy.want_drafter(weak)
+
+
+def test_draft_cost_is_a_running_median():
+    policy = TreePolicy(np.ones(32))
+    for _ in range(10):
+        policy.observe_times(0.01, 0.1, 3)
+    policy.observe_times(0.5, 0.1, 3)  # one round slowed by something else
+    assert policy.draft_cost == pytest.approx(0.1)
 
 
 def test_credit_by_source():
@@ -191,11 +212,24 @@ def test_cost_curves():
 
 def test_with_nothing_to_copy_the_drafter_runs_while_it_pays():
     policy = TreePolicy(1.0 + 0.17 * np.arange(32))
-    nothing = policy.select([], with_drafter=False)
     good = policy.select(_beams(), with_drafter=True)
     kept = sorted(good.estimate, key=len)
     policy.observe(good, [q for q in kept if q[:3] == (5, 1, 2)[: len(q)]], with_drafter=True)
-    assert policy.drafter_value > 1.0 and policy.want_drafter(nothing)
-    for _ in range(10):  # rounds where nothing drafted is accepted: worth less than plain
+    assert policy.want_drafter([])
+    for _ in range(30):  # rounds where nothing drafted is accepted: worth less than plain
         policy.observe(policy.select(_beams(), with_drafter=True), [], with_drafter=True)
-    assert policy.drafter_value < 1.0 and not policy.want_drafter(nothing)
+    assert not policy.want_drafter([])
+
+
+def test_calibration_shrinks_buckets_towards_their_group():
+    """Misses at some match lengths lower the estimate at a length never seen yet."""
+    calibration = Calibration()
+    for m in (2, 3, 4):
+        for _ in range(5):
+            calibration.observe((LOOKUP, m), 0.6, False)
+    unseen = calibration.scale((LOOKUP, 8))
+    assert unseen == pytest.approx(4 / (9 + 4))  # the group's rate, not the prior's 1.0
+    assert calibration.scale((DRAFTER, 1)) == 1.0  # other groups are untouched
+    merged = Calibration()
+    merged.absorb(calibration)
+    assert merged.scale((LOOKUP, 8)) == pytest.approx(unseen)

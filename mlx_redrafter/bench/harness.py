@@ -19,8 +19,10 @@ from mlx.utils import tree_flatten
 from ..accept import SamplingConfig
 from ..env import parse_dtype
 from ..errors import BenchError, LoadError
-from ..generation import stream_generate
+from ..generation import LookupConfig, stream_generate
+from ..lookup_memory import LookupMemory
 from ..prompts import Prompt, encode_chat, encode_messages, eos_ids
+from .compare import default_check
 from .methods import Method
 from .replay import reference_batch
 from .report import BenchResult, strip_tokens, summarize, summarize_groups, sweep_grid
@@ -62,6 +64,7 @@ def _round_figures(method: Method, stats) -> dict:
         out["verify_time_s"] = stats.verify_time if stats is not None else 0.0
         out["accept_time_s"] = stats.accept_time if stats is not None else 0.0
         out["mean_tree_nodes"] = stats.tree_nodes / max(1, len(rounds)) if stats else 0.0
+        out["nodes"] = list(stats.nodes) if stats is not None else []
     return out
 
 
@@ -98,6 +101,8 @@ class Bench:
             self._weights["drafter"] = _nbytes(drafter)
         if mlx_lm_model is not None:
             self._weights["mlx-lm"] = _nbytes(mlx_lm_model)
+        # per +memory method: one client's memory of the run's earlier prompts and answers
+        self.memories: dict[str, LookupMemory] = {}
 
     def check(self, methods: Sequence[Method]) -> None:
         kinds = {m.kind for m in methods}
@@ -121,6 +126,8 @@ class Bench:
                 yield r.token, None
             return
         drafter = self.drafter if method.kind == "redrafter" else None
+        lookup = method.lookup and (LookupConfig.v1() if method.lookup_version == 1 else True)
+        memory = self.memories.setdefault(method.name, LookupMemory()) if method.memory else None
         for r in stream_generate(
             self.model,
             self.tokenizer,
@@ -129,13 +136,14 @@ class Bench:
             max_tokens=max_tokens,
             beam_width=method.beam_width,
             beam_length=method.beam_length,
-            lookup=method.lookup,
+            lookup=lookup,
             profile=self.profile,
             temperature=s.temperature,
             top_p=s.top_p,
             top_k=s.top_k,
             seed=self.seed,
             draft_method=method.draft,
+            lookup_memory=memory,
         ):
             yield r.token, r.stats
 
@@ -234,6 +242,7 @@ class Bench:
         if warmup:
             for method in methods:
                 self.run_one(method, encoded[0], min(WARMUP_TOKENS, self.max_tokens))
+            self.memories.clear()  # the memory starts with the first measured prompt
         records = []
         runs = [
             (p, ids, seed) for p, ids in zip(prompts, encoded, strict=True) for seed in self.seeds
@@ -275,6 +284,7 @@ def benchmark(
     summary = summarize(records, methods)
     result = BenchResult(header, list(methods), strip_tokens(records), summary)
     result.groups = summarize_groups(records, methods)
+    result.default_check = default_check(records, methods)
     if sweep:
         result.sweep = sweep_grid(summary, methods)
     return result

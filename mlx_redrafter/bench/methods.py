@@ -1,6 +1,7 @@
 """What a benchmark compares: the methods (mlx-lm, plain decoding, ReDrafter with or without
-context lookup, lookup alone), one `Method` per beam shape in a sweep, and the checks a request
-must pass before any model is loaded."""
+context lookup, lookup alone; lookup v1 or v2, with or without the cross-request memory), one
+`Method` per beam shape in a sweep, and the checks a request must pass before any model is
+loaded."""
 
 from __future__ import annotations
 
@@ -10,8 +11,22 @@ from dataclasses import dataclass
 from ..errors import BenchError
 from ..prompts import Prompt
 
-METHODS = ("mlx-lm", "ar", "redrafter", "lookup", "redrafter+lookup")
-DRAFTER_METHODS = ("redrafter", "redrafter+lookup")  # the methods that run the drafter
+METHODS = (
+    "mlx-lm",
+    "ar",
+    "redrafter",
+    "lookup",
+    "redrafter+lookup",  # the default: what `generate` runs with a drafter
+    "lookup-v1",
+    "redrafter+lookup-v1",
+    "lookup+memory",
+    "redrafter+lookup+memory",
+)
+# the methods that run the drafter
+DRAFTER_METHODS = tuple(m for m in METHODS if m.startswith("redrafter"))
+DEFAULT_METHOD = "redrafter+lookup"
+# the single sources the default is checked against (`bench` flags the groups where it loses)
+SINGLE_METHODS = ("redrafter", "lookup")
 DEFAULT_WIDTHS = (1, 2, 3, 4)
 DEFAULT_LENGTHS = (2, 3, 4, 5, 6)
 
@@ -24,6 +39,8 @@ class Method:
     beam_length: int | None = None
     lookup: bool = False  # context lookup candidates (with the cost-aware tree)
     draft: str | None = None  # when sampling: beam, sbs or gumbel-topk (None: the default)
+    lookup_version: int = 2
+    memory: bool = False  # lookup also copies from earlier prompts of the run (one client)
 
     @property
     def speculative(self) -> bool:
@@ -47,8 +64,14 @@ def make_methods(
     out = []
     for name in names:
         _check_names([name])
+        looks = {
+            "lookup": "lookup" in name,
+            "lookup_version": 1 if name.endswith("-v1") else 2,
+            "memory": name.endswith("+memory"),
+        }
         if name not in DRAFTER_METHODS:
-            out.append(Method(name, name, lookup=name == "lookup"))
+            kind = "lookup" if looks["lookup"] else name
+            out.append(Method(name, kind, **looks))
             continue
         for w, length in shapes:
             if w < 1 or length < 2:
@@ -56,9 +79,7 @@ def make_methods(
             label = f"{name}-W{w}-L{length}" if sweep else name
             for draft in drafts or [None]:
                 full = f"{label}/{draft}" if drafts and len(drafts) > 1 else label
-                out.append(
-                    Method(full, "redrafter", w, length, lookup=name != "redrafter", draft=draft)
-                )
+                out.append(Method(full, "redrafter", w, length, draft=draft, **looks))
     if len({m.name for m in out}) != len(out):
         raise BenchError(f"a method is listed twice: {', '.join(names)}")
     return out

@@ -15,6 +15,7 @@ import numpy as np
 
 from ..env import machine, model_dtype, now
 from ..errors import BenchError
+from .compare import format_default_check
 from .methods import Method
 
 
@@ -27,11 +28,14 @@ class BenchResult:
     verify_cost: list[dict] | None = None
     sweep: dict | None = None
     groups: dict = field(default_factory=dict)  # "source" or "source/category" -> summary
+    default_check: list[dict] = field(default_factory=list)  # compare.default_check
 
     def as_json(self) -> dict:
         out = {"header": self.header, "methods": self.summary, "prompts": self.prompts}
         if self.groups:
             out["groups"] = self.groups
+        if self.default_check:
+            out["default_check"] = self.default_check
         if self.sweep is not None:
             out["sweep"] = self.sweep
         if self.verify_cost is not None:
@@ -327,6 +331,8 @@ def format_table(result: BenchResult) -> str:
             "per source and category (decode tok/s: mean over prompts)",
             format_groups(result),
         ]
+    if result.default_check:
+        lines += ["", format_default_check(result.default_check)]
     if result.verify_cost:
         lines += ["", format_verify_cost(result.verify_cost)]
     if result.sweep is not None:

@@ -43,8 +43,9 @@ def bench(
         typer.Option(
             "--prompts",
             help="Comma-separated sources: mt-bench (first turns), mt-bench-2 (second turns "
-            "after the model's own first answer), doc-prompts (prompts carrying a document), or "
-            "a .jsonl file (first of `turns`, or `prompt`).",
+            "after the model's own first answer), doc-prompts (prompts carrying a document), "
+            "edit (a function + an edit instruction), agent (the last turn of an agent loop), "
+            "or a .jsonl file (first of `turns`, or `prompt`).",
         ),
     ] = "mt-bench",
     num_prompts: Annotated[
@@ -60,9 +61,13 @@ def bench(
         typer.Option(
             "--methods",
             help="Comma-separated: mlx-lm, ar, redrafter (drafter alone), lookup (context lookup "
-            "alone), redrafter+lookup (both, cost-aware tree).",
+            "alone), redrafter+lookup (both, cost-aware tree: the default, what generate runs); "
+            "lookup-v1 and redrafter+lookup-v1 (lookup v1), lookup+memory and "
+            "redrafter+lookup+memory (also copying from the run's earlier prompts and answers). "
+            "With redrafter+lookup and a single method, groups where the default is slower are "
+            "flagged.",
         ),
-    ] = "mlx-lm,ar,redrafter",
+    ] = "mlx-lm,ar,redrafter,lookup,redrafter+lookup",
     beam_width: BeamWidth = None,
     beam_length: BeamLength = None,
     sweep: Annotated[bool, typer.Option("--sweep", help="Run redrafter for every W x L.")] = False,

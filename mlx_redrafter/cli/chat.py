@@ -38,11 +38,12 @@ from mlx_redrafter.cli.common import (
     text_option,
     warn_plain_text,
 )
-from mlx_redrafter.defaults import DEFAULT_MAX_TOKENS
+from mlx_redrafter.defaults import DEFAULT_MAX_TOKENS, home_dir
 from mlx_redrafter.distributed import is_leader, world_size
 from mlx_redrafter.env import device_name
 from mlx_redrafter.errors import ContextFullError, GenerationError, NotTextError
 from mlx_redrafter.generation import resolve_lookup
+from mlx_redrafter.lookup_memory import DEFAULT_MEMORY_TOKENS, LookupMemory
 
 
 @friendly_errors
@@ -63,6 +64,14 @@ def chat(
         int, typer.Option("--max-tokens", "-n", help="Most tokens per answer.")
     ] = DEFAULT_MAX_TOKENS,
     dtype: Dtype = None,
+    lookup_history: Annotated[
+        bool,
+        typer.Option(
+            "--lookup-history/--no-lookup-history",
+            help="Also copy draft candidates from earlier conversations, kept (token ids only, "
+            f"at most {DEFAULT_MEMORY_TOKENS:,} tokens) in a file under the data home.",
+        ),
+    ] = False,
 ):
     """Chat in the terminal; the conversation stays in the KV cache (/help lists commands)."""
     system = text_option(system, "--system")
@@ -87,9 +96,23 @@ def chat(
         lookup=lookup,
         lookup_max=lookup_max,
     )
-    code = run_chat(session, title=_title(loaded, lookup))
+    history = None
+    if lookup_history and lookup:
+        session.lookup_memory = LookupMemory(max_clients=1)
+        history = history_path(loaded.model_path)
+        session.lookup_memory.load(history, None, str(Path(loaded.model_path).resolve()))
+    try:
+        code = run_chat(session, title=_title(loaded, lookup))
+    finally:
+        if history is not None:
+            session.lookup_memory.save(history, None, str(Path(loaded.model_path).resolve()))
     if code:
         raise typer.Exit(code)
+
+
+def history_path(model_path) -> Path:
+    """The lookup history file of a model: `<home>/lookup-history/<model dir name>.json`."""
+    return home_dir() / "lookup-history" / f"{Path(model_path).name}.json"
 
 
 def _title(loaded: Loaded, lookup: bool) -> str:
