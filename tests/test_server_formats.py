@@ -6,6 +6,7 @@ cache serves constrained and free requests alike."""
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import jsonschema
@@ -137,6 +138,27 @@ def test_json_object_answers_are_objects(url):
         model="tiny", messages=user("hello"), max_tokens=4, response_format={"type": "text"}
     )
     assert text.choices[0].message.content is not None
+
+
+def test_concurrent_requests_each_get_their_own_schema(url, tiny):
+    """Requests with different schemas queued together: each answer is its own schema's."""
+    schemas = [SCHEMAS[0], PERSON, SCHEMAS[1], None]
+    messages = user("Concurrent JSON, please.")
+
+    def one(schema):
+        fmt = {} if schema is None else {"response_format": json_format(schema)}
+        resp = client(url).chat.completions.create(
+            model="tiny", messages=messages, max_tokens=MAX_TOKENS, **fmt
+        )
+        return resp.choices[0].message.content
+
+    with ThreadPoolExecutor(len(schemas)) as pool:
+        answers = list(pool.map(one, schemas))
+    ids = chat_ids(tiny[1], messages)
+    for schema, answer in zip(schemas, answers, strict=True):
+        assert answer == text_of(plain(tiny, ids, schema=schema))
+        if schema is not None:
+            jsonschema.validate(json.loads(answer), schema)
 
 
 @pytest.mark.parametrize(
