@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from concurrent.futures import ThreadPoolExecutor
 
+import anthropic
 import httpx
 import jsonschema
 import openai
@@ -270,3 +271,33 @@ def test_completion_logprobs_equal_plain_decodings_whole_and_streamed(url, tiny)
     assert_close([t for p in parts for t in p.token_logprobs], lp.token_logprobs)
     assert [t for p in parts for t in p.text_offset] == lp.text_offset
     assert "".join(c.choices[0].text for c in streamed if c.choices) == text
+
+
+# ---------------------------------------------------------------------------------------------
+# Anthropic Messages: output_config.format (and the beta's output_format)
+
+
+def test_anthropic_output_format_validates_and_equals_constrained_plain_decoding(url, tiny):
+    claude = anthropic.Anthropic(base_url=url, api_key="unused", max_retries=0, timeout=60)
+    messages = user("Describe a person in JSON.")
+    expected = text_of(plain(tiny, chat_ids(tiny[1], messages), schema=PERSON))
+    fmt = {"type": "json_schema", "schema": PERSON}
+    whole = claude.messages.create(
+        model="tiny", max_tokens=MAX_TOKENS, messages=messages, output_config={"format": fmt}
+    )
+    assert whole.content[0].text == expected and whole.stop_reason == "end_turn"
+    jsonschema.validate(json.loads(expected), PERSON)
+    with claude.messages.stream(
+        model="tiny", max_tokens=MAX_TOKENS, messages=messages, output_config={"format": fmt}
+    ) as stream:
+        assert "".join(stream.text_stream) == expected
+    beta = claude.messages.create(
+        model="tiny", max_tokens=MAX_TOKENS, messages=messages, extra_body={"output_format": fmt}
+    )
+    assert beta.content[0].text == expected
+    with pytest.raises(anthropic.BadRequestError) as info:
+        claude.messages.create(
+            model="tiny", max_tokens=8, messages=messages,
+            output_config={"format": {"type": "json_schema", "schema": {"type": "nonsense"}}},
+        )  # fmt: skip
+    assert "output_config.format" in info.value.body["error"]["message"]

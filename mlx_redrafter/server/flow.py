@@ -68,13 +68,14 @@ class Gateway:
                 "model",
             )
 
-    async def constraint(self, response_format) -> Any:
-        """A new grammar constraint for one request's response_format (a pydantic model or
-        None), compiled off the event loop; None for free text."""
-        if response_format is None or response_format.type == "text":
+    async def constraint(self, response_format, param: str = "response_format") -> Any:
+        """A new grammar constraint for one request's response_format (an OpenAI-style dict,
+        its pydantic model, or None), compiled off the event loop; None for free text."""
+        if response_format is None:
             return None
-        spec = response_format.model_dump(exclude_none=True)
-        return await self.off_loop(self.formats.constraint, spec)
+        if not isinstance(response_format, dict):
+            response_format = response_format.model_dump(exclude_none=True)
+        return await self.off_loop(self.formats.constraint, response_format, param)
 
     async def start(
         self,

@@ -37,15 +37,18 @@ class ResponseFormats:
         except ConstraintError:
             pass
 
-    def constraint(self, response_format: dict | None) -> GrammarConstraint | None:
-        """A new constraint for one request's `response_format` (None: free text); a 400
-        naming response_format when it cannot be served. Runs off the event loop."""
+    def constraint(
+        self, response_format: dict | None, param: str = "response_format"
+    ) -> GrammarConstraint | None:
+        """A new constraint for one request's OpenAI-style `response_format` (None: free
+        text); a 400 naming `param` (the request's field) when it cannot be served. Runs off
+        the event loop."""
         if response_format is None or response_format.get("type", "text") == "text":
             return None
         try:
             return self.grammar().response_format(response_format)
         except ConstraintError as e:
-            raise APIError(400, f"response_format: {e}", "response_format") from None
+            raise APIError(400, f"{param}: {e}", param) from None
 
 
 # ---------------------------------------------------------------------------------------------

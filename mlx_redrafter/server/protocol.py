@@ -346,6 +346,15 @@ class AnthropicToolChoice(Body):
     name: str | None = None
 
 
+class AnthropicFormat(Body):
+    type: Literal["json_schema"]
+    schema_: dict[str, Any] = Field(alias="schema")
+
+
+class AnthropicOutputConfig(Body):
+    format: AnthropicFormat | None = None
+
+
 class MessagesRequest(Body):
     model: str | None = None
     messages: list[AnthropicMessage] = Field(min_length=1)
@@ -359,8 +368,31 @@ class MessagesRequest(Body):
     tools: list[AnthropicTool] | None = None
     tool_choice: AnthropicToolChoice | None = None
     metadata: dict[str, Any] | None = None
+    # Structured output: `output_config.format` (and the beta's `output_format`).
+    output_config: AnthropicOutputConfig | None = None
+    output_format: AnthropicFormat | None = None
+
+    def output_schema(self) -> tuple[dict, str] | None:
+        """The requested JSON schema as an OpenAI response_format, and the field it came
+        from; None for free text."""
+        if self.output_config is not None and self.output_config.format is not None:
+            schema, param = self.output_config.format.schema_, "output_config.format"
+        elif self.output_format is not None:
+            schema, param = self.output_format.schema_, "output_format"
+        else:
+            return None
+        return {"type": "json_schema", "json_schema": {"schema": schema}}, param
 
     def check(self, limits: Limits) -> None:
+        wanted = self.output_schema()
+        if (
+            wanted is not None
+            and self.tools
+            and not (self.tool_choice is not None and self.tool_choice.type == "none")
+        ):
+            raise APIError(
+                400, f"{wanted[1]}: an output format cannot be combined with tools", wanted[1]
+            )
         if len(self.messages) > limits.max_messages:
             raise APIError(400, f"messages: at most {limits.max_messages} messages", "messages")
         if self.tools and len(self.tools) > limits.max_tools:
