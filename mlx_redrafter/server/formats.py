@@ -1,6 +1,7 @@
-"""Structured output and logprobs for the OpenAI adapter: `response_format` compiled into a
-grammar constraint (one per request), and the per-token logprobs of the generation stream in
-the shapes of chat (`logprobs.content`) and completions (`tokens`, `token_logprobs`,
+"""Structured output and logprobs for the API adapters: a response format (OpenAI's
+`response_format`, Anthropic's `output_config.format` in the same shape) compiled into a
+grammar constraint, one per request; the per-token logprobs of the generation stream in the
+OpenAI shapes of chat (`logprobs.content`) and completions (`tokens`, `token_logprobs`,
 `top_logprobs`, `text_offset`), whole or a chunk at a time.
 """
 
