@@ -182,6 +182,24 @@ def test_bad_response_formats_are_400s_naming_response_format(url, response_form
     assert httpx.get(f"{url}/health", timeout=10).json()["status"] == "ok"
 
 
+def test_an_engine_without_constraints_refuses_formats_but_serves_text(tiny):
+    model, tokenizer, _, _ = tiny
+    engine = Engine(model, tokenizer, None, model_name="tiny")
+    engine.no_constraints = "not served while the model is split over ranks"
+    with running(engine) as base:
+        with pytest.raises(openai.BadRequestError) as info:
+            client(base).chat.completions.create(
+                model="tiny", messages=user("hi"), max_tokens=4,
+                response_format={"type": "json_object"},
+            )  # fmt: skip
+        assert info.value.body["param"] == "response_format"
+        assert "split over ranks" in info.value.body["message"]
+        text = client(base).chat.completions.create(
+            model="tiny", messages=user("hi"), max_tokens=4, response_format={"type": "text"}
+        )
+        assert text.choices[0].finish_reason in ("stop", "length")
+
+
 def test_a_json_format_with_tools_or_top_logprobs_alone_is_refused(url):
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
     with pytest.raises(openai.BadRequestError) as info:

@@ -222,6 +222,9 @@ class Engine:
             HEADROOM, options.get("beam_length") or 0, (options.get("lookup_max") or 0) + 1
         )
         self.max_queue = max_queue
+        # Why grammar-constrained output cannot be served here (None: it can); for a set-up
+        # whose other workers could not follow a constraint (a model split over ranks).
+        self.no_constraints: str | None = None
         self.caches = PromptCaches(model, cache_entries, cache_bytes)
         self.clients: dict[str, ClientState] = {}
         self.recent: deque[Outcome] = deque(maxlen=64)  # newest last

@@ -75,6 +75,9 @@ class Gateway:
             return None
         if not isinstance(response_format, dict):
             response_format = response_format.model_dump(exclude_none=True)
+        reason = self.engine.no_constraints
+        if reason is not None and response_format.get("type", "text") != "text":
+            raise APIError(400, f"{param}: {reason}", param)
         return await self.off_loop(self.formats.constraint, response_format, param)
 
     async def start(
