@@ -252,10 +252,15 @@ def test_one_max_tokens_default_everywhere():
     from mlx_redrafter.defaults import DEFAULT_MAX_TOKENS
     from mlx_redrafter.generation import stream_generate
 
+    from mlx_redrafter.cli.serve import serve
+    from mlx_redrafter.server import Engine
+
     defaults = [
         inspect.signature(f).parameters["max_tokens"].default
-        for f in (stream_generate, ChatSession, generate, chat)
+        for f in (stream_generate, ChatSession, generate, chat, serve)
     ]
+    # The server's default when a request gives none (no model needed to read it).
+    defaults.append(Engine(None, None, model_name="m").defaults["max_tokens"])
     assert all(d is DEFAULT_MAX_TOKENS for d in defaults), defaults
 
 

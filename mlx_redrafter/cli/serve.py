@@ -25,7 +25,7 @@ from mlx_redrafter.cli.common import (
     friendly_errors,
     load_for,
 )
-from mlx_redrafter.defaults import resolve_beam
+from mlx_redrafter.defaults import DEFAULT_MAX_TOKENS, resolve_beam
 from mlx_redrafter.env import device_name
 from mlx_redrafter.generation import SamplingConfig
 
@@ -63,7 +63,7 @@ def serve(
     max_tokens: Annotated[
         int,
         typer.Option("--max-tokens", "-n", help="Answer length when a chat request gives none."),
-    ] = 512,
+    ] = DEFAULT_MAX_TOKENS,
     max_queue: Annotated[
         int, typer.Option("--max-queue", help="Requests that may wait (then 503).")
     ] = 64,

@@ -3,8 +3,9 @@ speculative decoding, locked to its clients.
 
 `protocol` (what clients may send), `engine` (the model's worker thread, queue, prompt
 caches in `caches`), `prompting` (requests -> token ids), `tools` (tool-call formats),
-`flow` (one request's way through), one adapter per API (`openai_api`, `anthropic_api`),
-`door` (host, origin, key, content type, size, timeouts) and `app` (routes, the server).
+`formats` (response_format constraints, logprobs shapes), `flow` (one request's way
+through), one adapter per API (`openai_api`, `anthropic_api`), `door` (host, origin, key,
+content type, size, timeouts) and `app` (routes, the server).
 """
 
 from .app import bind, create_app, make_server, serve, url_of

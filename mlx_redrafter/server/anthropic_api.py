@@ -123,7 +123,8 @@ class AnthropicRoutes:
         ids = await gw.off_loop(render_chat, gw.engine.tokenizer, gw.facts, turns, tools)
         s = Sampling(body.max_tokens, body.temperature, body.top_p, body.top_k, body.stop_sequences)
         options = generation_options(gw.engine, len(ids), "messages", s, True)
-        started = await gw.start(request, "messages", ids, options)
+        constraint = await gw.constraint(*(body.output_schema() or (None,)))
+        started = await gw.start(request, "messages", ids, options, constraint)
         if started is None:
             return gone()
         job, first = started

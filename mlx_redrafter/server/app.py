@@ -110,6 +110,7 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app):
         engine.start()
+        gateway.pool.submit(gateway.formats.warm)  # the JSON grammar compiler, in the background
         try:
             yield
         finally:

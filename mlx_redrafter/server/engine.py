@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..defaults import DEFAULT_MAX_TOKENS
 from ..generation import GenerationError, stream_generate
 from .caches import PromptCaches
 from .protocol import APIError, QueueFullError, ShuttingDownError
@@ -44,8 +45,7 @@ class Text:
     text: str  # new text since the previous event (may be empty)
     finish: str | None  # "stop" or "length" on the last token
     token: int
-    # Extension point: per-token logprobs from the generation stream (None until the engine
-    # computes them; see `Job.top_logprobs`).
+    # The token's logprobs.TokenLogprob when its job asked for them (`Job.top_logprobs`).
     logprobs: Any = None
 
 
@@ -126,9 +126,9 @@ class Job:
     loop: asyncio.AbstractEventLoop
     owner: str = ""  # the client (API key) whose prompt caches it may use
     timeout: float = float("inf")  # seconds from its creation to its last token
-    # Extension points for the structured-output and logprobs work: a constraint object built
-    # from `response_format` (it masks the target's logits at every verified node) and the
-    # number of top logprobs wanted per token. Both are handed to the generation call below.
+    # This request's own grammar constraint (from `response_format`; never shared: it holds
+    # the grammar state of one generation), and the number of top logprobs wanted per token
+    # (None: no logprobs).
     constraint: Any = None
     top_logprobs: int | None = None
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
@@ -203,7 +203,9 @@ class Engine:
                 raise ValueError(f"stream_generate has no decoding option {name!r}")
         if max_queue < 1:
             raise ValueError(f"max_queue must be >= 1, got {max_queue}")
-        self.defaults = {"max_tokens": 512, "temperature": 0.0, "top_p": 1.0, "top_k": 0}
+        self.defaults = {
+            "max_tokens": DEFAULT_MAX_TOKENS, "temperature": 0.0, "top_p": 1.0, "top_k": 0
+        }  # fmt: skip
         self.defaults.update(defaults or {})
         if self.defaults["max_tokens"] < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.defaults['max_tokens']}")
@@ -220,6 +222,9 @@ class Engine:
             HEADROOM, options.get("beam_length") or 0, (options.get("lookup_max") or 0) + 1
         )
         self.max_queue = max_queue
+        # Why grammar-constrained output cannot be served here (None: it can); for a set-up
+        # whose other workers could not follow a constraint (a model split over ranks).
+        self.no_constraints: str | None = None
         self.caches = PromptCaches(model, cache_entries, cache_bytes)
         self.clients: dict[str, ClientState] = {}
         self.recent: deque[Outcome] = deque(maxlen=64)  # newest last
@@ -334,11 +339,16 @@ class Engine:
     def _run(self, job: Job) -> None:
         cache = self.caches.take(job.ids, job.owner)
         outcome = Outcome(job.kind, prompt_tokens=len(job.ids))
-        # Extension point: pass `job.constraint` and `job.top_logprobs` to the generation call
-        # here once it accepts them, and copy each response's logprobs into its Text event.
+        # The KV cache depends on the token ids alone, so a constrained request shares prompt
+        # caches with any other of its client: the constraint only chooses which tokens come.
+        extra = {}
+        if job.constraint is not None:
+            extra["constraint"] = job.constraint
+        if job.top_logprobs is not None:
+            extra["logprobs"] = job.top_logprobs
         stream = self.generate(
             self.model, self.tokenizer, job.ids, self.drafter, cache=cache,
-            **self.decode_options, **job.options,
+            **self.decode_options, **job.options, **extra,
         )  # fmt: skip
         last = None
         healthy = True
@@ -349,7 +359,8 @@ class Engine:
                 if job.cancelled.is_set() or time.monotonic() > job.deadline:
                     break
                 last = response
-                job.post(Text(response.text, response.finish_reason, response.token))
+                logprobs = getattr(response, "logprobs", None)
+                job.post(Text(response.text, response.finish_reason, response.token, logprobs))
         except GenerationError as e:  # raised before any token: the request stays a 400
             outcome.finish_reason = "error"
             job.post(Failed(APIError(400, str(e), _error_param(str(e)))))

@@ -20,6 +20,7 @@ from starlette.responses import Response, StreamingResponse
 
 from .door import OWNER
 from .engine import DeadlineError, Done, Engine, Failed, Gone, Job, Text
+from .formats import ResponseFormats
 from .prompting import ModelFacts
 from .protocol import APIError, Limits, parse_body
 
@@ -35,6 +36,7 @@ class Gateway:
         self.engine = engine
         self.limits = limits
         self.facts = ModelFacts.of(engine.model, engine.tokenizer)
+        self.formats = ResponseFormats(engine.model, engine.tokenizer)
         self.pool = ThreadPoolExecutor(2, thread_name_prefix="mlx-redrafter-prepare")
 
     def close(self) -> None:
@@ -66,7 +68,27 @@ class Gateway:
                 "model",
             )
 
-    async def start(self, request: Request, kind: str, ids: list[int], options: dict):
+    async def constraint(self, response_format, param: str = "response_format") -> Any:
+        """A new grammar constraint for one request's response_format (an OpenAI-style dict,
+        its pydantic model, or None), compiled off the event loop; None for free text."""
+        if response_format is None:
+            return None
+        if not isinstance(response_format, dict):
+            response_format = response_format.model_dump(exclude_none=True)
+        reason = self.engine.no_constraints
+        if reason is not None and response_format.get("type", "text") != "text":
+            raise APIError(400, f"{param}: {reason}", param)
+        return await self.off_loop(self.formats.constraint, response_format, param)
+
+    async def start(
+        self,
+        request: Request,
+        kind: str,
+        ids: list[int],
+        options: dict,
+        constraint: Any = None,
+        top_logprobs: int | None = None,
+    ):
         """Submit a job and wait for its first event: (job, first Text or Done), or None when
         the client went away; APIError when it failed before its first token."""
         job = Job(
@@ -76,6 +98,8 @@ class Gateway:
             asyncio.get_running_loop(),
             owner=request.scope.get(OWNER, ""),
             timeout=self.limits.request_timeout,
+            constraint=constraint,
+            top_logprobs=top_logprobs,
         )
         try:
             self.engine.submit(job)

@@ -13,6 +13,7 @@ from starlette.responses import JSONResponse, Response
 
 from .engine import Done, Failed, Outcome, Text
 from .flow import Gateway, JobStream, gone, sse
+from .formats import CompletionLogprobs, chat_logprobs
 from .prompting import Sampling, completion_ids, generation_options, render_chat
 from .protocol import APIError, ChatMessage, ChatRequest, CompletionRequest
 from .tools import ParsedCall, ToolStream, parse_output
@@ -109,7 +110,9 @@ class OpenAIRoutes:
             body.seed,
         )
         options = generation_options(gw.engine, len(ids), "messages", s, s.max_tokens is not None)
-        started = await gw.start(request, "chat", ids, options)
+        constraint = await gw.constraint(body.response_format)
+        top = body.top_logprobs_wanted()
+        started = await gw.start(request, "chat", ids, options, constraint, top)
         if started is None:
             return gone()
         job, first = started
@@ -124,7 +127,10 @@ class OpenAIRoutes:
         if calls:
             message["tool_calls"] = [_call_json(c) for c in calls]
         finish = "tool_calls" if calls else _finish(texts)
-        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
+        logprobs = None
+        if top is not None:
+            logprobs = chat_logprobs(gw.engine.tokenizer, [t.logprobs for t in texts])
+        choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish}
         return JSONResponse(self._whole("chat.completion", "chatcmpl", [choice], outcome))
 
     async def completions(self, request: Request) -> Response:
@@ -137,17 +143,23 @@ class OpenAIRoutes:
             body.max_tokens or 16, body.temperature, body.top_p, body.top_k, body.stop, body.seed
         )
         options = generation_options(gw.engine, len(ids), "prompt", s, True)
-        started = await gw.start(request, "completion", ids, options)
+        started = await gw.start(request, "completion", ids, options, None, body.logprobs)
         if started is None:
             return gone()
         job, first = started
         if body.stream:
             return JobStream(job, self._completion_stream(job, first, body))
         texts, outcome = await gw.collect(request, job, first)
+        logprobs = None
+        if body.logprobs is not None:
+            table = CompletionLogprobs(gw.engine.tokenizer)
+            for t in texts:
+                table.add(t.logprobs, t.text)
+            logprobs = table.take() or _NO_LOGPROBS
         choice = {
             "index": 0,
             "text": "".join(t.text for t in texts),
-            "logprobs": None,
+            "logprobs": logprobs,
             "finish_reason": _finish(texts),
         }
         return JSONResponse(self._whole("text_completion", "cmpl", [choice], outcome))
@@ -173,9 +185,15 @@ class OpenAIRoutes:
 
     async def _chat_stream(self, job, first, body, fmt, names) -> AsyncIterator[str]:
         base = self._base("chat.completion.chunk", "chatcmpl")
+        tokenizer = self.gw.engine.tokenizer
+        pending = []  # logprobs of tokens whose text has not gone out yet
 
         def chunk(delta: dict, finish=None, **extra) -> str:
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            logprobs = None
+            if pending and delta:
+                logprobs = chat_logprobs(tokenizer, pending)
+                pending.clear()
+            choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
             return sse({**base, "choices": [choice], **extra})
 
         parser = ToolStream(fmt, names) if fmt else None
@@ -197,11 +215,15 @@ class OpenAIRoutes:
         async for event in self.gw.events(job, first):
             if isinstance(event, Text):
                 finish = event.finish or finish
+                if event.logprobs is not None:
+                    pending.append(event.logprobs)
                 for line in deltas(parser.feed(event.text) if parser else [event.text]):
                     yield line
             elif isinstance(event, Done):
                 for line in deltas(parser.finish() if parser else []):
                     yield line
+                if pending:  # tokens that added no text (the end of sequence, a held piece)
+                    yield chunk({"content": ""})
                 yield chunk({}, "tool_calls" if calls else finish, redrafter=event.outcome.extra())
                 if body.stream_options and body.stream_options.include_usage:
                     yield sse({**base, "choices": [], "usage": usage(event.outcome)})
@@ -211,24 +233,33 @@ class OpenAIRoutes:
 
     async def _completion_stream(self, job, first, body) -> AsyncIterator[str]:
         base = self._base("text_completion", "cmpl")
+        table = CompletionLogprobs(self.gw.engine.tokenizer)
 
         def chunk(text: str, finish=None, **extra) -> str:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+            logprobs = table.take()
+            choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
             return sse({**base, "choices": [choice], **extra})
 
         finish = None
         async for event in self.gw.events(job, first):
             if isinstance(event, Text):
                 finish = event.finish or finish
+                if event.logprobs is not None:
+                    table.add(event.logprobs, event.text)
                 if event.text:
                     yield chunk(event.text)
             elif isinstance(event, Done):
+                if table.tokens:  # tokens that added no text (the end of sequence)
+                    yield chunk("")
                 yield chunk("", finish, redrafter=event.outcome.extra())
                 if body.stream_options and body.stream_options.include_usage:
                     yield sse({**base, "choices": [], "usage": usage(event.outcome)})
             elif isinstance(event, Failed):
                 yield stream_error(event.error)
         yield sse("[DONE]")
+
+
+_NO_LOGPROBS = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
 
 
 def _finish(texts: list[Text]) -> str | None:

@@ -250,8 +250,7 @@ class ChatRequest(Sampling):
     tools: list[ToolDef] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
-    # Accepted and validated here; served once the engine has constrained decoding and
-    # per-token logprobs (see `Job.constraint` and `Job.top_logprobs` in engine.py).
+    # Grammar-constrained output (compiled per request in formats.py) and per-token logprobs.
     response_format: ResponseFormat | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
@@ -262,14 +261,28 @@ class ChatRequest(Sampling):
             raise APIError(400, f"messages: at most {limits.max_messages} messages", "messages")
         if self.tools and len(self.tools) > limits.max_tools:
             raise APIError(400, f"tools: at most {limits.max_tools} tools", "tools")
-        if self.logprobs or self.top_logprobs:
-            raise APIError(400, "logprobs: not supported by this server yet", "logprobs")
-        if self.response_format and self.response_format.type != "text":
-            raise APIError(
-                400,
-                "response_format: only text is supported by this server yet",
-                "response_format",
-            )
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs: needs logprobs set to true", "top_logprobs")
+        fmt = self.response_format
+        if fmt is not None and fmt.type != "text":
+            if self.tools and self.tool_choice != "none":
+                raise APIError(
+                    400,
+                    "response_format: a JSON response format cannot be combined with tools",
+                    "response_format",
+                )
+            if fmt.type == "json_schema" and not isinstance(
+                (fmt.json_schema or {}).get("schema"), dict | str
+            ):
+                raise APIError(
+                    400,
+                    "response_format: json_schema needs a `schema` object",
+                    "response_format",
+                )
+
+    def top_logprobs_wanted(self) -> int | None:
+        """stream_generate's `logprobs`: None (off) or the number of top logprobs."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def tool_names(self) -> set[str]:
         return {t.function.name for t in self.tools or ()}
@@ -284,8 +297,6 @@ class CompletionRequest(Sampling):
 
     def check(self, limits: Limits) -> None:
         super().check(limits)
-        if self.logprobs is not None:
-            raise APIError(400, "logprobs: not supported by this server yet", "logprobs")
         for name in ("echo", "suffix"):
             if getattr(self, name):
                 raise APIError(400, f"{name}: not supported", name)
@@ -335,6 +346,15 @@ class AnthropicToolChoice(Body):
     name: str | None = None
 
 
+class AnthropicFormat(Body):
+    type: Literal["json_schema"]
+    schema_: dict[str, Any] = Field(alias="schema")
+
+
+class AnthropicOutputConfig(Body):
+    format: AnthropicFormat | None = None
+
+
 class MessagesRequest(Body):
     model: str | None = None
     messages: list[AnthropicMessage] = Field(min_length=1)
@@ -348,8 +368,31 @@ class MessagesRequest(Body):
     tools: list[AnthropicTool] | None = None
     tool_choice: AnthropicToolChoice | None = None
     metadata: dict[str, Any] | None = None
+    # Structured output: `output_config.format` (and the beta's `output_format`).
+    output_config: AnthropicOutputConfig | None = None
+    output_format: AnthropicFormat | None = None
+
+    def output_schema(self) -> tuple[dict, str] | None:
+        """The requested JSON schema as an OpenAI response_format, and the field it came
+        from; None for free text."""
+        if self.output_config is not None and self.output_config.format is not None:
+            schema, param = self.output_config.format.schema_, "output_config.format"
+        elif self.output_format is not None:
+            schema, param = self.output_format.schema_, "output_format"
+        else:
+            return None
+        return {"type": "json_schema", "json_schema": {"schema": schema}}, param
 
     def check(self, limits: Limits) -> None:
+        wanted = self.output_schema()
+        if (
+            wanted is not None
+            and self.tools
+            and not (self.tool_choice is not None and self.tool_choice.type == "none")
+        ):
+            raise APIError(
+                400, f"{wanted[1]}: an output format cannot be combined with tools", wanted[1]
+            )
         if len(self.messages) > limits.max_messages:
             raise APIError(400, f"messages: at most {limits.max_messages} messages", "messages")
         if self.tools and len(self.tools) > limits.max_tools:
