@@ -334,7 +334,7 @@ class RelayedJob:
         self.created = time.perf_counter()
         self.deadline = float("inf")  # rank 0 keeps the time; its cancel flag is shared
         self.abort = None
-        self.constraint = None  # refused by `lead` while split (see there)
+        self.constraint = None  # refused while split (`lead` sets engine.no_constraints)
         self.top_logprobs = request.get("top_logprobs")
 
     def post(self, event: tuple) -> None:
@@ -353,6 +353,9 @@ def lead(engine, group: mx.distributed.Group) -> None:
     cancelled, created, post, cancel) and keeps its prompt caches in `engine.caches.entries`.
     """
     run = engine._run
+    # The other ranks could not follow a grammar (its state lives in rank 0's request):
+    # JSON formats get a 400 with this reason; free text is served.
+    engine.no_constraints = "not served while the model is split over ranks"
 
     def run_everywhere(job) -> None:
         try:

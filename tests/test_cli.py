@@ -249,10 +249,9 @@ def test_one_max_tokens_default_everywhere():
     from mlx_redrafter.chat import ChatSession
     from mlx_redrafter.cli.chat import chat
     from mlx_redrafter.cli.generate import generate
+    from mlx_redrafter.cli.serve import serve
     from mlx_redrafter.defaults import DEFAULT_MAX_TOKENS
     from mlx_redrafter.generation import stream_generate
-
-    from mlx_redrafter.cli.serve import serve
     from mlx_redrafter.server import Engine
 
     defaults = [

@@ -28,6 +28,7 @@ from mlx_redrafter.cli.common import (
 from mlx_redrafter.defaults import DEFAULT_MAX_TOKENS, resolve_beam
 from mlx_redrafter.env import device_name
 from mlx_redrafter.generation import SamplingConfig
+from mlx_redrafter.lookup_memory import DEFAULT_MAX_CLIENTS, DEFAULT_MEMORY_TOKENS, LookupMemory
 
 
 @friendly_errors
@@ -53,6 +54,14 @@ def serve(
     lookup_max: Annotated[
         int | None, typer.Option("--lookup-max", help="Longest continuation lookup copies.")
     ] = None,
+    lookup_cache: Annotated[
+        bool,
+        typer.Option(
+            "--lookup-cache/--no-lookup-cache",
+            help="Lookup also copies from each client's earlier requests: one bounded memory "
+            f"per API key ({DEFAULT_MEMORY_TOKENS:,} tokens, {DEFAULT_MAX_CLIENTS} clients).",
+        ),
+    ] = True,
     temp: Annotated[
         float, typer.Option("--temp", help="Temperature when a request gives none.")
     ] = 0.0,
@@ -146,6 +155,8 @@ def serve(
         "beam_length": beam_length,
         "lookup": lookup,
         "lookup_max": lookup_max,
+        # Lookup also copies from each client's earlier requests (one corpus per API key).
+        "lookup_memory": LookupMemory() if lookup_cache and loaded.lookup is not None else None,
     }
     engine = Engine(
         loaded.base,

@@ -30,7 +30,7 @@ from .protocol import APIError, QueueFullError, ShuttingDownError
 log = logging.getLogger("mlx_redrafter.server")
 
 # Options of `stream_generate` that shape decoding rather than one request (set at start-up).
-DECODE_OPTIONS = ("beam_width", "beam_length", "lookup", "lookup_max")
+DECODE_OPTIONS = ("beam_width", "beam_length", "lookup", "lookup_max", "lookup_memory")
 # Context kept free past max_tokens when a request gives none: a speculative round may write
 # up to its beam length (and lookup candidates) past the last accepted token.
 HEADROOM = 16
@@ -154,14 +154,6 @@ class Job:
         self.cancelled.set()
 
 
-@dataclass
-class ClientState:
-    """What the engine keeps per client (API key). Extension point: a cross-request lookup
-    memory belongs here, one per client, so no client's text reaches another's drafts."""
-
-    lookup_memory: Any = None
-
-
 class DeadlineError(APIError):
     def __init__(self, seconds: float):
         super().__init__(504, f"the request took longer than the server's limit of {seconds:g} s")
@@ -226,7 +218,6 @@ class Engine:
         # whose other workers could not follow a constraint (a model split over ranks).
         self.no_constraints: str | None = None
         self.caches = PromptCaches(model, cache_entries, cache_bytes)
-        self.clients: dict[str, ClientState] = {}
         self.recent: deque[Outcome] = deque(maxlen=64)  # newest last
         self.finished = 0  # requests done (answered, failed or cancelled) since the start
         self.started = int(time.time())
@@ -293,9 +284,6 @@ class Engine:
     def closing(self) -> bool:
         return self._closing
 
-    def client(self, owner: str) -> ClientState:
-        return self.clients.setdefault(owner, ClientState())
-
     def submit(self, job: Job) -> None:
         if self._closing:
             raise ShuttingDownError()
@@ -346,6 +334,10 @@ class Engine:
             extra["constraint"] = job.constraint
         if job.top_logprobs is not None:
             extra["logprobs"] = job.top_logprobs
+        if "lookup_memory" in self.decode_options:
+            # Earlier requests' text, one bounded corpus per client (API key): a request's
+            # drafts may copy from its own client's earlier requests only.
+            extra["lookup_client"] = job.owner
         stream = self.generate(
             self.model, self.tokenizer, job.ids, self.drafter, cache=cache,
             **self.decode_options, **job.options, **extra,
