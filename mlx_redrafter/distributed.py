@@ -127,6 +127,25 @@ def broadcast_int(value: int, group: mx.distributed.Group) -> int:
     return int(mx.distributed.all_sum(mine, group=group).item())
 
 
+def broadcast_floats(values: list[float], group: mx.distributed.Group) -> list[float]:
+    """Rank 0's float `values` on every rank."""
+    mine = mx.array(values if group.rank() == 0 else [0.0] * len(values), dtype=mx.float32)
+    return [float(v) for v in mx.distributed.all_sum(mine, group=group).tolist()]
+
+
+def shared_timings(group: mx.distributed.Group):
+    """For a sizing policy split over ranks: rank 0's round timings on every rank. The policy
+    learns the drafter's cost from wall-clock times, which differ between ranks; with their
+    own times the ranks would size different trees, and the all_sums of one forward would
+    then add up parts of different trees."""
+
+    def share(draft_time: float, verify_time: float) -> tuple[float, float]:
+        draft_time, verify_time = broadcast_floats([draft_time, verify_time], group)
+        return draft_time, verify_time
+
+    return share
+
+
 def broadcast_json(obj: Any, group: mx.distributed.Group) -> Any:
     """Rank 0's JSON-serialisable `obj` on every rank (the others pass anything, e.g. None)."""
     data = json.dumps(obj).encode() if group.rank() == 0 else b""
@@ -314,6 +333,7 @@ def shard_model(model, group: mx.distributed.Group | None):
         shard_mlp(layer.mlp, model.args.intermediate_size, group)
         layer._compiled_mlp = None  # traced with the whole weights
     model.shards = (group.rank(), group.size())
+    model.shard_group = group  # the sizing policy shares rank 0's timings over it
     return model
 
 

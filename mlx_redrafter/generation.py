@@ -19,6 +19,7 @@ from . import defaults
 from .accept import SamplingConfig, greedy_accept, sample_accept, sample_token
 from .cache import KVCache
 from .defaults import load_cost_curve
+from .distributed import shared_timings
 from .drafter import beam_search
 from .errors import GenerationError
 from .logprobs import LogprobRecorder, TokenLogprob
@@ -753,6 +754,9 @@ def tree_policy(model, memory: ClientMemory | None = None) -> TreePolicy:
     if curve is None:
         curve = default_cost_curve("gpu" if mx.default_device().type == mx.gpu else "cpu")
     policy = TreePolicy(curve)
+    group = getattr(model, "shard_group", None)
+    if group is not None:  # split over ranks: every rank sizes the same tree
+        policy.share_timings = shared_timings(group)
     if memory is not None:
         policy.calibration.absorb(memory.calibration)
     return policy

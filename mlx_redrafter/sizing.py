@@ -295,6 +295,9 @@ class TreePolicy:
         self.curve = curve[:max_nodes] / curve[0]
         self.max_nodes = max_nodes
         self.draft_cost = draft_cost
+        # (draft_time, verify_time) -> the same on every rank of a model split over several
+        # (distributed.shared_timings); None on one machine.
+        self.share_timings = None
         self.calibration = Calibration()
         # EMA of the drafter's raw conditional estimates along its best beam, per depth: what
         # a drafter round typically brings, for deciding whether to run it (`want_drafter`)
@@ -414,6 +417,8 @@ class TreePolicy:
         """Learn the drafter's cost in plain steps from one round's timings: the median of the
         last DRAFT_COST_WINDOW rounds' ratios, so that one round slowed down by anything else
         on the machine (a shared CPU's verify times swing 2x) does not move it."""
+        if self.share_timings is not None:
+            draft_time, verify_time = self.share_timings(draft_time, verify_time)
         if draft_time <= 0 or verify_time <= 0:
             return
         step = verify_time / self.curve[min(num_nodes, self.max_nodes) - 1]

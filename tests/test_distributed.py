@@ -428,9 +428,24 @@ def _die_in_round(n: int) -> None:
     generation.plain_steps = dying_plain_steps
 
 
+def _slow_drafts() -> None:
+    """Make this rank's drafting slower than rank 0's (as another machine, or a busy core,
+    would): the sizing policy learns the drafter's cost from round timings, so unless the
+    ranks share rank 0's timings they size different trees (wrong sums, or a hang)."""
+    draft = generation.draft_beams
+
+    def slow_draft_beams(*args, **kwargs):
+        time.sleep(0.02)
+        return draft(*args, **kwargs)
+
+    generation.draft_beams = slow_draft_beams
+
+
 if __name__ == "__main__":
     mode = sys.argv[1]
     if mode == "decode":
+        if distributed.rank() == 1:
+            _slow_drafts()
         result = {"tokens": decode_all(), "shards": [distributed.rank(), distributed.world_size()]}
         Path(sys.argv[2].format(distributed.rank())).write_text(json.dumps(result))
     elif mode == "die-in-round":
