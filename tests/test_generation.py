@@ -538,12 +538,12 @@ class OracleIndex:
 
 
 def test_oracle_lookup_runs_are_accepted_whole(monkeypatch):
-    import mlx_redrafter.generation as generation
+    import mlx_redrafter.rounds as rounds
 
     model = tiny_model(40)
     prompt = [2, 7, 1, 8]
     plain = tokens_of(model, prompt, max_tokens=60)
-    monkeypatch.setattr(generation, "SuffixIndex", OracleIndex(plain, len(prompt)))
+    monkeypatch.setattr(rounds, "SuffixIndex", OracleIndex(plain, len(prompt)))
     responses = list(
         stream_generate(model, FakeTokenizer(), prompt, None, max_tokens=41, lookup_max=7)
     )
@@ -555,7 +555,7 @@ def test_oracle_lookup_runs_are_accepted_whole(monkeypatch):
 
 
 def test_eos_inside_an_accepted_lookup_run_stops_there(monkeypatch):
-    import mlx_redrafter.generation as generation
+    import mlx_redrafter.rounds as rounds
 
     prompt = [3, 3, 9]
     for seed in range(41, 60):  # a model whose answer has a fresh token early on
@@ -566,7 +566,7 @@ def test_eos_inside_an_accepted_lookup_run_stops_there(monkeypatch):
             break
     k = fresh[0]  # inside the first copied run, which starts after plain[0]
     eos = plain[k]
-    monkeypatch.setattr(generation, "SuffixIndex", OracleIndex(plain, len(prompt)))
+    monkeypatch.setattr(rounds, "SuffixIndex", OracleIndex(plain, len(prompt)))
     spec = list(
         stream_generate(model, FakeTokenizer([eos]), prompt, None, max_tokens=40, lookup_max=8)
     )

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
+import dataclasses
 import logging
 import queue
 import threading
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..defaults import DEFAULT_MAX_TOKENS
-from ..generation import GenerationError, stream_generate
+from ..generation import GenerateOptions, GenerationError, stream_generate
 from .caches import PromptCaches
 from .protocol import APIError, QueueFullError, ShuttingDownError
 
@@ -189,7 +189,7 @@ class Engine:
         generate: Callable = stream_generate,
     ):
         options = {k: v for k, v in (decode_options or {}).items() if v is not None}
-        accepted = inspect.signature(stream_generate).parameters
+        accepted = {f.name for f in dataclasses.fields(GenerateOptions)}
         for name in options:
             if name not in DECODE_OPTIONS or name not in accepted:
                 raise ValueError(f"stream_generate has no decoding option {name!r}")
