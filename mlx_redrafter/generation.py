@@ -257,7 +257,7 @@ def _start(model, tokenizer, prompt, drafter, cache: KVCache | None, opts: Gener
         _check_constraint(model, opts.constraint)
     max_tokens = opts.max_tokens
     if max_tokens < 1:
-        raise GenerationError(f"max_tokens must be >= 1, got {max_tokens}")
+        raise GenerationError(f"max_tokens must be >= 1, got {max_tokens}", param="max_tokens")
     beam_width, beam_length = resolve_beam(model, opts.beam_width, opts.beam_length)
     draft_method = opts.draft_method
     if draft_method is None:
@@ -274,7 +274,6 @@ def _start(model, tokenizer, prompt, drafter, cache: KVCache | None, opts: Gener
         mx.random.seed(opts.seed)
     if cache is None:
         cache = model.make_cache()
-        cache.tokens = []
     new_ids = _reuse_cache(cache, ids)
 
     stats = DecodeStats(prompt_tokens=len(new_ids))
@@ -312,8 +311,7 @@ def _finish(run: _Run, emitted: list[int]) -> None:
             run.memory.learn(run.policy.calibration)
     # The cache holds every emitted token but the last (it would be fed next), or less
     # if a prefill was interrupted (Ctrl-C) before all of it was committed.
-    cache.tokens = (list(ids) + emitted[:-1])[: cache.offset]
-    cache.trim(cache.offset - len(cache.tokens))
+    cache.hold((list(ids) + emitted[:-1])[: cache.offset])
 
 
 def _fit_copies(model, look, prompt_tokens: int, max_tokens: int, lookup_max) -> LookupConfig:
@@ -333,7 +331,8 @@ def _check_fits(model, prompt_tokens: int, max_tokens: int, lookahead: int) -> N
     if limit and prompt_tokens + max_tokens + lookahead > limit:
         raise GenerationError(
             f"prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) exceeds the model's "
-            f"context length of {limit} tokens"
+            f"context length of {limit} tokens",
+            param="max_tokens",
         )
 
 
@@ -413,15 +412,8 @@ def tree_policy(model, memory: ClientMemory | None = None) -> TreePolicy:
 
 def _reuse_cache(cache: KVCache, ids: list[int]) -> list[int]:
     """Trim `cache` to its longest common prefix with `ids`; return the ids left to prefill."""
-    held = getattr(cache, "tokens", None) or []
-    common = 0
-    for a, b in zip(held, ids, strict=False):
-        if a != b:
-            break
-        common += 1
-    common = min(common, len(ids) - 1, cache.offset)  # prefill at least one token
-    cache.trim(cache.offset - common)
-    cache.tokens = list(ids[:common])
+    common = min(cache.common_prefix(ids), len(ids) - 1, cache.offset)  # prefill >= 1 token
+    cache.hold(ids[:common])
     return ids[common:]
 
 

@@ -627,3 +627,24 @@ def test_sampling_is_lossless_with_lookup_v2_and_memory_trees():
     counts, exact = sampled_and_exact(prompt, 2468, 1, 3, (1.0, 0, 1.0), make_tree=mixed_tree_v2)
     assert counts.sum() == 20000
     assert chi2_pvalue(counts.reshape(-1), exact) > 1e-4
+
+
+def test_the_cache_owns_its_tokens():
+    model = tiny_model(3)
+    cache = model.make_cache()
+    assert cache.tokens == [] and cache.common_prefix([1, 2]) == 0
+    prompt = [2, 7, 1, 8, 2, 8]
+    out = [
+        r.token
+        for r in stream_generate(
+            model, FakeTokenizer(), prompt, max_tokens=5, cache=cache, lookup=False
+        )
+    ]
+    # It holds the prompt and every emitted token but the last (fed next time), in order.
+    assert cache.tokens == prompt + out[:-1] and cache.offset == len(cache.tokens)
+    assert cache.common_prefix(prompt + [out[0], -1]) == len(prompt) + 1
+    assert cache.common_prefix([9] + prompt) == 0
+    cache.hold(prompt[:3])
+    assert cache.tokens == prompt[:3] and cache.offset == 3
+    cache.reset()
+    assert cache.tokens == [] and cache.offset == 0
