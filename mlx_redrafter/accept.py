@@ -36,11 +36,13 @@ class SamplingConfig:
 
     def validate(self) -> None:
         if self.temperature < 0:
-            raise GenerationError(f"temperature must be >= 0, got {self.temperature}")
+            raise GenerationError(
+                f"temperature must be >= 0, got {self.temperature}", param="temperature"
+            )
         if not 0.0 < self.top_p <= 1.0:
-            raise GenerationError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise GenerationError(f"top_p must be in (0, 1], got {self.top_p}", param="top_p")
         if self.top_k < 0:
-            raise GenerationError(f"top_k must be >= 0, got {self.top_k}")
+            raise GenerationError(f"top_k must be >= 0, got {self.top_k}", param="top_k")
 
 
 def _fast_cpu(x: mx.array) -> bool:

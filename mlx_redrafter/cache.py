@@ -60,9 +60,15 @@ class LayerCache:
 
 
 class KVCache:
-    """Shared-offset KV cache for all layers of one model."""
+    """Shared-offset KV cache for all layers of one model.
+
+    `tokens` records the ids whose K/V the cache holds (as far as its user keeps it: the
+    generation loop, chat and the server do, via `hold`); `common_prefix` tells how much of a
+    new prompt it already holds.
+    """
 
     def __init__(self, num_layers: int, max_size: int | None = None, step: int = GROW_STEP):
+        self.tokens: list[int] = []
         self.offset = 0
         self.pending = 0  # entries written past `offset` by the last forward pass
         self.max_size = max_size
@@ -106,6 +112,21 @@ class KVCache:
     def reset(self) -> None:
         self.offset = 0
         self.pending = 0
+        self.tokens = []
+
+    def common_prefix(self, ids: Sequence[int]) -> int:
+        """How many leading `ids` the cache's `tokens` agree with."""
+        n = 0
+        for a, b in zip(self.tokens, ids, strict=False):
+            if a != b:
+                break
+            n += 1
+        return n
+
+    def hold(self, tokens: Sequence[int]) -> None:
+        """Record that the cache holds `tokens`, trimming the entries past them."""
+        self.tokens = list(tokens)
+        self.trim(self.offset - len(self.tokens))
 
     def state(self) -> list[mx.array]:
         """Arrays to evaluate together with a step's outputs."""

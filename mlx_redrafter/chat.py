@@ -86,13 +86,14 @@ class ChatSession:
     def __post_init__(self):
         SamplingConfig(self.temperature, self.top_p, self.top_k).validate()
         if self.max_tokens < 1:
-            raise GenerationError(f"max_tokens must be >= 1, got {self.max_tokens}")
+            raise GenerationError(
+                f"max_tokens must be >= 1, got {self.max_tokens}", param="max_tokens"
+            )
         self.beam_width, self.beam_length = resolve_beam(
             self.model, self.beam_width, self.beam_length
         )
         resolve_lookup(self.lookup, self.lookup_max)  # validates
         self.cache = self.model.make_cache()
-        self.cache.tokens = []
         self._templated = getattr(self.tokenizer, "chat_template", None) is not None
         self._close_ids = self._assistant_close_ids() if self._templated else None
         self._seeded = False
@@ -106,7 +107,6 @@ class ChatSession:
         self.ids = []
         self.turns = []
         self.cache.reset()
-        self.cache.tokens = []
 
     @property
     def context_length(self) -> int | None:

@@ -37,7 +37,12 @@ class DrafterError(RedrafterError):
 
 
 class GenerationError(RedrafterError):
-    """Bad generation request (empty prompt, context overflow, bad settings)."""
+    """Bad generation request (empty prompt, context overflow, bad settings); `param` names
+    the request field it is about, when there is one (the server's 400 reports it)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 class ConstraintError(GenerationError):

@@ -244,6 +244,7 @@ def test_help_version_and_usage_errors():
 
 
 def test_one_max_tokens_default_everywhere():
+    import dataclasses
     import inspect
 
     from mlx_redrafter.chat import ChatSession
@@ -251,13 +252,16 @@ def test_one_max_tokens_default_everywhere():
     from mlx_redrafter.cli.generate import generate
     from mlx_redrafter.cli.serve import serve
     from mlx_redrafter.defaults import DEFAULT_MAX_TOKENS
-    from mlx_redrafter.generation import stream_generate
+    from mlx_redrafter.generation import GenerateOptions
     from mlx_redrafter.server import Engine
 
     defaults = [
         inspect.signature(f).parameters["max_tokens"].default
-        for f in (stream_generate, ChatSession, generate, chat, serve)
+        for f in (ChatSession, generate, chat, serve)
     ]
+    # stream_generate's keyword arguments are GenerateOptions' fields.
+    fields = {f.name: f.default for f in dataclasses.fields(GenerateOptions)}
+    defaults.append(fields["max_tokens"])
     # The server's default when a request gives none (no model needed to read it).
     defaults.append(Engine(None, None, model_name="m").defaults["max_tokens"])
     assert all(d is DEFAULT_MAX_TOKENS for d in defaults), defaults

@@ -18,7 +18,7 @@ from helpers import (
 )
 from test_generation import chi2_pvalue
 
-from mlx_redrafter import generation
+from mlx_redrafter import rounds
 from mlx_redrafter.accept import SamplingConfig, process_logits, sample_accept_batch
 from mlx_redrafter.constrain import JsonGrammar, allowed_tokens, apply_bitmask
 from mlx_redrafter.drafter import load_drafter
@@ -233,7 +233,7 @@ def test_forbidden_drafted_tokens_are_never_verified(tiny, monkeypatch, seed):
     _, reference, _ = run(model, tokenizer, grammar.json_schema(SCHEMA), lookup=False)
     constraint = grammar.json_schema(SCHEMA)
     verified, cut = [], []
-    real_verify, real_prune = generation.verify_tree, constraint.prune
+    real_verify, real_prune = rounds.verify_tree, constraint.prune
 
     def spy_verify(model, cache, tree, features=()):
         for u in range(1, tree.num_nodes):
@@ -249,7 +249,7 @@ def test_forbidden_drafted_tokens_are_never_verified(tiny, monkeypatch, seed):
         cut.append(sum(len(c.tokens) for c in candidates) - sum(len(c.tokens) for c in kept))
         return kept
 
-    monkeypatch.setattr(generation, "verify_tree", spy_verify)
+    monkeypatch.setattr(rounds, "verify_tree", spy_verify)
     monkeypatch.setattr(constraint, "prune", spy_prune)
     constraint.propose_forced = False  # the oracle follows acceptance from its own beams only
     oracle = GrammarNoisyOracle(reference, model.args.vocab_size, seed)

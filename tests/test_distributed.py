@@ -35,7 +35,7 @@ from helpers import (  # noqa: E402
     write_tiny_model,
 )
 
-from mlx_redrafter import distributed, generation  # noqa: E402
+from mlx_redrafter import distributed, generation, rounds  # noqa: E402
 from mlx_redrafter.defaults import save_cost_curve, save_tuned_beam  # noqa: E402
 from mlx_redrafter.drafter import init_drafter  # noqa: E402
 from mlx_redrafter.errors import DistributedError, RedrafterError  # noqa: E402
@@ -432,13 +432,13 @@ def _slow_drafts() -> None:
     """Make this rank's drafting slower than rank 0's (as another machine, or a busy core,
     would): the sizing policy learns the drafter's cost from round timings, so unless the
     ranks share rank 0's timings they size different trees (wrong sums, or a hang)."""
-    draft = generation.draft_beams
+    draft = rounds.draft_beams
 
     def slow_draft_beams(*args, **kwargs):
         time.sleep(0.02)
         return draft(*args, **kwargs)
 
-    generation.draft_beams = slow_draft_beams
+    rounds.draft_beams = slow_draft_beams
 
 
 if __name__ == "__main__":

@@ -538,12 +538,12 @@ class OracleIndex:
 
 
 def test_oracle_lookup_runs_are_accepted_whole(monkeypatch):
-    import mlx_redrafter.generation as generation
+    import mlx_redrafter.rounds as rounds
 
     model = tiny_model(40)
     prompt = [2, 7, 1, 8]
     plain = tokens_of(model, prompt, max_tokens=60)
-    monkeypatch.setattr(generation, "SuffixIndex", OracleIndex(plain, len(prompt)))
+    monkeypatch.setattr(rounds, "SuffixIndex", OracleIndex(plain, len(prompt)))
     responses = list(
         stream_generate(model, FakeTokenizer(), prompt, None, max_tokens=41, lookup_max=7)
     )
@@ -555,7 +555,7 @@ def test_oracle_lookup_runs_are_accepted_whole(monkeypatch):
 
 
 def test_eos_inside_an_accepted_lookup_run_stops_there(monkeypatch):
-    import mlx_redrafter.generation as generation
+    import mlx_redrafter.rounds as rounds
 
     prompt = [3, 3, 9]
     for seed in range(41, 60):  # a model whose answer has a fresh token early on
@@ -566,7 +566,7 @@ def test_eos_inside_an_accepted_lookup_run_stops_there(monkeypatch):
             break
     k = fresh[0]  # inside the first copied run, which starts after plain[0]
     eos = plain[k]
-    monkeypatch.setattr(generation, "SuffixIndex", OracleIndex(plain, len(prompt)))
+    monkeypatch.setattr(rounds, "SuffixIndex", OracleIndex(plain, len(prompt)))
     spec = list(
         stream_generate(model, FakeTokenizer([eos]), prompt, None, max_tokens=40, lookup_max=8)
     )
@@ -627,3 +627,24 @@ def test_sampling_is_lossless_with_lookup_v2_and_memory_trees():
     counts, exact = sampled_and_exact(prompt, 2468, 1, 3, (1.0, 0, 1.0), make_tree=mixed_tree_v2)
     assert counts.sum() == 20000
     assert chi2_pvalue(counts.reshape(-1), exact) > 1e-4
+
+
+def test_the_cache_owns_its_tokens():
+    model = tiny_model(3)
+    cache = model.make_cache()
+    assert cache.tokens == [] and cache.common_prefix([1, 2]) == 0
+    prompt = [2, 7, 1, 8, 2, 8]
+    out = [
+        r.token
+        for r in stream_generate(
+            model, FakeTokenizer(), prompt, max_tokens=5, cache=cache, lookup=False
+        )
+    ]
+    # It holds the prompt and every emitted token but the last (fed next time), in order.
+    assert cache.tokens == prompt + out[:-1] and cache.offset == len(cache.tokens)
+    assert cache.common_prefix(prompt + [out[0], -1]) == len(prompt) + 1
+    assert cache.common_prefix([9] + prompt) == 0
+    cache.hold(prompt[:3])
+    assert cache.tokens == prompt[:3] and cache.offset == 3
+    cache.reset()
+    assert cache.tokens == [] and cache.offset == 0

@@ -8,8 +8,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 PACKAGE = Path(__file__).resolve().parent.parent / "mlx_redrafter"
 MODULE_MAP = PACKAGE.parent / "docs" / "module-map.md"
 # Modules whose import pulls in a heavy optional stack: the server (starlette, uvicorn).
@@ -123,20 +121,6 @@ MAX_MODULE_LINES = 600
 MAX_FUNCTION_LINES = 80  # outside cli/, whose commands are mostly option declarations
 MAX_PARAMETERS = 12  # outside cli/; self and cls not counted
 
-# Modules other branches were still changing when these limits came (issue 25): the lead
-# tightens this list after merging them. Remove an entry as soon as its module fits.
-STILL_CHANGING_MODULES = {
-    "mlx_redrafter.generation",  # split into round vs text streaming after the merge
-    "mlx_redrafter.server",  # becomes the server/ package
-}
-STILL_CHANGING_FUNCTIONS = (  # module prefixes whose functions are not yet checked
-    "mlx_redrafter.accept",
-    "mlx_redrafter.drafter",
-    "mlx_redrafter.sizing",
-    "mlx_redrafter.lookup",
-    "mlx_redrafter.bench",
-)
-
 
 def _functions(path: Path):
     for node in ast.walk(ast.parse(path.read_text())):
@@ -148,16 +132,11 @@ def _functions(path: Path):
             yield node.name, node.end_lineno - node.lineno + 1, count
 
 
-def _checked(module: str) -> bool:
-    return module not in STILL_CHANGING_MODULES and not module.startswith(STILL_CHANGING_FUNCTIONS)
-
-
 def test_no_module_over_600_lines():
     big = {
         _module_name(f): n
         for f in sorted(PACKAGE.rglob("*.py"))
         if (n := len(f.read_text().splitlines())) > MAX_MODULE_LINES
-        and _module_name(f) not in STILL_CHANGING_MODULES
     }
     assert not big, f"modules over {MAX_MODULE_LINES} lines: {big}"
 
@@ -166,7 +145,7 @@ def test_no_function_over_80_lines_or_12_parameters_outside_the_cli():
     long, wide = [], []
     for f in sorted(PACKAGE.rglob("*.py")):
         module = _module_name(f)
-        if module.startswith("mlx_redrafter.cli") or not _checked(module):
+        if module.startswith("mlx_redrafter.cli"):
             continue
         for name, lines, params in _functions(f):
             if lines > MAX_FUNCTION_LINES:
@@ -175,20 +154,3 @@ def test_no_function_over_80_lines_or_12_parameters_outside_the_cli():
                 wide.append(f"{module}.{name} ({params} parameters)")
     assert not long, f"functions over {MAX_FUNCTION_LINES} lines: {long}"
     assert not wide, f"functions with over {MAX_PARAMETERS} parameters: {wide}"
-
-
-@pytest.mark.xfail(strict=False, reason="modules other branches change (issue 25): lead tightens")
-def test_still_changing_modules_fit_too():
-    over = []
-    for f in sorted(PACKAGE.rglob("*.py")):
-        module = _module_name(f)
-        if _checked(module) or module.startswith("mlx_redrafter.cli"):
-            continue
-        if len(f.read_text().splitlines()) > MAX_MODULE_LINES:
-            over.append(module)
-        over += [
-            f"{module}.{name}"
-            for name, lines, params in _functions(f)
-            if lines > MAX_FUNCTION_LINES or params > MAX_PARAMETERS
-        ]
-    assert not over, over

@@ -20,7 +20,9 @@ import pytest
 from helpers import REPO_ROOT, cli_env, write_tiny_drafter, write_tiny_model
 from server_helpers import client, running, user
 
+from mlx_redrafter.cache import KVCache
 from mlx_redrafter.drafter import load_drafter
+from mlx_redrafter.errors import GenerationError
 from mlx_redrafter.generation import stream_generate
 from mlx_redrafter.loading import load
 from mlx_redrafter.server import Engine, PromptCaches
@@ -58,12 +60,9 @@ def chat_prompt(tokenizer, messages) -> list[int]:
 
 
 def common_prefix(a, b) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
+    cache = KVCache(0)
+    cache.tokens = list(a)
+    return cache.common_prefix(b)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,6 +253,22 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": [1, 10**9]}, "prompt"),
     ("/v1/completions", {"prompt": "the " * 2000, "stream": True}, "prompt"),
 ]
+
+
+def test_a_generation_error_maps_to_its_param_not_its_message(tiny):
+    # The engine reports the field a GenerationError names (its `param`), whatever its text.
+    _, model, tokenizer, _ = tiny
+
+    def refuse(model, tokenizer, ids, drafter=None, **options):
+        raise GenerationError("a message that names no field", param="top_k")
+        yield  # a generator, as stream_generate is
+
+    engine = Engine(model, tokenizer, None, model_name="tiny", generate=refuse)
+    with running(engine) as base:
+        resp = httpx.post(f"{base}/v1/chat/completions", json={"messages": user("hi")}, timeout=30)
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert error["param"] == "top_k" and error["message"] == "a message that names no field"
 
 
 @pytest.mark.parametrize("path, body, param", BAD_REQUESTS)

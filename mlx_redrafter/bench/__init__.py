@@ -62,7 +62,7 @@ from .report import (
     write_json,
 )
 from .rsd_replay import DraftConfig, format_sampled_acceptance, sampled_acceptance
-from .tune import run_tune, verify_cost_curve
+from .tune import TuneSettings, run_tune, verify_cost_curve
 
 __all__ = [
     "CATEGORIES",
@@ -104,6 +104,7 @@ __all__ = [
     "reference_batch",
     "reference_decode",
     "replay_rounds",
+    "TuneSettings",
     "run_tune",
     "strip_tokens",
     "summarize",

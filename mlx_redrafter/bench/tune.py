@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
@@ -87,6 +88,19 @@ def _tuned_record(best: dict, curve: list[dict], drafter_path, num_prompts: int,
     }
 
 
+@dataclass(frozen=True)
+class TuneSettings:
+    """What `tune` measures: the W x L grid, tokens per prompt, the curve's largest node
+    count (0: no curve) and timing repeats, and whether the result is stored."""
+
+    widths: tuple[int, ...] = (1, 2, 3, 4)
+    lengths: tuple[int, ...] = (3, 4, 5, 6)
+    max_tokens: int = 64
+    curve_nodes: int = 32
+    repeats: int = 5
+    save: bool = True
+
+
 def run_tune(
     model,
     tokenizer,
@@ -94,19 +108,17 @@ def run_tune(
     prompts,
     model_path,
     drafter_path=None,
-    widths=(1, 2, 3, 4),
-    lengths=(3, 4, 5, 6),
-    max_tokens: int = 64,
-    curve_nodes: int = 32,
-    repeats: int = 5,
+    settings: TuneSettings = TuneSettings(),
     progress=None,
-    save: bool = True,
 ) -> dict:
     """Measure the verify-cost curve and sweep W x L (with `ar` as the baseline) on `prompts`;
-    store the shape with the best decode tok/s for this device and model (unless save=False).
+    store the shape with the best decode tok/s for this device and model (unless
+    settings.save is False).
 
     Returns {"verify_cost", "result" (a BenchResult), "best", "saved_to"}.
     """
+    widths, lengths, max_tokens = settings.widths, settings.lengths, settings.max_tokens
+    curve_nodes, repeats, save = settings.curve_nodes, settings.repeats, settings.save
     curve = verify_cost_curve(model, max_nodes=curve_nodes, repeats=repeats) if curve_nodes else []
     methods = make_methods(["ar", "redrafter"], beam_shapes(widths, lengths), sweep=True)
     runner = Bench(model, tokenizer, drafter, max_tokens=max_tokens)

@@ -367,13 +367,10 @@ def tune(
             prompt_list,
             loaded.model_path,
             loaded.drafter_path,
-            widths=w_list,
-            lengths=l_list,
-            max_tokens=max_tokens,
-            curve_nodes=curve_nodes,
-            repeats=repeats,
+            bench_lib.TuneSettings(
+                tuple(w_list), tuple(l_list), max_tokens, curve_nodes, repeats, not no_save
+            ),
             progress=advance,
-            save=not no_save,
         )
     typer.echo(bench_lib.format_table(out["result"]))
     if json_out and is_leader():

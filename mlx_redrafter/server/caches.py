@@ -8,15 +8,6 @@ another's prompts. Without keys every client is the same client.
 from __future__ import annotations
 
 
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def cache_bytes(cache) -> int:
     return sum(a.nbytes for a in cache.state())
 
@@ -43,7 +34,7 @@ class PromptCaches:
         for cache in reversed(self.entries):  # ties go to the most recent
             if getattr(cache, "owner", "") != owner:
                 continue
-            n = common_prefix(cache.tokens, ids)
+            n = cache.common_prefix(ids)
             if n > best_len:
                 best, best_len = cache, n
         if best is None:
@@ -59,7 +50,6 @@ class PromptCaches:
 
     def _new(self, owner: str):
         cache = self.model.make_cache()
-        cache.tokens = []
         cache.owner = owner
         return cache
 

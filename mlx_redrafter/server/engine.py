@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
+import dataclasses
 import logging
 import queue
 import threading
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..defaults import DEFAULT_MAX_TOKENS
-from ..generation import GenerationError, stream_generate
+from ..generation import GenerateOptions, GenerationError, stream_generate
 from .caches import PromptCaches
 from .protocol import APIError, QueueFullError, ShuttingDownError
 
@@ -189,7 +189,7 @@ class Engine:
         generate: Callable = stream_generate,
     ):
         options = {k: v for k, v in (decode_options or {}).items() if v is not None}
-        accepted = inspect.signature(stream_generate).parameters
+        accepted = {f.name for f in dataclasses.fields(GenerateOptions)}
         for name in options:
             if name not in DECODE_OPTIONS or name not in accepted:
                 raise ValueError(f"stream_generate has no decoding option {name!r}")
@@ -355,7 +355,7 @@ class Engine:
                 job.post(Text(response.text, response.finish_reason, response.token, logprobs))
         except GenerationError as e:  # raised before any token: the request stays a 400
             outcome.finish_reason = "error"
-            job.post(Failed(APIError(400, str(e), _error_param(str(e)))))
+            job.post(Failed(APIError(400, str(e), e.param)))
         except Exception:
             healthy = False  # the cache may be half-written: drop it
             raise
@@ -364,7 +364,7 @@ class Engine:
             if healthy:
                 self.caches.give_back(cache)
         if last is not None:
-            fill_outcome(outcome, last, self.drafter is not None)
+            fill_outcome(outcome, last)
         if not job.cancelled.is_set() and time.monotonic() > job.deadline:
             job.cancel(DeadlineError(job.timeout))
         if job.cancelled.is_set():
@@ -381,16 +381,9 @@ class Engine:
         log.info(outcome.log_line())
 
 
-def _error_param(message: str) -> str | None:
-    if "max_tokens" in message:
-        return "max_tokens"
-    for name in ("temperature", "top_p", "top_k"):
-        if name in message:
-            return name
-    return None
-
-
-def fill_outcome(outcome: Outcome, last, with_drafter: bool) -> None:
+def fill_outcome(outcome: Outcome, last) -> None:
+    """The outcome's figures from the last response (a scripted generation may bring no
+    stats)."""
     stats = last.stats
     outcome.completion_tokens = last.generation_tokens
     if stats is None:
@@ -400,7 +393,4 @@ def fill_outcome(outcome: Outcome, last, with_drafter: bool) -> None:
     outcome.prefill_tps = stats.prefill_tps
     outcome.tokens_per_step = stats.tokens_per_step
     outcome.steps = stats.steps
-    accepted_from = getattr(stats, "accepted_from", None)
-    if accepted_from is None and with_drafter:
-        accepted_from = {"drafter": int(sum(stats.accepted))}
-    outcome.accepted_from = {k: int(v) for k, v in (accepted_from or {}).items()}
+    outcome.accepted_from = {k: int(v) for k, v in stats.accepted_from.items()}
