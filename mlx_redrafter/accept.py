@@ -373,21 +373,30 @@ def _node_outcomes(
     return chosen, fallback
 
 
-def _walk_batch(tree: Tree, chosen: np.ndarray, fallback: np.ndarray) -> AcceptanceBatch:
-    """Follow `chosen` (S, N) from the root for every sample; emit `fallback` where it stops."""
-    samples = chosen.shape[0]
-    length = tree.paths.shape[1]
-    rows = np.arange(samples)
-    paths = np.full((samples, length), -1, dtype=np.int32)
+def walk_chosen(chosen: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Follow `chosen` (S, N: each node's accepted child, -1 for none) from the root for every
+    sample: the paths (S, length; -1 past the end), the node each walk stopped at (S,) and
+    the number of accepted drafted tokens (S,)."""
+    rows = np.arange(chosen.shape[0])
+    paths = np.full((chosen.shape[0], length), -1, dtype=np.int32)
     paths[:, 0] = 0
-    node = np.zeros(samples, dtype=np.int64)
-    alive = np.ones(samples, dtype=bool)
+    node = np.zeros(chosen.shape[0], dtype=np.int64)
+    alive = np.ones(chosen.shape[0], dtype=bool)
     for depth in range(1, length):
         nxt = chosen[rows, node]
         alive &= nxt >= 0
         node = np.where(alive, nxt, node)
         paths[alive, depth] = node[alive]
     num_accepted = (paths >= 0).sum(axis=1).astype(np.int32) - 1
+    return paths, node, num_accepted
+
+
+def _walk_batch(tree: Tree, chosen: np.ndarray, fallback: np.ndarray) -> AcceptanceBatch:
+    """Follow `chosen` (S, N) from the root for every sample; emit `fallback` where it stops."""
+    samples = chosen.shape[0]
+    length = tree.paths.shape[1]
+    rows = np.arange(samples)
+    paths, node, num_accepted = walk_chosen(chosen, length)
     tokens = np.full((samples, length), -1, dtype=np.int32)
     drafted = paths[:, 1:] >= 0
     tokens[:, :-1][drafted] = tree.tokens[paths[:, 1:][drafted]]

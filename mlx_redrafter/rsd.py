@@ -23,6 +23,7 @@ from .accept import (
     AcceptanceBatch,
     SamplingConfig,
     dense_logprobs,
+    walk_chosen,
     warp_candidates,
 )
 from .rsd_draft import (
@@ -518,16 +519,7 @@ def _walk(
     b = chosen.shape[0]
     length = int(depths.max(initial=0)) + 1
     rows = np.arange(b)
-    paths = np.full((b, length), -1, np.int32)
-    paths[:, 0] = 0
-    node = np.zeros(b, np.int64)
-    alive = np.ones(b, bool)
-    for depth in range(1, length):
-        nxt = chosen[rows, node]
-        alive &= nxt >= 0
-        node = np.where(alive, nxt, node)
-        paths[alive, depth] = node[alive]
-    num_accepted = (paths >= 0).sum(axis=1).astype(np.int32) - 1
+    paths, node, num_accepted = walk_chosen(chosen, length)
     tokens = np.full((b, length), -1, np.int32)
     for depth in range(1, length):
         ok = paths[:, depth] >= 0
