@@ -383,3 +383,34 @@ def reference_logits(model, prompt: list[int], tokens: list[int]):
     logits = out[1] if isinstance(out, tuple) else out
     start = len(prompt) - 1
     return logits[0, start : start + len(tokens)].astype(mx.float32)
+
+
+class FakeDetokenizer:
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.tokens, self.segment = [], ""
+
+    def add_token(self, t):
+        self.tokens.append(t)
+        self.segment = f"<{t}>"
+
+    def finalize(self):
+        self.segment = ""
+
+    @property
+    def last_segment(self):
+        seg, self.segment = self.segment, ""
+        return seg
+
+
+class FakeTokenizer:
+    """Token i is the text '<i>'; enough for the decode loop."""
+
+    def __init__(self, eos=()):
+        self.eos_token_ids = set(eos)
+        self.detokenizer = FakeDetokenizer()
+
+    def encode(self, text):
+        return [int(t) for t in text.split()]

@@ -29,6 +29,7 @@ from helpers import (  # noqa: E402
     REPO_ROOT,
     TINY_ARGS,
     TINY_FAMILIES,
+    FakeTokenizer,
     cli_env,
     random_model,
     write_tiny_drafter,
@@ -59,30 +60,6 @@ VARIANTS = {
 PROMPT = [5, 9, 14, 5, 9, 14, 22, 5, 9, 31, 40, 5, 9, 14]  # repeats, so lookup proposes
 
 
-class _Detokenizer:
-    def reset(self):
-        self.segment = ""
-
-    def add_token(self, token):
-        self.segment = f"<{token}>"
-
-    def finalize(self):
-        self.segment = ""
-
-    @property
-    def last_segment(self):
-        segment, self.segment = self.segment, ""
-        return segment
-
-
-class _Tokenizer:
-    eos_token_ids: set = set()
-
-    def __init__(self):
-        self.detokenizer = _Detokenizer()
-        self.detokenizer.reset()
-
-
 def variant_model(name: str):
     """The same random model on every rank (seeded), sharper logits than the default init."""
     model = random_model({**TINY_ARGS, **VARIANTS[name]}, seed=3)
@@ -108,7 +85,7 @@ def decode_all() -> dict:
         mx.eval(model.parameters())
 
         def run(draft, model=model, **kw):
-            tok = _Tokenizer()
+            tok = FakeTokenizer()
             return [r.token for r in stream_generate(model, tok, PROMPT, draft, **kw)]
 
         out[name] = {

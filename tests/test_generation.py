@@ -8,7 +8,13 @@ import math
 import mlx.core as mx
 import numpy as np
 import pytest
-from helpers import assert_greedy_equal, random_model, reference_logits, tiny_llama_config
+from helpers import (
+    FakeTokenizer,
+    assert_greedy_equal,
+    random_model,
+    reference_logits,
+    tiny_llama_config,
+)
 
 from mlx_redrafter.accept import (
     SamplingConfig,
@@ -27,37 +33,6 @@ from mlx_redrafter.generation import (
 )
 from mlx_redrafter.model import Model
 from mlx_redrafter.tree import pack_beams
-
-
-class FakeDetokenizer:
-    def __init__(self):
-        self.reset()
-
-    def reset(self):
-        self.tokens, self.segment = [], ""
-
-    def add_token(self, t):
-        self.tokens.append(t)
-        self.segment = f"<{t}>"
-
-    def finalize(self):
-        self.segment = ""
-
-    @property
-    def last_segment(self):
-        seg, self.segment = self.segment, ""
-        return seg
-
-
-class FakeTokenizer:
-    """Token i is the text '<i>'; enough for the decode loop."""
-
-    def __init__(self, eos=()):
-        self.eos_token_ids = set(eos)
-        self.detokenizer = FakeDetokenizer()
-
-    def encode(self, text):
-        return [int(t) for t in text.split()]
 
 
 def tiny_model(seed: int, vocab: int = 64, layers: int = 2, hidden: int = 48) -> Model:

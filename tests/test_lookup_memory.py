@@ -9,35 +9,12 @@ import tracemalloc
 import mlx.core as mx
 import numpy as np
 import pytest
-from helpers import random_model, tiny_llama_config
+from helpers import FakeTokenizer, random_model, tiny_llama_config
 
 from mlx_redrafter.errors import RedrafterError
 from mlx_redrafter.generation import stream_generate
 from mlx_redrafter.lookup_memory import BYTES_PER_TOKEN, LookupMemory
 from mlx_redrafter.sizing import MEMORY, Calibration
-
-
-class _Detok:
-    def reset(self):
-        self.segment = ""
-
-    def add_token(self, t):
-        self.segment = f"<{t}>"
-
-    def finalize(self):
-        self.segment = ""
-
-    @property
-    def last_segment(self):
-        seg, self.segment = self.segment, ""
-        return seg
-
-
-class _Tokenizer:
-    eos_token_ids: set = set()
-
-    def __init__(self):
-        self.detokenizer = _Detok()
 
 
 def test_each_client_holds_at_most_max_tokens_and_the_newest_text():
@@ -140,7 +117,7 @@ def _tiny_model(seed):
 
 
 def _tokens(model, prompt, **kw):
-    return [r.token for r in stream_generate(model, _Tokenizer(), prompt, None, **kw)]
+    return [r.token for r in stream_generate(model, FakeTokenizer(), prompt, None, **kw)]
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -155,7 +132,7 @@ def test_greedy_output_is_unchanged_with_the_memory_on(seed):
         plain = _tokens(model, prompt, max_tokens=40, lookup=False)
         responses = list(
             stream_generate(
-                model, _Tokenizer(), prompt, None, max_tokens=40,
+                model, FakeTokenizer(), prompt, None, max_tokens=40,
                 lookup_memory=memory, lookup_client="k",
             )
         )  # fmt: skip
