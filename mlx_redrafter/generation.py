@@ -57,6 +57,7 @@ __all__ = [
     "GenerateOptions",
     "GenerationError",
     "GenerationResponse",
+    "OPTION_DEFAULTS",
     "LookupConfig",
     "SamplingConfig",
     "Speculation",
@@ -165,6 +166,11 @@ class GenerateOptions:
         if unknown:
             raise TypeError(f"{caller}() got an unexpected keyword argument {unknown[0]!r}")
         return cls(**options)
+
+
+# Each option's default, as one object: the CLI, ChatSession and the server's Engine read
+# theirs from here (a decoding setting left None is resolved by the DecodePlan).
+OPTION_DEFAULTS = GenerateOptions()
 
 
 @dataclass

@@ -69,6 +69,15 @@ class DecodePlan:
         """Cache room a round may write past the context: the deepest tree it can verify."""
         return lookahead_tokens(with_drafter, self.beam_length, self.lookup)
 
+    def headroom(self, with_drafter: bool) -> int:
+        """Context to keep free past max_tokens so that a request fits: the lookahead with the
+        copies `fit_copies` allows at the end of the context (default-length copies shrink to
+        8 tokens there; an explicit lookup_max does not shrink)."""
+        look = self.lookup
+        if look is not None and not self.lookup_max_given:
+            look = replace(look, max_tokens=min(8, look.max_tokens))
+        return lookahead_tokens(with_drafter, self.beam_length, look)
+
     def draft_method(self, sampling: SamplingConfig, requested: str | None) -> str:
         """The drafter's draft method for a request: the one asked for, else the default rule."""
         return default_draft_method(sampling, self.beam_width) if requested is None else requested

@@ -78,3 +78,69 @@ def test_bad_settings_fail_when_the_plan_is_built():
         DecodePlan.resolve(model, beam_width=0)
     with pytest.raises(GenerationError, match="lookup max"):
         DecodePlan.resolve(model, lookup_max=0)
+
+
+@pytest.mark.parametrize(
+    "settings, with_drafter, want",
+    [
+        ({}, True, 9),  # 32-token copies shrink to 8 at the context's end: 8 + 1
+        ({}, False, 9),
+        ({"lookup_max": 20}, True, 21),  # an explicit lookup_max does not shrink
+        ({"lookup": False}, True, 3),  # the beam's depth (L = 3, the default)
+        ({"lookup": False, "beam_length": 5}, True, 5),
+        ({"lookup": False, "beam_length": 5}, False, 1),  # plain decoding
+    ],
+)
+def test_headroom_is_the_lookahead_a_request_at_the_context_end_needs(
+    settings, with_drafter, want
+):
+    model = tiny_model(8)  # 1024 positions
+    plan = DecodePlan.resolve(model, **settings)
+    assert plan.headroom(with_drafter) == want
+    drafter = init_drafter(model, seed=3) if with_drafter else None
+    prompt = [5, 9, 3] * 300  # 900 tokens
+    room = model.context_length - len(prompt) - want
+    fits = stream_generate(model, FakeTokenizer(), prompt, drafter, max_tokens=room, plan=plan)
+    next(fits)  # accepted: the fit check passed
+    fits.close()
+    with pytest.raises(GenerationError, match="context length"):
+        over = stream_generate(
+            model, FakeTokenizer(), prompt, drafter, max_tokens=room + 1, plan=plan
+        )
+        next(over)
+
+
+def test_cli_python_and_server_defaults_are_the_same_objects():
+    """Each decoding setting's default is written once: GenerateOptions' (OPTION_DEFAULTS),
+    with the lookup default in plan.py and the beam shape left to the DecodePlan (None)."""
+    import dataclasses
+    import inspect
+
+    from mlx_redrafter.chat import ChatSession
+    from mlx_redrafter.cli.chat import chat
+    from mlx_redrafter.cli.generate import generate
+    from mlx_redrafter.cli.serve import serve
+    from mlx_redrafter.generation import OPTION_DEFAULTS, GenerateOptions
+    from mlx_redrafter.plan import DEFAULT_LOOKUP
+    from mlx_redrafter.server.engine import Engine
+
+    cli_names = {"temperature": "temp"}
+    chat_fields = {f.name: f.default for f in dataclasses.fields(ChatSession)}
+    engine = Engine(tiny_model(9), FakeTokenizer(), None, model_name="tiny")
+    for name in ("max_tokens", "temperature", "top_p", "top_k"):
+        want = getattr(OPTION_DEFAULTS, name)
+        assert want is GenerateOptions.__dataclass_fields__[name].default
+        for command in (generate, chat, serve):
+            got = inspect.signature(command).parameters[cli_names.get(name, name)].default
+            assert got is want, (command.__name__, name)
+        assert chat_fields[name] is want, name
+        assert engine.defaults[name] is want, name
+    for command in (generate, chat):  # serve passes None: the library's default
+        assert inspect.signature(command).parameters["lookup"].default is DEFAULT_LOOKUP
+    for name in ("beam_width", "beam_length", "lookup_max"):  # None: resolved by the plan
+        for command in (generate, chat, serve):
+            assert inspect.signature(command).parameters[name].default is None
+        assert chat_fields[name] is None and getattr(OPTION_DEFAULTS, name) is None
+    # the server's plan is the plan of those defaults, and its headroom the plan's
+    assert engine.plan == DecodePlan.resolve(engine.model)
+    assert engine.headroom == engine.plan.headroom(False)
