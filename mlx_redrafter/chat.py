@@ -10,19 +10,17 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from .defaults import DEFAULT_MAX_TOKENS
 from .errors import ContextFullError, NotTextError
 from .generation import (
+    OPTION_DEFAULTS,
     DecodeStats,
     GenerationError,
     GenerationResponse,
     SamplingConfig,
-    lookahead_tokens,
-    resolve_beam,
-    resolve_lookup,
     stream_generate,
 )
 from .lookup_memory import LookupMemory
+from .plan import DecodePlan
 from .prompts import encode_messages, eos_ids
 
 _PROBE = "\x00mlx-redrafter-probe\x00"
@@ -66,15 +64,18 @@ class ChatSession:
     tokenizer: object
     drafter: object = None
     system: str | None = None
-    max_tokens: int = DEFAULT_MAX_TOKENS
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
+    max_tokens: int = OPTION_DEFAULTS.max_tokens
+    temperature: float = OPTION_DEFAULTS.temperature
+    top_p: float = OPTION_DEFAULTS.top_p
+    top_k: int = OPTION_DEFAULTS.top_k
     seed: int | None = None
     beam_width: int | None = None  # None: the tuned shape, else the default (as the CLI)
     beam_length: int | None = None
     lookup: bool | None = None  # context lookup candidates (None: the default, on)
     lookup_max: int | None = None
+    # the decoding settings resolved once (the loaders build it); None: resolved here from
+    # beam_width, beam_length, lookup and lookup_max, which are then left unset with a plan
+    plan: DecodePlan | None = None
     # earlier conversations (and this one's turns) as a second lookup corpus; keep one memory
     # across sessions (and a history file, see LookupMemory.save) to copy from past chats
     lookup_memory: LookupMemory | None = None
@@ -89,10 +90,14 @@ class ChatSession:
             raise GenerationError(
                 f"max_tokens must be >= 1, got {self.max_tokens}", param="max_tokens"
             )
-        self.beam_width, self.beam_length = resolve_beam(
-            self.model, self.beam_width, self.beam_length
-        )
-        resolve_lookup(self.lookup, self.lookup_max)  # validates
+        given = (self.beam_width, self.beam_length, self.lookup, self.lookup_max)
+        if self.plan is None:
+            self.plan = DecodePlan.resolve(self.model, *given)
+        elif any(v is not None for v in given):
+            raise GenerationError(
+                "pass either plan= or beam_width/beam_length/lookup/lookup_max, not both"
+            )
+        self.beam_width, self.beam_length = self.plan.beam
         self.cache = self.model.make_cache()
         self._templated = getattr(self.tokenizer, "chat_template", None) is not None
         self._close_ids = self._assistant_close_ids() if self._templated else None
@@ -156,9 +161,7 @@ class ChatSession:
         return encode_messages(self.tokenizer, self.messages + [user])
 
     def _extra_tokens(self) -> int:
-        return lookahead_tokens(
-            self.drafter is not None, self.beam_length, resolve_lookup(self.lookup, self.lookup_max)
-        )
+        return self.plan.lookahead(self.drafter is not None)
 
     def room(self, ids: list[int]) -> int | None:
         """How many tokens an answer to `ids` may have; None = unlimited."""
@@ -202,10 +205,7 @@ class ChatSession:
             top_p=self.top_p,
             top_k=self.top_k,
             seed=seed,
-            beam_width=self.beam_width,
-            beam_length=self.beam_length,
-            lookup=self.lookup,
-            lookup_max=self.lookup_max,
+            plan=self.plan,
             cache=self.cache,
             lookup_memory=self.lookup_memory,
             lookup_client=self.lookup_client,

@@ -10,18 +10,24 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 
 import mlx.core as mx
 
 from . import defaults
 from .accept import SamplingConfig
 from .cache import KVCache
-from .defaults import load_cost_curve
-from .distributed import shared_timings
 from .errors import GenerationError
 from .logprobs import LogprobRecorder, TokenLogprob
 from .lookup_memory import ClientMemory, LookupMemory
+from .plan import (
+    DEFAULT_LOOKUP,
+    DecodePlan,
+    lookahead_tokens,
+    resolve_beam,
+    resolve_lookup,
+    tree_policy,
+)
 from .prompts import eos_ids
 from .rounds import (
     DEFAULT_LOOKUP_VERSION,
@@ -38,18 +44,20 @@ from .rounds import (
     speculative_round,
     verify_tree,
 )
-from .rsd import DRAFT_CHOICES, default_draft_method
-from .sizing import TreePolicy, default_cost_curve
+from .rsd import DRAFT_CHOICES
+from .sizing import TreePolicy
 
 # Re-exported: the Python API and its users import these from here.
 __all__ = [
     "DEFAULT_LOOKUP",
     "DEFAULT_LOOKUP_VERSION",
     "PREFILL_CHUNK",
+    "DecodePlan",
     "DecodeStats",
     "GenerateOptions",
     "GenerationError",
     "GenerationResponse",
+    "OPTION_DEFAULTS",
     "LookupConfig",
     "SamplingConfig",
     "Speculation",
@@ -69,8 +77,6 @@ __all__ = [
     "tree_policy",
     "verify_tree",
 ]
-
-DEFAULT_LOOKUP = True
 
 
 @dataclass
@@ -162,6 +168,11 @@ class GenerateOptions:
         return cls(**options)
 
 
+# Each option's default, as one object: the CLI, ChatSession and the server's Engine read
+# theirs from here (a decoding setting left None is resolved by the DecodePlan).
+OPTION_DEFAULTS = GenerateOptions()
+
+
 @dataclass
 class _Run:
     """One generation, set up: the token generator and what its end needs."""
@@ -183,6 +194,7 @@ def stream_generate(
     drafter=None,
     *,
     cache: KVCache | None = None,
+    plan: DecodePlan | None = None,
     **options,
 ) -> Iterator[GenerationResponse]:
     """Generate from `prompt` (text or token ids), yielding one response per token.
@@ -214,9 +226,13 @@ def stream_generate(
     With a `lookup_memory`, lookup also copies from the earlier requests of `lookup_client`
     (one bounded corpus per client), and this request's prompt and output are remembered for
     its next ones; output is unchanged, only the speed is.
+
+    A `plan` (`DecodePlan.resolve(model, ...)`, built once for many calls) gives the beam
+    shape, lookup settings and verify-cost curve; beam_width, beam_length, lookup and
+    lookup_max then stay unset. Without one, a plan is resolved from them for this call.
     """
     opts = GenerateOptions.of(options)
-    run = _start(model, tokenizer, prompt, drafter, cache, opts)
+    run = _start(model, tokenizer, prompt, drafter, cache, opts, plan)
     text_out = _TextOut(tokenizer, opts.stop, opts.max_tokens)
     recorder, stats = run.sampling.logprobs, run.stats
     emitted: list[int] = []
@@ -249,7 +265,9 @@ def stream_generate(
         _finish(run, emitted)
 
 
-def _start(model, tokenizer, prompt, drafter, cache: KVCache | None, opts: GenerateOptions) -> _Run:
+def _start(
+    model, tokenizer, prompt, drafter, cache: KVCache | None, opts: GenerateOptions, plan=None
+) -> _Run:
     """Check the request, reuse or make the cache, and start the token generator."""
     recorder = None if opts.logprobs is None else LogprobRecorder(opts.logprobs)
     sampling = TokenChoice(opts.temperature, opts.top_p, opts.top_k, opts.constraint, recorder)
@@ -259,17 +277,14 @@ def _start(model, tokenizer, prompt, drafter, cache: KVCache | None, opts: Gener
     max_tokens = opts.max_tokens
     if max_tokens < 1:
         raise GenerationError(f"max_tokens must be >= 1, got {max_tokens}", param="max_tokens")
-    beam_width, beam_length = resolve_beam(model, opts.beam_width, opts.beam_length)
-    draft_method = opts.draft_method
-    if draft_method is None:
-        draft_method = default_draft_method(sampling, beam_width)
+    plan = _plan_for(model, opts, plan)
+    draft_method = plan.draft_method(sampling, opts.draft_method)
     if draft_method not in DRAFT_CHOICES:
         raise GenerationError(f"draft_method must be one of {DRAFT_CHOICES}, got {draft_method!r}")
-    look = resolve_lookup(opts.lookup, opts.lookup_max)
     ids = encode_prompt(tokenizer, prompt)
-    look = _fit_copies(model, look, len(ids), max_tokens, opts.lookup_max)
+    look = plan.fit_copies(model.context_length, len(ids), max_tokens)
     _check_fits(
-        model, len(ids), max_tokens, lookahead_tokens(drafter is not None, beam_length, look)
+        model, len(ids), max_tokens, lookahead_tokens(drafter is not None, plan.beam_length, look)
     )
     if opts.seed is not None:
         mx.random.seed(opts.seed)
@@ -284,12 +299,22 @@ def _start(model, tokenizer, prompt, drafter, cache: KVCache | None, opts: Gener
     if drafter is None and look is None:
         steps = plain_steps(model, cache, new_ids, sampling, stats)
         return _Run(ids, cache, steps, stats, sampling, drafted=False)
-    policy = tree_policy(model, memory) if look is not None else None
-    spec = Speculation(
-        drafter, (beam_width, beam_length), look, policy, draft_method, memory, opts.profile
-    )
+    policy = plan.tree_policy(model, memory) if look is not None else None
+    spec = Speculation(drafter, plan.beam, look, policy, draft_method, memory, opts.profile)
     steps = redrafter_steps(model, cache, new_ids, sampling, stats, spec, history=ids)
     return _Run(ids, cache, steps, stats, sampling, drafter is not None, memory, policy)
+
+
+def _plan_for(model, opts: GenerateOptions, plan: DecodePlan | None) -> DecodePlan:
+    """The given plan (with no decoding keywords beside it), else one resolved for this call."""
+    given = (opts.beam_width, opts.beam_length, opts.lookup, opts.lookup_max)
+    if plan is None:
+        return DecodePlan.resolve(model, *given)
+    if any(v is not None for v in given):
+        raise GenerationError(
+            "pass either plan= or beam_width/beam_length/lookup/lookup_max, not both"
+        )
+    return plan
 
 
 def _check_constraint(model, constraint) -> None:
@@ -313,18 +338,6 @@ def _finish(run: _Run, emitted: list[int]) -> None:
     # The cache holds every emitted token but the last (it would be fed next), or less
     # if a prefill was interrupted (Ctrl-C) before all of it was committed.
     cache.hold((list(ids) + emitted[:-1])[: cache.offset])
-
-
-def _fit_copies(model, look, prompt_tokens: int, max_tokens: int, lookup_max) -> LookupConfig:
-    """Near the end of the context, default-length copies shrink to the room left (at least
-    the 8 tokens of v1) rather than turning the request down; an explicit lookup_max stays."""
-    limit = model.context_length
-    if look is None or lookup_max is not None or not limit:
-        return look
-    room = limit - prompt_tokens - max_tokens - 1
-    if room >= look.max_tokens:
-        return look
-    return replace(look, max_tokens=max(min(8, look.max_tokens), room))
 
 
 def _check_fits(model, prompt_tokens: int, max_tokens: int, lookahead: int) -> None:
@@ -362,56 +375,6 @@ class _TextOut:
             detok.finalize()
             return text + matcher.feed(detok.last_segment)[0] + matcher.flush(), "length"
         return text, None
-
-
-def resolve_beam(model, beam_width: int | None, beam_length: int | None) -> tuple[int, int]:
-    """The drafter's beam shape for `model` (see defaults.resolve_beam), as GenerationError."""
-    try:
-        return defaults.resolve_beam(getattr(model, "source_path", None), beam_width, beam_length)
-    except ValueError as e:
-        raise GenerationError(str(e)) from None
-
-
-def lookahead_tokens(with_drafter: bool, beam_length: int, lookup: LookupConfig | None) -> int:
-    """Cache room a round may write past the context: the deepest tree it can verify."""
-    extra = 1
-    if with_drafter:
-        extra = max(extra, beam_length)
-    if lookup is not None:
-        extra = max(extra, lookup.max_tokens + 1)
-    return extra
-
-
-def resolve_lookup(
-    lookup: bool | LookupConfig | None, lookup_max: int | None
-) -> LookupConfig | None:
-    """Context lookup settings, or None when it is off (default: on, version 2)."""
-    if isinstance(lookup, LookupConfig):
-        lookup.validate()
-        return lookup
-    if lookup is None:
-        lookup = DEFAULT_LOOKUP
-    if not lookup:
-        return None
-    config = LookupConfig() if lookup_max is None else LookupConfig(max_tokens=lookup_max)
-    config.validate()
-    return config
-
-
-def tree_policy(model, memory: ClientMemory | None = None) -> TreePolicy:
-    """Tree sizing for this model on this device: the verify-cost curve `tune` stored for it,
-    else the default curve of the device type; with a client's `memory`, starting from what
-    its earlier requests learnt about copies from that memory."""
-    curve = load_cost_curve(getattr(model, "source_path", None))
-    if curve is None:
-        curve = default_cost_curve("gpu" if mx.default_device().type == mx.gpu else "cpu")
-    policy = TreePolicy(curve)
-    group = getattr(model, "shard_group", None)
-    if group is not None:  # split over ranks: every rank sizes the same tree
-        policy.share_timings = shared_timings(group)
-    if memory is not None:
-        policy.calibration.absorb(memory.calibration)
-    return policy
 
 
 def _reuse_cache(cache: KVCache, ids: list[int]) -> list[int]:

@@ -429,3 +429,26 @@ def test_lookup_history_file(tiny, tmp_path):
     proc = run_cli(args, env=env, input="hello again\n")  # off by default: the file stays
     assert proc.returncode == 0 and saved.stat().st_size > 0
     assert __import__("json").loads(saved.read_text())["documents"] == documents
+
+
+def test_a_session_with_a_plan_answers_as_one_with_keywords_and_reads_no_store(
+    loaded, monkeypatch
+):
+    from mlx_redrafter import defaults
+    from mlx_redrafter.errors import GenerationError
+    from mlx_redrafter.plan import DecodePlan
+
+    model, tokenizer, drafter = loaded
+    plan = DecodePlan.resolve(model, beam_width=2, beam_length=3)
+    keywords = ChatSession(model, tokenizer, drafter, max_tokens=10, beam_width=2, beam_length=3)
+    want = [r.token for r in keywords.send("Hello there")]
+
+    def no_store(*args, **kwargs):
+        raise AssertionError("the decode path read tuned.json")
+
+    monkeypatch.setattr(defaults, "_entry", no_store)
+    session = ChatSession(model, tokenizer, drafter, max_tokens=10, plan=plan)
+    assert (session.beam_width, session.beam_length) == (2, 3)
+    assert [r.token for r in session.send("Hello there")] == want
+    with pytest.raises(GenerationError, match="plan= or"):
+        ChatSession(model, tokenizer, drafter, plan=plan, lookup=False)

@@ -38,12 +38,13 @@ from mlx_redrafter.cli.common import (
     text_option,
     warn_plain_text,
 )
-from mlx_redrafter.defaults import DEFAULT_MAX_TOKENS, home_dir
+from mlx_redrafter.defaults import home_dir
 from mlx_redrafter.distributed import is_leader, world_size
 from mlx_redrafter.env import device_name
 from mlx_redrafter.errors import ContextFullError, GenerationError, NotTextError
-from mlx_redrafter.generation import resolve_lookup
+from mlx_redrafter.generation import OPTION_DEFAULTS
 from mlx_redrafter.lookup_memory import DEFAULT_MEMORY_TOKENS, LookupMemory
+from mlx_redrafter.plan import DEFAULT_LOOKUP
 
 
 @friendly_errors
@@ -53,16 +54,16 @@ def chat(
     no_drafter: NoDrafter = False,
     beam_width: BeamWidth = None,
     beam_length: BeamLength = None,
-    lookup: Lookup = True,
+    lookup: Lookup = DEFAULT_LOOKUP,
     lookup_max: LookupMax = None,
-    temp: Temp = 0.0,
-    top_p: TopP = 1.0,
-    top_k: TopK = 0,
+    temp: Temp = OPTION_DEFAULTS.temperature,
+    top_p: TopP = OPTION_DEFAULTS.top_p,
+    top_k: TopK = OPTION_DEFAULTS.top_k,
     seed: Seed = None,
     system: System = None,
     max_tokens: Annotated[
         int, typer.Option("--max-tokens", "-n", help="Most tokens per answer.")
-    ] = DEFAULT_MAX_TOKENS,
+    ] = OPTION_DEFAULTS.max_tokens,
     dtype: Dtype = None,
     lookup_history: Annotated[
         bool,
@@ -91,10 +92,7 @@ def chat(
         top_p=top_p,
         top_k=top_k,
         seed=seed,
-        beam_width=loaded.beam_width,
-        beam_length=loaded.beam_length,
-        lookup=lookup,
-        lookup_max=lookup_max,
+        plan=loaded.plan,
     )
     history = None
     if lookup_history and lookup:
@@ -200,7 +198,7 @@ def stats_report(session: ChatSession) -> str:
             f"{s.decode_tps:.1f} tok/s decode; {last.prompt_tokens} prompt tokens prefilled "
             f"at {s.prefill_tps:.0f} tok/s"
         )
-        looked = resolve_lookup(session.lookup, session.lookup_max) is not None
+        looked = session.plan.lookup is not None
         if session.drafter is not None or looked:
             how = ["context lookup"] if looked else []
             if session.drafter is not None:

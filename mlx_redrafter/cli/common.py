@@ -22,13 +22,13 @@ from mlx_redrafter.defaults import (
     DEFAULT_MODEL_NAME,
     check_beam,
     default_drafter_dir,
-    resolve_beam,
 )
 from mlx_redrafter.drafter import load_drafter
 from mlx_redrafter.errors import RedrafterError
 from mlx_redrafter.fingerprint import model_fingerprint, same_model
-from mlx_redrafter.generation import LookupConfig, resolve_lookup
+from mlx_redrafter.generation import LookupConfig
 from mlx_redrafter.loading import load, resolve_model_path
+from mlx_redrafter.plan import DecodePlan
 from mlx_redrafter.prompts import has_template
 
 # ---------------------------------------------------------------------------------------------
@@ -201,9 +201,19 @@ class Loaded:
     tokenizer: Any
     drafter_path: str | None
     draft: Any  # the Drafter, or None
-    beam_width: int
-    beam_length: int
-    lookup: LookupConfig | None  # None: context lookup is off
+    plan: DecodePlan  # the decoding settings, resolved once (beam shape, lookup, cost curve)
+
+    @property
+    def beam_width(self) -> int:
+        return self.plan.beam_width
+
+    @property
+    def beam_length(self) -> int:
+        return self.plan.beam_length
+
+    @property
+    def lookup(self) -> LookupConfig | None:  # None: context lookup is off
+        return self.plan.lookup
 
 
 def resolve_drafter(model: str | None, drafter: str | None, no_drafter: bool) -> str | None:
@@ -260,8 +270,9 @@ def load_for(
     lookup_max: int | None = None,
 ) -> Loaded:
     """Resolve and load the model (`--model`, `--dtype`) and its drafter (`--drafter`, else the
-    shipped one for the default model; none with `--no-drafter`), then the beam shape (each
-    given value, else the tuned shape, else the default) and the context lookup settings."""
+    shipped one for the default model; none with `--no-drafter`), then the decode plan: the
+    beam shape (each given value, else the tuned shape, else the default), the context lookup
+    settings and the verify-cost curve."""
     model_path = resolve_model_path(model)
     group = distributed.group()  # under mlx.launch: each rank keeps its share of the blocks
     if group is not None:
@@ -275,14 +286,6 @@ def load_for(
         note = shipped_drafter_note(model, base)
         if note:
             typer.secho(note, fg=typer.colors.YELLOW, err=True)
-    width, length = resolve_beam(model_path, beam_width, beam_length)
-    return Loaded(
-        model_path,
-        base,
-        tokenizer,
-        drafter_path,
-        draft,
-        width,
-        length,
-        resolve_lookup(lookup, lookup_max),
-    )
+    # On every rank the plan reads the same tuned settings: share_tuned stored rank 0's above.
+    plan = DecodePlan.resolve(model_path, beam_width, beam_length, lookup, lookup_max)
+    return Loaded(model_path, base, tokenizer, drafter_path, draft, plan)

@@ -34,11 +34,11 @@ from mlx_redrafter.cli.common import (
     warn_plain_text,
 )
 from mlx_redrafter.constrain import JsonGrammar
-from mlx_redrafter.defaults import DEFAULT_MAX_TOKENS
 from mlx_redrafter.distributed import is_leader
 from mlx_redrafter.env import compute_dtype, device_name, dtype_name
 from mlx_redrafter.errors import ConstraintError, read_json_object
-from mlx_redrafter.generation import DecodeStats, stream_generate
+from mlx_redrafter.generation import OPTION_DEFAULTS, DecodeStats, stream_generate
+from mlx_redrafter.plan import DEFAULT_LOOKUP
 from mlx_redrafter.prompts import encode_chat
 
 
@@ -50,14 +50,14 @@ def generate(
     no_drafter: NoDrafter = False,
     max_tokens: Annotated[
         int, typer.Option("--max-tokens", "-n", help="Most new tokens.")
-    ] = DEFAULT_MAX_TOKENS,
-    temp: Temp = 0.0,
-    top_p: TopP = 1.0,
-    top_k: TopK = 0,
+    ] = OPTION_DEFAULTS.max_tokens,
+    temp: Temp = OPTION_DEFAULTS.temperature,
+    top_p: TopP = OPTION_DEFAULTS.top_p,
+    top_k: TopK = OPTION_DEFAULTS.top_k,
     seed: Seed = None,
     beam_width: BeamWidth = None,
     beam_length: BeamLength = None,
-    lookup: Lookup = True,
+    lookup: Lookup = DEFAULT_LOOKUP,
     lookup_max: LookupMax = None,
     system: System = None,
     raw: Annotated[bool, typer.Option("--raw", help="Do not apply the chat template.")] = False,
@@ -110,10 +110,7 @@ def generate(
         top_p=top_p,
         top_k=top_k,
         seed=seed,
-        beam_width=loaded.beam_width,
-        beam_length=loaded.beam_length,
-        lookup=lookup,
-        lookup_max=lookup_max,
+        plan=loaded.plan,
         stop=stop or (),
         profile=json_out,  # the verify forward evaluated on its own: exact time split
         constraint=constraint,

@@ -25,10 +25,10 @@ from mlx_redrafter.cli.common import (
     friendly_errors,
     load_for,
 )
-from mlx_redrafter.defaults import DEFAULT_MAX_TOKENS, resolve_beam
 from mlx_redrafter.env import device_name
-from mlx_redrafter.generation import SamplingConfig
+from mlx_redrafter.generation import OPTION_DEFAULTS, SamplingConfig
 from mlx_redrafter.lookup_memory import DEFAULT_MAX_CLIENTS, DEFAULT_MEMORY_TOKENS, LookupMemory
+from mlx_redrafter.plan import DecodePlan
 
 
 @friendly_errors
@@ -64,15 +64,17 @@ def serve(
     ] = True,
     temp: Annotated[
         float, typer.Option("--temp", help="Temperature when a request gives none.")
-    ] = 0.0,
-    top_p: Annotated[float, typer.Option("--top-p", help="top_p when a request gives none.")] = 1.0,
+    ] = OPTION_DEFAULTS.temperature,
+    top_p: Annotated[
+        float, typer.Option("--top-p", help="top_p when a request gives none.")
+    ] = OPTION_DEFAULTS.top_p,
     top_k: Annotated[
         int, typer.Option("--top-k", help="top_k when a request gives none (0 = off).")
-    ] = 0,
+    ] = OPTION_DEFAULTS.top_k,
     max_tokens: Annotated[
         int,
         typer.Option("--max-tokens", "-n", help="Answer length when a chat request gives none."),
-    ] = DEFAULT_MAX_TOKENS,
+    ] = OPTION_DEFAULTS.max_tokens,
     max_queue: Annotated[
         int, typer.Option("--max-queue", help="Requests that may wait (then 503).")
     ] = 64,
@@ -147,8 +149,7 @@ def serve(
     group = distributed.group()  # under mlx.launch: rank 0 serves, the others follow it
     # Fail before the model loads if the port is taken.
     sock = bind(host, port) if distributed.is_leader() else None
-    # The beam shape goes to the engine as given: each request resolves it (and only one
-    # with a drafter needs it), so it is not resolved here.
+    # The decoding options go to the engine as given: it resolves its plan from them.
     loaded = load_for(model, dtype, drafter, no_drafter, lookup=lookup, lookup_max=lookup_max)
     options = {
         "beam_width": beam_width,
@@ -177,7 +178,7 @@ def serve(
     if group is not None:
         distributed.lead(engine, group)
     _log_requests()
-    how = _decoding_summary(loaded, beam_width, beam_length)
+    how = _decoding_summary(loaded, engine.plan)
     url = url_of(sock)
 
     locked = f"{len(keys)} API key{'s' * (len(keys) != 1)}" if keys else "no API key"
@@ -223,13 +224,12 @@ def _log_requests() -> None:
     server_log.propagate = False
 
 
-def _decoding_summary(loaded: Loaded, beam_width: int | None, beam_length: int | None) -> str:
-    """'ReDrafter W=1 L=3 (drafter) + lookup (up to 8 tokens)' as stream_generate will
-    resolve it."""
+def _decoding_summary(loaded: Loaded, plan: DecodePlan) -> str:
+    """'ReDrafter W=1 L=3 (drafter) + lookup (up to 8 tokens)': the engine's decode plan."""
     parts = []
     if loaded.draft is not None:
-        w, length = resolve_beam(loaded.model_path, beam_width, beam_length)
+        w, length = plan.beam
         parts.append(f"ReDrafter W={w} L={length} ({Path(loaded.drafter_path).name})")
-    if loaded.lookup is not None:
-        parts.append(f"lookup (up to {loaded.lookup.max_tokens} tokens)")
+    if plan.lookup is not None:
+        parts.append(f"lookup (up to {plan.lookup.max_tokens} tokens)")
     return " + ".join(parts) or "plain decoding"

@@ -22,18 +22,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..defaults import DEFAULT_MAX_TOKENS
-from ..generation import GenerateOptions, GenerationError, stream_generate
+from ..generation import OPTION_DEFAULTS, GenerateOptions, GenerationError, stream_generate
+from ..plan import DecodePlan
 from .caches import PromptCaches
 from .protocol import APIError, QueueFullError, ShuttingDownError
 
 log = logging.getLogger("mlx_redrafter.server")
 
-# Options of `stream_generate` that shape decoding rather than one request (set at start-up).
+# Options of `stream_generate` that shape decoding rather than one request (set at start-up):
+# all but lookup_memory become the engine's DecodePlan.
 DECODE_OPTIONS = ("beam_width", "beam_length", "lookup", "lookup_max", "lookup_memory")
-# Context kept free past max_tokens when a request gives none: a speculative round may write
-# up to its beam length (and lookup candidates) past the last accepted token.
-HEADROOM = 16
+PLAN_OPTIONS = ("beam_width", "beam_length", "lookup", "lookup_max")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,8 +166,9 @@ class Engine:
     """The model, the drafter and the worker thread that runs requests one at a time.
 
     Requests wait in a FIFO queue of at most `max_queue`; `submit` refuses more with
-    QueueFullError. `decode_options` are passed to every generation call as they are (only
-    the options the user set, so the library's defaults apply to the others). `generate` is
+    QueueFullError. `decode_options` (only the options the user set, so the library's defaults
+    apply to the others) are resolved once into the engine's `plan`, which every generation
+    call gets; a lookup memory is passed as it is. `generate` is
     the generation function (`stream_generate`; tests pass a scripted one).
     """
 
@@ -195,9 +195,10 @@ class Engine:
                 raise ValueError(f"stream_generate has no decoding option {name!r}")
         if max_queue < 1:
             raise ValueError(f"max_queue must be >= 1, got {max_queue}")
-        self.defaults = {
-            "max_tokens": DEFAULT_MAX_TOKENS, "temperature": 0.0, "top_p": 1.0, "top_k": 0
-        }  # fmt: skip
+        self.defaults = {  # the library's defaults, the same objects
+            name: getattr(OPTION_DEFAULTS, name)
+            for name in ("max_tokens", "temperature", "top_p", "top_k")
+        }
         self.defaults.update(defaults or {})
         if self.defaults["max_tokens"] < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.defaults['max_tokens']}")
@@ -207,12 +208,13 @@ class Engine:
         self.model_name = model_name
         self.aliases = {model_name, *aliases}
         self.drafter_name = drafter_name
-        self.decode_options = options
+        # The decoding settings, resolved once: every request decodes with this plan.
+        self.plan = DecodePlan.resolve(model, **{k: options.pop(k, None) for k in PLAN_OPTIONS})
+        self.decode_options = options  # what is left: lookup_memory
         self.generate = generate
-        # Context kept free past the default max_tokens for the longest speculative round.
-        self.headroom = max(
-            HEADROOM, options.get("beam_length") or 0, (options.get("lookup_max") or 0) + 1
-        )
+        # Context kept free past max_tokens: the deepest tree a round may verify at the end
+        # of the context (a speculative round writes past the last accepted token).
+        self.headroom = self.plan.headroom(drafter is not None)
         self.max_queue = max_queue
         # Why grammar-constrained output cannot be served here (None: it can); for a set-up
         # whose other workers could not follow a constraint (a model split over ranks).
@@ -339,7 +341,7 @@ class Engine:
             # drafts may copy from its own client's earlier requests only.
             extra["lookup_client"] = job.owner
         stream = self.generate(
-            self.model, self.tokenizer, job.ids, self.drafter, cache=cache,
+            self.model, self.tokenizer, job.ids, self.drafter, cache=cache, plan=self.plan,
             **self.decode_options, **job.options, **extra,
         )  # fmt: skip
         last = None
