@@ -300,6 +300,8 @@ def _start(
         steps = plain_steps(model, cache, new_ids, sampling, stats)
         return _Run(ids, cache, steps, stats, sampling, drafted=False)
     policy = plan.tree_policy(model, memory) if look is not None else None
+    if policy is not None and opts.seed is not None:
+        policy.learn_costs = False  # seeded: the same trees, so the same draws, on any machine
     spec = Speculation(drafter, plan.beam, look, policy, draft_method, memory, opts.profile)
     steps = redrafter_steps(model, cache, new_ids, sampling, stats, spec, history=ids)
     return _Run(ids, cache, steps, stats, sampling, drafter is not None, memory, policy)

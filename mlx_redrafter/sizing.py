@@ -298,6 +298,10 @@ class TreePolicy:
         # (draft_time, verify_time) -> the same on every rank of a model split over several
         # (distributed.shared_timings); None on one machine.
         self.share_timings = None
+        # False: keep draft_cost as given instead of learning it from round timings, so the
+        # trees, and with them a seeded sampled run's draws, do not depend on the machine's
+        # timing (a run with a seed repeats itself).
+        self.learn_costs = True
         self.calibration = Calibration()
         # EMA of the drafter's raw conditional estimates along its best beam, per depth: what
         # a drafter round typically brings, for deciding whether to run it (`want_drafter`)
@@ -417,6 +421,8 @@ class TreePolicy:
         """Learn the drafter's cost in plain steps from one round's timings: the median of the
         last DRAFT_COST_WINDOW rounds' ratios, so that one round slowed down by anything else
         on the machine (a shared CPU's verify times swing 2x) does not move it."""
+        if not self.learn_costs:
+            return
         if self.share_timings is not None:
             draft_time, verify_time = self.share_timings(draft_time, verify_time)
         if draft_time <= 0 or verify_time <= 0:

@@ -431,9 +431,7 @@ def test_lookup_history_file(tiny, tmp_path):
     assert __import__("json").loads(saved.read_text())["documents"] == documents
 
 
-def test_a_session_with_a_plan_answers_as_one_with_keywords_and_reads_no_store(
-    loaded, monkeypatch
-):
+def test_a_session_with_a_plan_answers_as_one_with_keywords_and_reads_no_store(loaded, monkeypatch):
     from mlx_redrafter import defaults
     from mlx_redrafter.errors import GenerationError
     from mlx_redrafter.plan import DecodePlan

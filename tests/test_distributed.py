@@ -92,6 +92,7 @@ def decode_all() -> dict:
             "plain": run(None, max_tokens=14, lookup=False),
             "speculative": run(drafter, max_tokens=14, beam_width=2, beam_length=3),
             "sampled": run(drafter, max_tokens=14, temperature=0.9, seed=11, beam_width=2),
+            "sampled-plain": run(None, max_tokens=14, temperature=0.9, seed=11, lookup=False),
         }
     return out
 
@@ -219,7 +220,7 @@ def test_two_ranks_decode_like_one(tmp_path):
     single = decode_all()
     assert ranks[0] == ranks[1]
     for name in VARIANTS:
-        for how in ("plain", "speculative", "sampled"):
+        for how in ("plain", "speculative", "sampled", "sampled-plain"):
             assert ranks[0][name][how] == single[name][how], (name, how)
         assert single[name]["speculative"] == single[name]["plain"], name
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
 
 import mlx.core as mx
 import numpy as np
@@ -16,6 +17,7 @@ from helpers import (
     tiny_llama_config,
 )
 
+from mlx_redrafter import rounds
 from mlx_redrafter.accept import (
     SamplingConfig,
     process_logits,
@@ -623,3 +625,25 @@ def test_the_cache_owns_its_tokens():
     assert cache.tokens == prompt[:3] and cache.offset == 3
     cache.reset()
     assert cache.tokens == [] and cache.offset == 0
+
+
+def test_a_seeded_sampled_run_repeats_itself_whatever_the_timings(monkeypatch):
+    """The tree policy learns the drafter's cost from round timings; with a seed it does not,
+    so the trees, and so the draws, are the same on a slower machine (or a busier moment)."""
+    model = tiny_model(seed=5)
+    drafter = init_drafter(model, seed=2)
+    prompt = [3, 4, 5, 3, 4, 5, 6, 3, 4, 5, 7, 3, 4]
+
+    def run():
+        kw = dict(max_tokens=40, temperature=1.0, seed=7, beam_width=1, beam_length=3)
+        return [r.token for r in stream_generate(model, FakeTokenizer(), prompt, drafter, **kw)]
+
+    first = run()
+    draft = rounds.draft_beams
+
+    def slow_draft_beams(*args, **kwargs):
+        time.sleep(0.03)  # the drafter now costs several plain steps
+        return draft(*args, **kwargs)
+
+    monkeypatch.setattr(rounds, "draft_beams", slow_draft_beams)
+    assert run() == first

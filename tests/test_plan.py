@@ -91,9 +91,7 @@ def test_bad_settings_fail_when_the_plan_is_built():
         ({"lookup": False, "beam_length": 5}, False, 1),  # plain decoding
     ],
 )
-def test_headroom_is_the_lookahead_a_request_at_the_context_end_needs(
-    settings, with_drafter, want
-):
+def test_headroom_is_the_lookahead_a_request_at_the_context_end_needs(settings, with_drafter, want):
     model = tiny_model(8)  # 1024 positions
     plan = DecodePlan.resolve(model, **settings)
     assert plan.headroom(with_drafter) == want
