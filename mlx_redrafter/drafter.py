@@ -52,6 +52,10 @@ class DrafterArgs:
     # Ours: base blocks whose (RMS-normalised) outputs the context also reads, fused with the
     # last post-norm state by a learned projection. None: the last state only (Apple's).
     feature_layers: list[int] | None = None
+    # Ours (drafter v3), off in Apple's layout: the recurrence also reads the (fused) context
+    # (rnn_c), and a sigmoid gate mixes the new state with the old one (rnn_gate_*).
+    rnn_context: bool = False
+    rnn_gate: bool = False
 
     def __post_init__(self):
         if self.model_type != MODEL_TYPE:
@@ -77,6 +81,8 @@ class DrafterArgs:
             if len(set(ids)) != len(ids):
                 raise DrafterError("draft_vocab_ids has duplicate ids")
             self.draft_vocab_ids = ids
+        if (self.rnn_context or self.rnn_gate) and not self.rnn:
+            raise DrafterError("rnn_context and rnn_gate need the recurrent cell (rnn: true)")
         if self.feature_layers is not None:
             layers = [int(i) for i in self.feature_layers]
             if not layers or min(layers) < 0 or len(set(layers)) != len(layers):
@@ -115,6 +121,9 @@ class DrafterArgs:
             out["quantization"] = dict(self.quantization)
         if self.feature_layers is not None:
             out["feature_layers"] = list(self.feature_layers)
+        for flag in ("rnn_context", "rnn_gate"):
+            if getattr(self, flag):
+                out[flag] = True
         if self.draft_vocab_ids is not None:
             out["draft_vocab_ids"] = list(self.draft_vocab_ids)
         return out
@@ -151,6 +160,11 @@ class Drafter(nn.Module):
         if args.rnn:
             self.rnn_u = nn.Linear(h, h)  # on the state; carries the bias
             self.rnn_w = nn.Linear(h, h, bias=False)  # on the embedding
+        if args.rnn_context:
+            self.rnn_c = nn.Linear(h, h, bias=False)  # on the fused context
+        if args.rnn_gate:
+            self.rnn_gate_u = nn.Linear(h, h)
+            self.rnn_gate_w = nn.Linear(h, h, bias=False)
         if args.emb_norm:
             # Only so that checkpoints from Apple's internal trainer load; never applied.
             self.emb_norm = nn.RMSNorm(h, eps=args.rms_norm_eps)
@@ -245,20 +259,39 @@ class Drafter(nn.Module):
         """s_0 = 0, shape (n, h)."""
         return mx.zeros((n, self.args.hidden_size), dtype=self.dtype)
 
-    def next_state(self, state: mx.array, embeddings: mx.array) -> mx.array:
-        """s_t from s_{t-1} and E[x_{t-1}] (both (..., h))."""
+    def fused(self, context: mx.array) -> mx.array:
+        """The context (..., context_size) as the head and the recurrence read it (..., h)."""
+        context = context.astype(self.dtype)
+        return self.fuse(context) if "fuse" in self else context
+
+    def context_term(self, context: mx.array) -> mx.array | None:
+        """What the context adds to every recurrence step (rnn_context drafters; else None),
+        computed once per draft and passed to next_state."""
+        return self.rnn_c(self.fused(context)) if self.args.rnn_context else None
+
+    def next_state(
+        self, state: mx.array, embeddings: mx.array, context_term: mx.array | None = None
+    ) -> mx.array:
+        """s_t from s_{t-1} and E[x_{t-1}] (both (..., h)); `context_term` is
+        context_term(c) for an rnn_context drafter (broadcast to the state)."""
         embeddings = embeddings.astype(state.dtype)
-        if self.args.rnn:
-            return nn.silu(self.rnn_w(embeddings) + self.rnn_u(state))
-        return state + embeddings
+        if not self.args.rnn:
+            return state + embeddings
+        pre = self.rnn_w(embeddings) + self.rnn_u(state)
+        if self.args.rnn_context:
+            if context_term is None:
+                raise DrafterError("this drafter's recurrence reads the context: pass context_term")
+            pre = pre + context_term
+        new = nn.silu(pre)
+        if not self.args.rnn_gate:
+            return new
+        gate = mx.sigmoid(self.rnn_gate_w(embeddings) + self.rnn_gate_u(state))
+        return state + gate * (new - state)
 
     def head(self, context: mx.array, state: mx.array) -> mx.array:
         """Logits (..., V or K) from the context c (..., context_size; broadcast to the
         state) and s_t. A multi-layer context is first fused to h."""
-        context = context.astype(state.dtype)
-        if "fuse" in self:
-            context = self.fuse(context)
-        context = mx.broadcast_to(context, state.shape)
+        context = mx.broadcast_to(self.fused(context).astype(state.dtype), state.shape)
         z = mx.concatenate([context, state], axis=-1)  # (..., 2h), context first
         if "input_proj" in self:
             z = self.input_proj(z)
@@ -306,7 +339,7 @@ def _top_k_mask(logits: mx.array, k: int) -> mx.array:
 def _beam_step(drafter: Drafter, width: int, top_k: int | None, context, state, emb, scores):
     """One draft step for n live beams: (context (1,h), state (n,h), emb (n,h), scores (n,))
     -> (state (W,h), scores (W,), parent (W,), head index (W,))."""
-    state = drafter.next_state(state, emb)  # (n, h)
+    state = drafter.next_state(state, emb, drafter.context_term(context))  # (n, h)
     logits = drafter.head(context, state).astype(mx.float32)  # (n, K)
     if top_k is not None:
         logits = _top_k_mask(logits, top_k)
@@ -399,6 +432,8 @@ def init_drafter(
     draft_vocab_ids=None,
     dtype: mx.Dtype | None = None,
     feature_layers=None,
+    rnn_context: bool = False,
+    rnn_gate: bool = False,
 ) -> Drafter:
     """A randomly initialised drafter for `base_model`, reproducible from `seed`.
 
@@ -417,6 +452,8 @@ def init_drafter(
         rnn=rnn,
         draft_vocab_ids=draft_vocab_ids,
         feature_layers=list(feature_layers) if feature_layers else None,
+        rnn_context=rnn_context,
+        rnn_gate=rnn_gate,
     )
     if args.feature_layers:
         base_model.check_features(args.feature_layers)
@@ -444,6 +481,8 @@ def init_drafter(
     if args.rnn:
         # uniform(+-sqrt(3/h)) / rms: rnn_w(E[x]) ~ unit variance.
         params["rnn_w.weight"] = params["rnn_w.weight"] * (3**0.5 * inv_rms)
+        if args.rnn_gate:
+            params["rnn_gate_w.weight"] = params["rnn_gate_w.weight"] * (3**0.5 * inv_rms)
     else:
         # The state is a sum of raw embeddings; scale the first layer's state columns instead.
         first = "input_proj" if "input_proj" in drafter else "lm_head.0.linear"

@@ -55,6 +55,11 @@ def check_exportable(drafter: Drafter, where: str) -> None:
         )
     if args.emb_norm:
         raise ConvertError(f"{where}: TensorRT-LLM's ReDrafter has no embedding norm (emb_norm)")
+    if args.rnn_context or args.rnn_gate:
+        raise ConvertError(
+            f"{where}: this drafter's recurrence reads the context or is gated (rnn_context, "
+            "rnn_gate); TensorRT-LLM's ReDrafter has the plain cell only"
+        )
 
 
 def _dense(layer: nn.Module) -> tuple[mx.array, mx.array | None]:

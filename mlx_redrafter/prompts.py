@@ -3,7 +3,8 @@ encoding and the end-of-sequence ids. Training, the benchmark, the CLI, the chat
 the server all take their prompts and their chat encoding from here.
 
 A prompt file is a JSON array (Alpaca's `alpaca_data.json`) or JSON Lines (MT-Bench's
-`question.jsonl`). A record is a string, or an object with `turns` (the first is the prompt,
+`question.jsonl`). A record is a string, or an object with `messages` (a conversation of
+{role, content} objects ending in the user turn to answer), `turns` (the first is the prompt,
 the second an optional follow-up), `prompt`, `text`, or `instruction` with an optional `input`
 (Alpaca; the instruction and input are joined by a blank line). An `output` or `answer` string
 is kept as the record's own answer (the `dataset` training target reads it).
@@ -25,11 +26,13 @@ MT_BENCH_2 = "mt-bench-2"  # second turns, after the model's own greedy first an
 DOC_PROMPTS = "doc-prompts"  # prompts that carry a document (Alpaca items with an input)
 EDIT = "edit"  # a standard-library function + an edit instruction; the answer is the whole
 AGENT = "agent"  # multi-turn agent loops: tool outputs fed back, answers that quote them
+KINDS = "kinds"  # the drafter's evaluation set: many kinds, held out of the training mix
 MT_BENCH_FILE = DATA_DIR / "mt_bench" / "question.jsonl"
 DOC_PROMPTS_FILE = DATA_DIR / "doc_prompts" / "prompts.jsonl"
 EDIT_FILE = DATA_DIR / "edit_prompts" / "prompts.jsonl"
 AGENT_FILE = DATA_DIR / "agent_prompts" / "prompts.jsonl"
-SOURCES = (MT_BENCH, MT_BENCH_2, DOC_PROMPTS, EDIT, AGENT)
+KINDS_FILE = DATA_DIR / "kinds_eval" / "prompts.jsonl"
+SOURCES = (MT_BENCH, MT_BENCH_2, DOC_PROMPTS, EDIT, AGENT, KINDS)
 
 
 @dataclass
@@ -41,6 +44,11 @@ class Prompt:
     source: str | None = None  # one of SOURCES or the file's name
     answer: str | None = None  # the file's own answer (Alpaca `output`), if any
     turns: tuple[str, ...] = ()  # every user turn the record holds
+    history: tuple[dict, ...] = ()  # earlier messages ({role, content}) answered in the file
+
+    def messages(self) -> list[dict]:
+        """The conversation to answer: the file's earlier messages, then this prompt."""
+        return [*self.history, {"role": "user", "content": self.text}]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -54,8 +62,16 @@ def _record(record: Any, where: str, index: int) -> Prompt:
         raise PromptError(f"{where} is a {type(record).__name__}, expected an object or a string")
     pid = str(record.get("question_id", record.get("id", index)))
     category = record.get("category") if isinstance(record.get("category"), str) else None
+    prompt = _fields(record, where, pid, category)
+    prompt.source = record.get("source") if isinstance(record.get("source"), str) else None
+    return prompt
+
+
+def _fields(record: dict, where: str, pid: str, category: str | None) -> Prompt:
     answer = record.get("output", record.get("answer"))
     answer = answer if isinstance(answer, str) else None
+    if "messages" in record:
+        return _messages_record(record["messages"], where, pid, category, answer)
     if "turns" in record:
         turns = record["turns"]
         if not isinstance(turns, list) or not turns or not all(isinstance(t, str) for t in turns):
@@ -76,6 +92,29 @@ def _record(record: Any, where: str, index: int) -> Prompt:
         f"{where} has none of 'turns', 'prompt', 'text' or 'instruction' "
         f"(keys: {', '.join(sorted(record)) or 'none'})"
     )
+
+
+def _messages_record(messages, where: str, pid: str, category, answer) -> Prompt:
+    """A conversation ({role, content} objects) that ends in the user turn to answer."""
+    ok = (
+        isinstance(messages, list)
+        and messages
+        and all(
+            isinstance(m, dict)
+            and m.get("role") in ("system", "user", "assistant")
+            and isinstance(m.get("content"), str)
+            for m in messages
+        )
+    )
+    if not ok or messages[-1]["role"] != "user":
+        raise PromptError(
+            f"{where} has 'messages' but not a list of {{role, content}} objects "
+            "ending in a user turn"
+        )
+    last = messages[-1]["content"]
+    users = tuple(m["content"] for m in messages if m["role"] == "user")
+    history = tuple({"role": m["role"], "content": m["content"]} for m in messages[:-1])
+    return Prompt(pid, last, category, answer=answer, turns=users, history=history)
 
 
 def read_prompts(path: str | os.PathLike, num_prompts: int | None = None) -> list[Prompt]:
@@ -128,7 +167,7 @@ def load_prompts(
     `mt-bench-2` (second turns; the first turn is in `before`, to be answered by the model),
     `doc-prompts` (document-carrying prompts shipped with the package), `edit` (a function
     and an edit instruction), `agent` (the last turn of an agent loop; the earlier turns are in
-    `before`) or a prompt file.
+    `before`), `kinds` (the drafter's evaluation set of many kinds) or a prompt file.
     `num_prompts` applies to each source; `per_category` keeps the first K of each category."""
     if per_category is not None:
         if per_category < 1:
@@ -155,8 +194,13 @@ def load_prompts(
             Prompt(p.id, p.turns[-1], p.category, p.turns[:-1])
             for p in read_prompts(AGENT_FILE, num_prompts)
         ]
-    elif source in (MT_BENCH, DOC_PROMPTS, EDIT):
-        files = {MT_BENCH: MT_BENCH_FILE, DOC_PROMPTS: DOC_PROMPTS_FILE, EDIT: EDIT_FILE}
+    elif source in (MT_BENCH, DOC_PROMPTS, EDIT, KINDS):
+        files = {
+            MT_BENCH: MT_BENCH_FILE,
+            DOC_PROMPTS: DOC_PROMPTS_FILE,
+            EDIT: EDIT_FILE,
+            KINDS: KINDS_FILE,
+        }
         prompts = read_prompts(files[source], num_prompts)
     else:
         prompts = read_prompts(source, num_prompts)

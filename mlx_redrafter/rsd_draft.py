@@ -54,13 +54,15 @@ class RecurrentStep:
         self.drafter = drafter
         self.base_model = base_model
         self.context = context.reshape(1, 1, -1).astype(drafter.dtype)  # (1, 1, context)
+        self.context_term = drafter.context_term(self.context)  # None unless rnn_context
         self.vocab_ids = drafter.draft_vocab_ids
 
     def start(self, batch: int) -> mx.array:
         return self.drafter.initial_state(batch)[:, None, :]  # (B, 1, h)
 
     def __call__(self, state: mx.array, tokens: mx.array) -> tuple[mx.array, mx.array]:
-        state = self.drafter.next_state(state, self.base_model.embed(tokens))  # (B, n, h)
+        emb = self.base_model.embed(tokens)
+        state = self.drafter.next_state(state, emb, self.context_term)  # (B, n, h)
         return state, self.drafter.head(self.context, state).astype(mx.float32)
 
 

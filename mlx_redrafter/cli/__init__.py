@@ -90,11 +90,12 @@ app.command()(serve.serve)
 app.command()(bench.bench)
 app.command()(bench.tune)
 app.command()(train.train)
+app.command("train-mix")(train.train_mix)
 app.add_typer(convert.app, name="convert")
 
 # Commands that write outputs: SIGTERM runs the same clean-up as Ctrl-C (temporary outputs
 # removed, training checkpointed) instead of killing the process where it stands.
-_CLEAN_ON_SIGTERM = ("setup", "convert", "train")
+_CLEAN_ON_SIGTERM = ("setup", "convert", "train", "train-mix")
 
 
 def _terminate_as_interrupt() -> None:

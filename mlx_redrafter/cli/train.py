@@ -77,7 +77,8 @@ def train(
             "--target",
             help="self: the model's own greedy responses; dataset: the file's answers; relabel: "
             "the file's answers as context, the model's greedy next token at each as the target "
-            "(exact targets at prefill speed).",
+            "(exact targets at prefill speed); auto: relabel where the file has an answer, self "
+            "where it has none (the prompt mix of `train-mix`).",
         ),
     ] = DataConfig.target,
     eval_fraction: Annotated[
@@ -178,6 +179,25 @@ def train(
             "targets (e.g. 0.97; overrides -K).",
         ),
     ] = FitConfig.draft_vocab_coverage,
+    rnn_context: Annotated[
+        bool,
+        typer.Option(
+            "--rnn-context",
+            help="Every RNN step also reads the context (drafter v3; not in Apple's layout).",
+        ),
+    ] = FitConfig.rnn_context,
+    rnn_gate: Annotated[
+        bool,
+        typer.Option(
+            "--rnn-gate",
+            help="A sigmoid gate mixes each RNN state with the previous one (not in Apple's "
+            "layout).",
+        ),
+    ] = FitConfig.rnn_gate,
+    max_steps: Annotated[
+        int | None,
+        typer.Option("--max-steps", help="Stop after this many steps (with a checkpoint)."),
+    ] = FitConfig.max_steps,
     time_budget: Annotated[
         str | None,
         typer.Option(
@@ -205,6 +225,7 @@ def train(
         workers=(workers, 1),
         patience=(patience, 1),
         eval_every=(eval_every, 1),
+        max_steps=(max_steps, 1),
     )
     layers = parse_layers(feature_layers, "--feature-layers")
     data_layers = parse_layers(data_feature_layers, "--data-feature-layers")
@@ -243,6 +264,9 @@ def train(
                 feature_noise=feature_noise,
                 patience=patience,
                 draft_vocab_coverage=draft_vocab_coverage,
+                rnn_context=rnn_context,
+                rnn_gate=rnn_gate,
+                max_steps=max_steps,
             ),
             work_dir=work_dir,
             resume=not no_resume,
@@ -306,3 +330,35 @@ def _summary(log: dict, out: str) -> str:
         f"eval {s['eval']:.0f}s; log in {out}/training_log.json"
     )
     return "\n".join(lines)
+
+
+@friendly_errors
+def train_mix(
+    out: Annotated[str, typer.Option("--out", "-o", help="The prompt file to write (JSON Lines).")],
+    alpaca: Annotated[
+        str | None,
+        typer.Option(
+            "--alpaca",
+            help="Stanford Alpaca's alpaca_data.json (CC BY-NC 4.0, research use): adds open "
+            "chat, tasks, second turns and text to translate into English. Without it the mix "
+            "is the standard library's kinds and math only.",
+        ),
+    ] = None,
+    scale: Annotated[
+        float, typer.Option("--scale", help="Multiply every kind's record count.")
+    ] = 1.0,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the draws.")] = 0,
+):
+    """Write the drafter-training prompt mix: many kinds of prompts from openly licensed text
+    that every Python install has (the standard library and its reference topics, templated
+    math), plus Alpaca if given. Train on it with `train --prompts <out> --target self`."""
+    from mlx_redrafter.train.mix import DEFAULT_COUNTS, build_mix
+
+    if scale <= 0:
+        raise RedrafterError(f"--scale must be > 0, got {scale}")
+    counts = {k: max(1, round(v * scale)) for k, v in DEFAULT_COUNTS.items()}
+    manifest = build_mix(out, alpaca=alpaca, counts=counts, seed=seed)
+    kinds = ", ".join(f"{k} {v}" for k, v in manifest["kinds"].items())
+    typer.echo(f"{manifest['records']} prompts written to {out}: {kinds}")
+    for name, what in manifest["sources"].items():
+        typer.echo(f"  {name}: {what}")

@@ -112,6 +112,8 @@ def start_run(model, plan: Plan, ckpt_dir: Path, resume: bool) -> State:
         num_draft_layers=c.num_layers,
         draft_vocab_ids=None if plan.vocab is None else plan.vocab.tolist(),
         feature_layers=c.feature_layers,
+        rnn_context=c.rnn_context,
+        rnn_gate=c.rnn_gate,
     )
     optimizer = optim.AdamW(
         learning_rate=lr_schedule(c.learning_rate, plan.warmup, plan.total),

@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 from ..errors import TrainError
 
 LOSSES = ("ce", "kd", "mix")
-TARGETS = ("self", "dataset", "relabel")
+TARGETS = ("self", "dataset", "relabel", "auto")
 SAVE_DTYPES = (None, "float32", "float16", "bfloat16")
 DEFAULT_GEN_BATCH = 32
 DEFAULT_SHARD_SIZE = 128
@@ -35,7 +35,8 @@ class DataConfig:
 
     `num_prompts` is a fixed random selection of the prompt file (None: all of it);
     `target` "self" (the base's greedy responses), "dataset" (the file's answers) or
-    "relabel" (the file's answers as context, the base's greedy token at each as the label);
+    "relabel" (the file's answers as context, the base's greedy token at each as the label)
+    or "auto" (relabel where the file has an answer, self where it has none);
     `gen_batch_size` responses are generated together, `shard_size` prompts per shard on disk.
     `top_k` keeps the base's k most likely tokens per position (None: 32 for the "kd" and
     "mix" losses, else 0); `feature_layers` the states of those base blocks (None: the
@@ -82,6 +83,10 @@ class FitConfig:
     that many evaluations without a better held-out predicted tokens per step, and keep the
     best); `draft_vocab_coverage` (the smallest draft vocabulary covering that share of the
     training targets; overrides the size).
+
+    Drafter v3 levers (each a change to the recurrence; off in Apple's layout):
+    `rnn_context` (every step of the RNN also reads the fused context) and `rnn_gate` (a
+    sigmoid gate mixes each new state with the previous one).
     """
 
     epochs: int = 1
@@ -106,6 +111,8 @@ class FitConfig:
     feature_noise: float = 0.0
     patience: int | None = None
     draft_vocab_coverage: float | None = None
+    rnn_context: bool = False
+    rnn_gate: bool = False
 
     def __post_init__(self):
         if self.feature_layers != "auto":  # a list (from JSON or a caller) becomes a tuple

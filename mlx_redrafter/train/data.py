@@ -338,7 +338,7 @@ def _load_shards(data_dir: Path, ranges, fingerprint) -> DistillData:
         hidden_start=starts,
         prompt_index=np.concatenate(index) if index else np.zeros((0,), np.int64),
         fingerprint=fingerprint,
-        labels=labels if fingerprint.get("target") == "relabel" else None,
+        labels=labels if fingerprint.get("target") in ("relabel", "auto") else None,
         feature_layers=tuple(fingerprint.get("feature_layers", ())),
     )
     if fingerprint.get("top_k") and hiddens:

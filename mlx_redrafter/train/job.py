@@ -16,6 +16,7 @@ from ..loading import load
 from .config import DataConfig, FitConfig
 from .data import build_dataset, model_fingerprint, stop_ids
 from .loop import fit
+from .mix import data_mix
 
 
 def train_drafter(
@@ -85,6 +86,7 @@ def train_drafter(
     job = _job_settings(prompts_file, data_config, config, work_dir)
     times = {"load": round(t_load, 2), "data_this_run": round(t_data, 2)}
     log = _job_log(model, model_name, data, result, job, times, t0)
+    log["data"]["mix"] = data_mix(prompts_file, data_config.num_prompts, data)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "training_log.json").write_text(json.dumps(log, indent=1) + "\n")
     return log
@@ -93,7 +95,7 @@ def train_drafter(
 def _job_settings(prompts_file, d: DataConfig, config: FitConfig, work_dir: Path) -> dict:
     """The job's own settings in the log (fit's come with its result)."""
     return {
-        "prompts_file": str(Path(prompts_file).resolve()),
+        "prompts_file": Path(prompts_file).name,  # names only: the log is shipped
         "num_prompts": d.num_prompts,
         "new_tokens": d.new_tokens,
         "target": d.target,
@@ -102,7 +104,7 @@ def _job_settings(prompts_file, d: DataConfig, config: FitConfig, work_dir: Path
         "data_feature_layers": list(d.feature_layers),
         "workers": d.workers,
         "save_dtype": config.save_dtype,
-        "work_dir": str(work_dir.resolve()),
+        "work_dir": work_dir.name,
     }
 
 

@@ -227,9 +227,10 @@ def draft_logits(drafter, hidden: mx.array, embeddings: mx.array) -> mx.array:
     """
     B, N, _ = embeddings.shape
     state = drafter.initial_state(B)
+    term = drafter.context_term(hidden)
     states = []
     for i in range(N):
-        state = drafter.next_state(state, embeddings[:, i])
+        state = drafter.next_state(state, embeddings[:, i], term)
         states.append(state)
     return drafter.head(hidden[None], mx.stack(states))
 

@@ -205,6 +205,8 @@ def _settings(plan: Plan, data: DistillData) -> dict:
         "feature_noise": c.feature_noise,
         "patience": c.patience,
         "draft_vocab_coverage": c.draft_vocab_coverage,
+        "rnn_context": c.rnn_context,
+        "rnn_gate": c.rnn_gate,
         "data": {k: v for k, v in data.fingerprint.items()},
         "sequences": data.num_sequences,
     }

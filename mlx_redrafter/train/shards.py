@@ -17,9 +17,18 @@ import numpy as np
 from ..batch import generate_greedy_batch, teacher_forced_hidden
 from ..errors import TrainError, TrainInterrupted
 from ..loading import load
-from ..prompts import Prompt, encode_chat, encode_plain, eos_ids, main_eos, read_prompts
+from ..prompts import (
+    Prompt,
+    encode_chat,
+    encode_messages,
+    encode_plain,
+    eos_ids,
+    has_template,
+    main_eos,
+    read_prompts,
+)
 
-MAX_PROMPT_TOKENS = 1024  # longer prompts are skipped (and counted in the log)
+MAX_PROMPT_TOKENS = 2048  # longer prompts are skipped (and counted in the log)
 
 
 def stop_ids(tokenizer) -> list[int]:
@@ -113,25 +122,12 @@ def _make_shard(
     """Sequences and hidden states for the prompts `chosen` (file indices), which are the
     selection's entries from `start` on."""
     chosen = [int(i) for i in chosen]
-    encoded = [encode_chat(gen.tokenizer, gen.prompts[i].text) for i in chosen]
+    encoded = [_encode(gen.tokenizer, gen.prompts[i]) for i in chosen]
     keep = [k for k, ids in enumerate(encoded) if 0 < len(ids) <= MAX_PROMPT_TOKENS]
     skipped = len(chosen) - len(keep)
     keep.sort(key=lambda k: len(encoded[k]))  # similar lengths together: less padding
     t0 = time.perf_counter()
-    if gen.target == "self":
-        out = generate_greedy_batch(
-            gen.model,
-            [encoded[k] for k in keep],
-            gen.new_tokens,
-            gen.stop,
-            gen.batch_size,
-            on_finish,
-            gen.feature_layers,
-            gen.top_k,
-        )
-        out = [(r[0], r[1], None, *r[2:]) for r in out]  # no labels
-    else:
-        out = _forced_responses(gen, chosen, encoded, keep, on_finish)
+    out = _responses(gen, chosen, encoded, keep, on_finish)
     t_gen = time.perf_counter() - t0
     results = dict(zip(keep, out, strict=True))
     order = sorted(results)  # back to selection order
@@ -140,8 +136,8 @@ def _make_shard(
     width = h * (1 + len(gen.feature_layers))
     hid = _stack([results[k][1] for k in order], (0, width), np.float32)
     extra = {}
-    if gen.target == "relabel":
-        labels = [np.array([-1] + list(results[k][2]), np.int32) for k in order]
+    if gen.target in ("relabel", "auto"):
+        labels = [np.array([-1] + list(_labels(results[k])), np.int32) for k in order]
         extra["labels"] = _stack(labels, (0,), np.int32)
     if gen.top_k:
         extra["top_ids"] = _stack([results[k][3] for k in order], (0, gen.top_k), np.int32)
@@ -160,6 +156,47 @@ def _make_shard(
         "gen_seconds": np.array(t_gen),
         "gen_processes": np.array(gen.processes),
     }
+
+
+def _responses(gen: Generation, chosen, encoded, keep, on_finish) -> list[tuple]:
+    """(response, hidden, labels or None, [top ids, top log-probs]) for the prompts `keep`,
+    in its order: generated (target "self"), the file's answers (dataset, relabel), or, for
+    "auto", the file's answer relabelled where there is one and generated where not."""
+    if gen.target in ("dataset", "relabel"):
+        return _forced_responses(gen, chosen, encoded, keep, on_finish)
+    answered = (
+        []
+        if gen.target == "self"
+        else [k for k in keep if gen.prompts[chosen[k]].answer is not None]
+    )
+    free = [k for k in keep if k not in set(answered)]
+    out = generate_greedy_batch(
+        gen.model,
+        [encoded[k] for k in free],
+        gen.new_tokens,
+        gen.stop,
+        gen.batch_size,
+        on_finish,
+        gen.feature_layers,
+        gen.top_k,
+    )
+    results = {k: (r[0], r[1], None, *r[2:]) for k, r in zip(free, out, strict=True)}
+    if answered:
+        forced = _forced_responses(gen, chosen, encoded, answered, on_finish)
+        results.update(zip(answered, forced, strict=True))
+    return [results[k] for k in keep]
+
+
+def _labels(result: tuple) -> list[int]:
+    """A response's greedy labels: its relabelled ones, or its own tokens if generated."""
+    return list(result[0]) if result[2] is None else list(result[2])
+
+
+def _encode(tokenizer, prompt: Prompt) -> list[int]:
+    """A prompt's ids in the chat template, after the file's earlier messages if any."""
+    if prompt.history and has_template(tokenizer):
+        return encode_messages(tokenizer, prompt.messages())
+    return encode_chat(tokenizer, prompt.text)
 
 
 def _stack(parts: list[np.ndarray], empty_shape: tuple, dtype) -> np.ndarray:
@@ -182,7 +219,7 @@ def _forced_responses(gen: Generation, chosen, encoded, keep, on_finish) -> list
             encode_plain(gen.tokenizer, gen.prompts[chosen[k]].answer)[: gen.new_tokens - 1] + [eos]
             for k in batch
         ]
-        relabel = gen.target == "relabel"
+        relabel = gen.target != "dataset"
         forced = teacher_forced_hidden(
             gen.model,
             [encoded[k] for k in batch],
