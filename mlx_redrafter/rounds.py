@@ -16,8 +16,8 @@ import mlx.core as mx
 import numpy as np
 
 from .accept import SamplingConfig, greedy_accept, sample_accept, sample_token
+from .beam import beam_search
 from .cache import KVCache
-from .drafter import beam_search
 from .errors import GenerationError
 from .logprobs import LogprobRecorder
 from .lookup import ContextIndex

@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 from helpers import assert_close, random_model, save_tokenizer, tiny_llama_config
 
+from mlx_redrafter.beam import beam_search
 from mlx_redrafter.convert import ConvertError, convert_drafter, convert_model, drafter_key
-from mlx_redrafter.drafter import beam_search, load_drafter
+from mlx_redrafter.drafter import load_drafter
 from mlx_redrafter.model import Model, ModelArgs
 
 VOCAB = 40  # < 50, so Apple's top-50 warp keeps every token and plain log-softmax is exact

@@ -14,11 +14,11 @@ import pytest
 from helpers import RTOL, assert_close, random_model, tiny_llama_config
 from mlx.utils import tree_flatten
 
+from mlx_redrafter.beam import beam_search
 from mlx_redrafter.drafter import (
     Drafter,
     DrafterArgs,
     DrafterError,
-    beam_search,
     init_drafter,
     load_drafter,
     quantize_drafter,

@@ -19,7 +19,8 @@ from test_train import EOS, VOCAB, TinyTokenizer, tiny_model, write_alpaca
 import mlx_redrafter.train.shards as train_shards
 from mlx_redrafter import train
 from mlx_redrafter.batch import generate_greedy_batch, teacher_forced_hidden
-from mlx_redrafter.drafter import beam_search, init_drafter, load_drafter, save_drafter
+from mlx_redrafter.beam import beam_search
+from mlx_redrafter.drafter import init_drafter, load_drafter, save_drafter
 from mlx_redrafter.errors import DrafterError
 from mlx_redrafter.generation import prefill, stream_generate, verify_tree
 from mlx_redrafter.loading import load

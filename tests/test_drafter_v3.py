@@ -12,13 +12,15 @@ from test_generation import tiny_model as sharp_model
 from test_generation import tokens_of
 from test_train import EOS, TinyTokenizer, tiny_model
 
-from mlx_redrafter.drafter import beam_search, init_drafter, load_drafter, save_drafter
+from mlx_redrafter.beam import beam_search
+from mlx_redrafter.drafter import init_drafter, load_drafter, save_drafter
 from mlx_redrafter.errors import ConvertError, DrafterError, PromptError, TrainError
 from mlx_redrafter.export import check_exportable
 from mlx_redrafter.prompts import read_prompts
 from mlx_redrafter.rsd_draft import RecurrentStep
 from mlx_redrafter.train import build_dataset, draft_logits, select_prompts
 from mlx_redrafter.train import mix as mix_lib
+from mlx_redrafter.train import sources as sources_lib
 
 LEVERS = [dict(rnn_context=True), dict(rnn_gate=True), dict(rnn_context=True, rnn_gate=True)]
 
@@ -254,14 +256,14 @@ def test_build_mix_writes_every_kind_and_holds_items_out(tmp_path):
     kinds = {r["category"] for r in records}
     assert kinds == set(mix_lib.DEFAULT_COUNTS)
     assert manifest["records"] == len(records) and sum(manifest["kinds"].values()) == len(records)
-    assert set(manifest["sources"]) <= set(mix_lib.SOURCES) and "alpaca" in manifest["sources"]
+    assert set(manifest["sources"]) <= set(sources_lib.SOURCES) and "alpaca" in manifest["sources"]
     assert not list(tmp_path.glob("*.partial"))
     prompts = read_prompts(out)  # every record reads as a prompt
     assert len(prompts) == len(records)
     text = out.read_text()
     assert "skipme" not in text and "def indent" not in text  # test dirs, bench sources
-    _, funcs = mix_lib.stdlib_items(lib)
-    held = {f["name"] for f in funcs if mix_lib.held_out(f["key"])}
+    _, funcs = sources_lib.stdlib_items(lib)
+    held = {f["name"] for f in funcs if sources_lib.held_out(f["key"])}
     assert held and len(held) < len(funcs)
     for r in records:
         if r["category"].startswith("code-"):
@@ -289,4 +291,4 @@ def test_eval_set_is_held_out_of_the_mix():
     records = [json.loads(x) for x in mix_lib.EVAL_FILE.read_text().splitlines() if x.strip()]
     assert len({r["category"] for r in records}) >= 6
     keys = [k for r in records for k in r.get("keys", [])]
-    assert keys and all(mix_lib.held_out(k) for k in keys if not k.startswith("eval:"))
+    assert keys and all(sources_lib.held_out(k) for k in keys if not k.startswith("eval:"))

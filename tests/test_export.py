@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from helpers import TINY_ARGS, invoke, random_model
 
+from mlx_redrafter.beam import beam_search
 from mlx_redrafter.convert import convert_drafter
 from mlx_redrafter.drafter import (
-    beam_search,
     init_drafter,
     load_drafter,
     quantize_drafter,

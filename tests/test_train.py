@@ -20,7 +20,8 @@ from mlx.utils import tree_flatten
 import mlx_redrafter.train.shards as train_shards
 from mlx_redrafter import train
 from mlx_redrafter.batch import generate_greedy_batch, teacher_forced_hidden
-from mlx_redrafter.drafter import beam_search, init_drafter, load_drafter
+from mlx_redrafter.beam import beam_search
+from mlx_redrafter.drafter import init_drafter, load_drafter
 from mlx_redrafter.errors import PromptError
 from mlx_redrafter.generation import DecodeStats, SamplingConfig, plain_steps
 from mlx_redrafter.prompts import encode_chat, read_prompts

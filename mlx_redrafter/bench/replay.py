@@ -18,7 +18,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..batch import generate_greedy_batch
-from ..drafter import beam_search
+from ..beam import beam_search
 from ..generation import drafter_features, stream_generate
 from ..prompts import eos_ids
 

@@ -20,7 +20,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..accept import SamplingConfig, dense_logprobs
-from ..drafter import beam_search
+from ..beam import beam_search
 from ..generation import drafter_features, prefill, stream_generate, verify_tree
 from ..rsd import (
     BEAM,

@@ -9,6 +9,7 @@ import typer
 from mlx_redrafter.cli.common import check_options, friendly_errors
 from mlx_redrafter.errors import RedrafterError, TrainInterrupted
 from mlx_redrafter.train import DataConfig, FitConfig, train_drafter
+from mlx_redrafter.train.mix import DEFAULT_COUNTS, build_mix
 
 
 @friendly_errors
@@ -352,8 +353,6 @@ def train_mix(
     """Write the drafter-training prompt mix: many kinds of prompts from openly licensed text
     that every Python install has (the standard library and its reference topics, templated
     math), plus Alpaca if given. Train on it with `train --prompts <out> --target self`."""
-    from mlx_redrafter.train.mix import DEFAULT_COUNTS, build_mix
-
     if scale <= 0:
         raise RedrafterError(f"--scale must be > 0, got {scale}")
     counts = {k: max(1, round(v * scale)) for k, v in DEFAULT_COUNTS.items()}

@@ -1,7 +1,7 @@
 """The prompt mix for drafter training: prompts of many kinds, built from openly licensed text
 that every Python install carries, plus Stanford Alpaca when it is given.
 
-Sources (their licenses are in `SOURCES`, and in docs/training.md):
+Sources (read by sources.py; their licenses are in `SOURCES` and docs/training.md):
   stdlib   the Python standard library's source: module and function docstrings (documents to
            summarise, extract from, answer questions about, translate), functions (code to
            write, edit, explain). PSF-2.0.
@@ -22,27 +22,28 @@ the mix can be rebuilt on any install without leaking evaluation prompts.
 
 from __future__ import annotations
 
-import ast
-import hashlib
 import json
 import os
 import random
 import re
 import sys
-import sysconfig
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import TrainError
-from ..prompts import DOC_PROMPTS_FILE, KINDS_FILE
+from ..prompts import KINDS_FILE, read_prompts
+from .data import select_prompts
+from .sources import (
+    BENCH_MODULES,
+    SOURCES,
+    alpaca_items,
+    bench_alpaca_keys,
+    held_out,
+    pydoc_items,
+    stdlib_items,
+)
 
-SOURCES = {
-    "stdlib": "Python standard library source (docstrings and functions), PSF-2.0",
-    "pydoc": "Python language reference topics shipped in pydoc_data, PSF-2.0",
-    "math": "templated arithmetic word problems (mlx-redrafter), the project's license",
-    "alpaca": "Stanford Alpaca (tatsu-lab/stanford_alpaca), CC BY-NC 4.0, research use only",
-}
 EVAL_FILE = KINDS_FILE
 # Records per kind in the default mix (before the evaluation items are dropped); a run takes
 # a seeded random selection of the file, so every kind shows up in any prefix of it.
@@ -62,143 +63,8 @@ DEFAULT_COUNTS = {
     "code-explain": 800,
 }
 LANGUAGES = ("French", "Spanish", "German", "Italian", "Portuguese", "Dutch")
-SKIP_DIRS = {"test", "tests", "idlelib", "lib2to3", "turtledemo", "site-packages", "ensurepip"}
 MAX_DOC_CHARS = 3000  # a document in a prompt; long-doc prompts go to LONG_DOC_CHARS
 LONG_DOC_CHARS = 7000  # ~1,800 tokens of English
-MAX_CODE_CHARS = 2500
-
-
-# Modules whose functions the shipped `edit` and `agent` bench prompts are made of.
-BENCH_MODULES = {
-    "textwrap",
-    "shlex",
-    "fnmatch",
-    "string",
-    "html",
-    "difflib",
-    "statistics",
-    "colorsys",
-}
-
-
-def key_hash(key: str) -> int:
-    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")
-
-
-def held_out(key: str) -> bool:
-    """Items kept out of training: one in ten library items (the evaluation set draws from
-    these), and everything the shipped bench prompts were made of."""
-    source, _, name = key.partition(":")
-    if source in ("stdlib", "pydoc") and key_hash(key) % 10 == 0:
-        return True
-    return source == "stdlib" and name.split(".")[0] in BENCH_MODULES
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading the sources
-
-
-def stdlib_items(root: str | os.PathLike | None = None) -> tuple[list[dict], list[dict]]:
-    """(documents, functions) of the standard library's .py files, parsed, never imported.
-    A document: {key, title, text} (module and function docstrings of 300+ characters); a
-    function: {key, name, signature, summary, code} (documented top-level functions and
-    methods of 4-60 lines)."""
-    root = Path(root or sysconfig.get_paths()["stdlib"])
-    docs, funcs = [], []
-    for path in sorted(root.rglob("*.py")):
-        rel = path.relative_to(root)
-        if SKIP_DIRS & set(rel.parts[:-1]) or rel.name.startswith("test_"):
-            continue
-        try:
-            source = path.read_text(encoding="utf-8")
-            tree = ast.parse(source)
-        except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
-            continue
-        module = ".".join(rel.with_suffix("").parts).removesuffix(".__init__")
-        _module_items(module, source, tree, docs, funcs)
-    return docs, funcs
-
-
-def _module_items(module: str, source: str, tree, docs: list, funcs: list) -> None:
-    doc = ast.get_docstring(tree)
-    if doc and len(doc) >= 300:
-        docs.append({"key": f"stdlib:{module}", "title": f"the {module} module", "text": doc})
-    for node in ast.walk(tree):
-        if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
-            continue
-        fdoc = ast.get_docstring(node)
-        if not fdoc or node.name.startswith("_"):
-            continue
-        key = f"stdlib:{module}.{node.name}:{node.lineno}"
-        if len(fdoc) >= 300:
-            docs.append({"key": key, "title": f"{module}.{node.name}", "text": fdoc})
-        lines = node.end_lineno - node.lineno + 1
-        code = ast.get_source_segment(source, node)
-        if code and 4 <= lines <= 60 and len(code) <= MAX_CODE_CHARS:
-            args = ast.unparse(node.args)
-            funcs.append(
-                {
-                    "key": key,
-                    "name": node.name,
-                    "signature": f"{node.name}({args})",
-                    "summary": fdoc.strip().split("\n\n")[0].replace("\n", " "),
-                    "code": _dedent(code),
-                }
-            )
-
-
-def _dedent(code: str) -> str:
-    lines = code.split("\n")
-    if len(lines) < 2:
-        return code
-    indents = [len(ln) - len(ln.lstrip()) for ln in lines[1:] if ln.strip()]
-    cut = max(0, min(indents, default=4) - 4)
-    return "\n".join([lines[0]] + [ln[cut:] for ln in lines[1:]])
-
-
-def pydoc_items() -> list[dict]:
-    """The reference topic pages: {key, title, text}."""
-    try:
-        from pydoc_data.topics import topics
-    except ImportError:  # some distributions split the docs out
-        return []
-    out = []
-    for name, text in sorted(topics.items()):
-        title = text.strip().split("\n")[0].strip() or name
-        out.append({"key": f"pydoc:{name}", "title": title, "text": text.strip()})
-    return out
-
-
-def alpaca_items(path: str | os.PathLike) -> list[dict]:
-    """Alpaca's records as {key, instruction, input, output}."""
-    path = Path(path)
-    try:
-        records = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise TrainError(f"cannot read Alpaca file {path}: {exc}") from None
-    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
-        raise TrainError(f"{path} is not Alpaca's JSON (a list of objects)")
-    out = []
-    for i, r in enumerate(records):
-        if isinstance(r.get("instruction"), str) and isinstance(r.get("output"), str):
-            out.append(
-                {
-                    "key": f"alpaca:{i}",
-                    "instruction": r["instruction"].strip(),
-                    "input": str(r.get("input") or "").strip(),
-                    "output": r["output"].strip(),
-                }
-            )
-    return out
-
-
-def bench_alpaca_keys() -> set[str]:
-    """The Alpaca records of the shipped doc-prompts bench set (ids `alpaca-<index>`)."""
-    keys = set()
-    for line in DOC_PROMPTS_FILE.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            keys.add("alpaca:" + json.loads(line)["id"].removeprefix("alpaca-"))
-    return keys
 
 
 # ---------------------------------------------------------------------------------------------
@@ -627,9 +493,6 @@ def _eval_record(rng: random.Random, kind: str, docs: list, funcs: list, made: i
 def data_mix(prompts_file: str | os.PathLike, num_prompts: int | None, data) -> dict:
     """What a data set is made of, by kind and source: sequences and response tokens (for
     training_log.json), with each known source's license."""
-    from ..prompts import read_prompts
-    from .data import select_prompts
-
     prompts = read_prompts(prompts_file)
     selection = select_prompts(prompts, num_prompts)
     kinds: dict[str, list[int]] = {}
