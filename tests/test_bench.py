@@ -179,6 +179,24 @@ def test_bench_acceptance_prints_a_grid_and_writes_json(tiny, tmp_path):
     assert len(data["prompts"]) == 2
 
 
+def test_bench_acceptance_prints_a_table_per_kind(tiny, tmp_path):
+    model_dir, drafter_dir = tiny
+    prompts = tmp_path / "kinds.jsonl"
+    records = [("math", "add two and two"), ("code", "write a loop"), ("math", "halve ten")]
+    prompts.write_text("".join(json.dumps({"category": c, "prompt": t}) + "\n" for c, t in records))
+    out = tmp_path / "acceptance.json"
+    proc = invoke(
+        ["bench", "--model", str(model_dir), "--drafter", str(drafter_dir), "--acceptance",
+         "--prompts", str(prompts), "-n", "6", "--widths", "1", "--lengths", "3",
+         "--compare", str(drafter_dir), "--json", str(out)]
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(out.read_text())
+    for drafter in data["drafters"]:
+        assert list(drafter["by_kind"]) == ["math", "code"]
+    assert proc.stdout.count("| **all** |") == 2 and "| math |" in proc.stdout
+
+
 def test_lookup_methods_second_turns_and_groups(tiny, tmp_path):
     model_dir, drafter_dir = tiny
     out = tmp_path / "bench.json"

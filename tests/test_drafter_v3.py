@@ -13,10 +13,11 @@ from test_generation import tokens_of
 from test_train import EOS, TinyTokenizer, tiny_model
 
 from mlx_redrafter.beam import beam_search
+from mlx_redrafter.bench import by_kind, format_by_kind
 from mlx_redrafter.drafter import init_drafter, load_drafter, save_drafter
 from mlx_redrafter.errors import ConvertError, DrafterError, PromptError, TrainError
 from mlx_redrafter.export import check_exportable
-from mlx_redrafter.prompts import read_prompts
+from mlx_redrafter.prompts import load_prompts, read_prompts
 from mlx_redrafter.rsd_draft import RecurrentStep
 from mlx_redrafter.train import build_dataset, draft_logits, select_prompts
 from mlx_redrafter.train import mix as mix_lib
@@ -288,7 +289,26 @@ def test_build_mix_bad_input(tmp_path):
 
 def test_eval_set_is_held_out_of_the_mix():
     """Every library item the shipped evaluation set is made of is one the mix holds out."""
+    prompts = load_prompts("kinds")
+    assert len(prompts) == 40 and {p.source for p in prompts} == {"kinds"}
     records = [json.loads(x) for x in mix_lib.EVAL_FILE.read_text().splitlines() if x.strip()]
     assert len({r["category"] for r in records}) >= 6
     keys = [k for r in records for k in r.get("keys", [])]
     assert keys and all(sources_lib.held_out(k) for k in keys if not k.startswith("eval:"))
+
+
+def test_acceptance_by_kind_pools_each_kinds_rounds():
+    grid = {
+        "shapes": {"1x3": {"tokens_per_step": 0.0}},
+        "prompts": [
+            {"tokens_per_step": {"1x3": 2.0}, "rounds": {"1x3": 10}},
+            {"tokens_per_step": {"1x3": 1.5}, "rounds": {"1x3": 30}},
+            {"tokens_per_step": {"1x3": 3.0}, "rounds": {"1x3": 5}},
+            {"tokens_per_step": {"1x3": 1.0}, "rounds": {"1x3": 0}},
+        ],
+    }
+    table = by_kind(grid, ["qa", "qa", "code", "math"])
+    assert table["qa"]["1x3"] == pytest.approx(1.0 + (1.0 * 10 + 0.5 * 30) / 40)
+    assert table["code"]["1x3"] == pytest.approx(3.0) and table["math"]["1x3"] == 1.0
+    text = format_by_kind(table, {"shapes": {"1x3": {"tokens_per_step": 1.9}}})
+    assert "| qa | 1.62 |" in text and "| **all** | 1.90 |" in text

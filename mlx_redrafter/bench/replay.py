@@ -139,15 +139,30 @@ def acceptance_grids(
     for prompt_len, (ref, limit, hidden) in refs:
         for d, drafter in enumerate(drafters):
             context = context_columns(hidden, features, wanted[d], h)
-            row = {}
+            row, counts = {}, {}
             for W, L in shapes:
                 acc = replay_rounds(drafter, model, context, prompt_len, ref, limit, W, L)
                 rounds[d][(W, L)].extend(acc)
                 row[f"{W}x{L}"] = float(np.mean(acc)) + 1.0 if acc else 1.0
-            per_prompt[d].append({"num_tokens": limit, "tokens_per_step": row})
+                counts[f"{W}x{L}"] = len(acc)
+            per_prompt[d].append({"num_tokens": limit, "tokens_per_step": row, "rounds": counts})
         if on_prompt is not None:
             on_prompt()
     return [_grid(r, p) for r, p in zip(rounds, per_prompt, strict=True)]
+
+
+def by_kind(grid: dict, kinds: Sequence[str]) -> dict:
+    """An acceptance grid's tokens per step per kind (the prompts' categories, in order) and
+    shape: each kind's rounds pooled, as the whole grid pools every prompt's."""
+    out: dict[str, dict[str, float]] = {}
+    for kind in dict.fromkeys(kinds):
+        rows = [p for p, k in zip(grid["prompts"], kinds, strict=True) if k == kind]
+        out[kind] = {}
+        for shape in grid["shapes"]:
+            n = sum(r["rounds"][shape] for r in rows)
+            accepted = sum((r["tokens_per_step"][shape] - 1.0) * r["rounds"][shape] for r in rows)
+            out[kind][shape] = 1.0 + accepted / n if n else 1.0
+    return out
 
 
 def _grid(rounds: dict, per_prompt: list) -> dict:

@@ -424,6 +424,17 @@ def format_acceptance(grid: dict, max_tokens: int) -> str:
     return "\n".join(lines)
 
 
+def format_by_kind(table: dict, overall: dict) -> str:
+    """`replay.by_kind`'s table: a row per kind and one for all prompts, a column per shape."""
+    shapes = list(overall["shapes"])
+    lines = ["| kind | " + " | ".join(shapes) + " |", "|---|" + "---:|" * len(shapes)]
+    for kind, row in table.items():
+        lines.append(f"| {kind} | " + " | ".join(f"{row[s]:.2f}" for s in shapes) + " |")
+    cells = [f"{overall['shapes'][s]['tokens_per_step']:.2f}" for s in shapes]
+    lines.append("| **all** | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------------------------
 # Plots
 

@@ -275,16 +275,18 @@ def _acceptance(
         grids = bench_lib.acceptance_grids(
             loaded.base, loaded.tokenizer, drafters, ids, shapes, max_tokens, on_prompt=advance
         )
-    if not others:
-        typer.echo(bench_lib.format_acceptance(grids[0], max_tokens))
-        if json_out:
-            _write_json(json_out, grids[0])
-        return
+    kinds = [p.category or p.source or "-" for p in prompt_list]
     names = [str(loaded.drafter_path), *other_paths]
     for name, grid in zip(names, grids, strict=True):
-        typer.echo(f"\n{name}")
+        if others:
+            typer.echo(f"\n{name}")
         typer.echo(bench_lib.format_acceptance(grid, max_tokens))
-    if json_out:
+        if len(set(kinds)) > 1:
+            grid["by_kind"] = bench_lib.by_kind(grid, kinds)
+            typer.echo("\nper kind\n\n" + bench_lib.format_by_kind(grid["by_kind"], grid))
+    if json_out and not others:
+        _write_json(json_out, grids[0])
+    elif json_out:
         _write_json(
             json_out, {"drafters": [{"path": n, **g} for n, g in zip(names, grids, strict=True)]}
         )
