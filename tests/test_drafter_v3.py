@@ -19,7 +19,14 @@ from mlx_redrafter.errors import ConvertError, DrafterError, PromptError, TrainE
 from mlx_redrafter.export import check_exportable
 from mlx_redrafter.prompts import load_prompts, read_prompts
 from mlx_redrafter.rsd_draft import RecurrentStep
-from mlx_redrafter.train import build_dataset, draft_logits, select_prompts
+from mlx_redrafter.train import (
+    DataConfig,
+    FitConfig,
+    build_dataset,
+    draft_logits,
+    select_prompts,
+    train_drafter,
+)
 from mlx_redrafter.train import mix as mix_lib
 from mlx_redrafter.train import sources as sources_lib
 
@@ -312,3 +319,46 @@ def test_acceptance_by_kind_pools_each_kinds_rounds():
     assert table["code"]["1x3"] == pytest.approx(3.0) and table["math"]["1x3"] == 1.0
     text = format_by_kind(table, {"shapes": {"1x3": {"tokens_per_step": 1.9}}})
     assert "| qa | 1.62 |" in text and "| **all** | 1.90 |" in text
+
+
+def test_train_drafter_on_a_mix_logs_its_kinds_and_a_shard_manifest(tmp_path):
+    model = tiny_model()
+    kinds = ["math", "code-edit", "chat"]
+    records = [
+        {
+            "prompt": f"say {w} {i}",
+            "category": kinds[i % 3],
+            "source": ["math", "stdlib", "alpaca"][i % 3],
+        }
+        for i, w in enumerate(["red", "blue", "sun", "moon", "tree", "cat", "dog", "sky"] * 2)
+    ]
+    path = tmp_path / "mix.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    log = train_drafter(
+        model,
+        path,
+        tmp_path / "out",
+        tokenizer=TinyTokenizer(),
+        data_config=DataConfig(num_prompts=None, new_tokens=6, gen_batch_size=8, shard_size=8),
+        fit_config=FitConfig(
+            batch_size=16, num_predict=2, num_layers=1, rnn_context=True, rnn_gate=True
+        ),
+        progress=False,
+    )
+    assert log["settings"]["rnn_context"] and log["settings"]["rnn_gate"]
+    assert (
+        log["settings"]["prompts_file"] == "mix.jsonl" and log["settings"]["work_dir"] == "out-work"
+    )
+    drafter = load_drafter(tmp_path / "out", base=model)
+    assert drafter.args.rnn_context and drafter.args.rnn_gate
+    mix = log["data"]["mix"]
+    assert set(mix["kinds"]) == set(kinds)
+    assert sum(k["tokens"] for k in mix["kinds"].values()) == log["data"]["response_tokens"]
+    assert set(mix["licenses"]) == {"math", "stdlib", "alpaca"}
+    manifest = json.loads((tmp_path / "out" / "data_manifest.json").read_text())
+    assert [s["prompts"] for s in manifest["shards"]] == [[0, 8], [8, 16]]
+    assert sum(s["response_tokens"] for s in manifest["shards"]) == manifest["response_tokens"]
+    assert manifest["made_with"]["prompts_file"] == "mix.jsonl" and manifest["mix"] == mix
+    # The shards the manifest lists are the ones on disk.
+    names = sorted(p.name for p in (tmp_path / "out-work" / "data").glob("shard-*.npz"))
+    assert names == [s["file"] for s in manifest["shards"]]

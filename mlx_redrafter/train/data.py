@@ -79,6 +79,7 @@ class DistillData:
     fingerprint: dict = field(default_factory=dict)
     stats: dict = field(default_factory=dict)
     labels: list[np.ndarray] | None = None  # per sequence (T,) int32, or None: the tokens
+    shards: list[dict] = field(default_factory=list)  # what each shard on disk holds
     # The base's top-k at each hidden row (the distribution over the token after it): ids
     # (rows, k) int32 and log-probabilities (rows, k) float16; None when not stored.
     top_ids: np.ndarray | None = None
@@ -313,10 +314,19 @@ def _open_data_dir(data_dir: Path, fingerprint: dict, work_dir, resume: bool) ->
 def _load_shards(data_dir: Path, ranges, fingerprint) -> DistillData:
     tokens, hiddens, index, labels = [], [], [], []
     extra = {"top_ids": [], "top_logprobs": [], "features": []}
-    skipped, seconds = 0, 0.0
+    skipped, seconds, shards = 0, 0.0, []
     for start, end in ranges:
         with np.load(shard_path(data_dir, start, end)) as z:
             flat, off = z["tokens"], z["token_offsets"]
+            shards.append(
+                {
+                    "file": shard_path(data_dir, start, end).name,
+                    "prompts": [start, end],
+                    "sequences": len(off) - 1,
+                    "response_tokens": int(len(flat) - (len(off) - 1)),
+                    "seconds": round(float(z["gen_seconds"]), 2),
+                }
+            )
             tokens += [flat[off[i] : off[i + 1]] for i in range(len(off) - 1)]
             if "labels" in z:
                 labels += [z["labels"][off[i] : off[i + 1]] for i in range(len(off) - 1)]
@@ -355,4 +365,5 @@ def _load_shards(data_dir: Path, ranges, fingerprint) -> DistillData:
         if seconds
         else None,
     }
+    data.shards = shards
     return data

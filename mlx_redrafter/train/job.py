@@ -89,7 +89,25 @@ def train_drafter(
     log["data"]["mix"] = data_mix(prompts_file, data_config.num_prompts, data)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "training_log.json").write_text(json.dumps(log, indent=1) + "\n")
+    manifest = data_manifest(data, log["data"]["mix"])
+    (out_dir / "data_manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     return log
+
+
+def data_manifest(data, mix: dict) -> dict:
+    """What the drafter was trained on, shard by shard, without the data: enough to check a
+    work dir's shards against it, and to grow the same data set in later runs."""
+    return {
+        "made_with": {k: v for k, v in data.fingerprint.items() if k != "base_model"},
+        "base_model": data.fingerprint.get("base_model"),
+        "response_tokens": data.num_response_tokens,
+        "sequences": data.num_sequences,
+        "mix": mix,
+        "shards": data.shards,
+        "grow": "run the same `mlx-redrafter train` command again with a --time-budget: the "
+        "shards listed here are kept (same prompt file and settings), the next ones are made, "
+        "and the drafter is trained again on all of them",
+    }
 
 
 def _job_settings(prompts_file, d: DataConfig, config: FitConfig, work_dir: Path) -> dict:
