@@ -362,3 +362,16 @@ def test_train_drafter_on_a_mix_logs_its_kinds_and_a_shard_manifest(tmp_path):
     # The shards the manifest lists are the ones on disk.
     names = sorted(p.name for p in (tmp_path / "out-work" / "data").glob("shard-*.npz"))
     assert names == [s["file"] for s in manifest["shards"]]
+
+
+def test_build_mix_leaves_out_what_an_evaluation_prompt_quotes(tmp_path, monkeypatch):
+    lib = fake_stdlib(tmp_path / "lib")
+    _, funcs = sources_lib.stdlib_items(lib)
+    kept = [f for f in funcs if not sources_lib.held_out(f["key"])]
+    quoted = kept[0]
+    monkeypatch.setattr(mix_lib, "_eval_prompts", lambda: [f"Explain:\n{quoted['code']}\n"])
+    counts = {"code-edit": 60, "code-write": 60}
+    mix_lib.build_mix(tmp_path / "m.jsonl", counts=counts, stdlib_root=lib)
+    text = (tmp_path / "m.jsonl").read_text()
+    assert f"{quoted['name']}(" not in text
+    assert f"{kept[1]['name']}(" in text  # the others are still drawn
