@@ -6,7 +6,7 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
-from helpers import assert_close, assert_greedy_equal, reference_logits
+from helpers import assert_close, assert_greedy_equal, invoke, reference_logits
 from test_drafter_v2 import assert_same_params, params, random_drafter, three_layer_model
 from test_generation import tiny_model as sharp_model
 from test_generation import tokens_of
@@ -375,3 +375,14 @@ def test_build_mix_leaves_out_what_an_evaluation_prompt_quotes(tmp_path, monkeyp
     text = (tmp_path / "m.jsonl").read_text()
     assert f"{quoted['name']}(" not in text
     assert f"{kept[1]['name']}(" in text  # the others are still drawn
+
+
+def test_train_mix_cli_bad_input(tmp_path):
+    out = tmp_path / "mix.jsonl"
+    proc = invoke(["train-mix", "-o", str(out), "--scale", "0"])
+    assert proc.returncode != 0 and "--scale must be > 0, got 0.0" in proc.stderr
+    bad = tmp_path / "alpaca.json"
+    bad.write_text('{"not": "a list"}')
+    proc = invoke(["train-mix", "-o", str(out), "--alpaca", str(bad)])
+    assert proc.returncode != 0 and "alpaca.json is not Alpaca's JSON" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not out.exists()
