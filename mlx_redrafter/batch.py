@@ -88,7 +88,10 @@ def generate_greedy_batch(
     refill_at = max(1, batch_size // 8)
     out = _Responses(n, max_new_tokens, stop_ids, top_k, on_finish)
     batch = _Rows()
-    queue = list(range(n))
+    # Shortest prompts first: a group is prefilled padded to its longest prompt, and a joined
+    # row's columns stretch every row's cache, so one long prompt among short ones costs the
+    # whole group (a 1,800-token document among 40-token chats).
+    queue = sorted(range(n), key=lambda i: len(prompts[i]))
     while queue or batch.live:
         free = batch_size - len(batch.live)
         if queue and (free >= refill_at or not batch.live):

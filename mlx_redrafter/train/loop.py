@@ -257,7 +257,7 @@ def _fit_log(plan: Plan, state: State, out_dir: Path, this_run: float) -> dict:
             "train_tokens_seen": state.step * plan.batch_size,
         },
         "drafter": {
-            "path": str(out_dir),
+            "path": Path(out_dir).name,  # the name only: the log is shipped
             "description": drafter.describe(),
             "parameters": drafter.num_parameters,
             "bytes": drafter.nbytes,
