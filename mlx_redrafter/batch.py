@@ -32,15 +32,19 @@ def _prefill_group(model, prompts: Sequence[Sequence[int]], features: Sequence[i
     mask = (col[None, :] <= col[:, None])[None] & real[:, None, :]  # (b, P, P)
     mask |= np.eye(P, dtype=bool)[None]
     cache = model.make_cache()
-    hidden, logits = model(
+    hidden, _ = model(
         mx.array(tokens),
         cache,
         mx.array(positions, mx.int32),
         mx.array(mask[:, None]),
         features=features,
+        return_logits=False,
     )
     cache.commit()
-    return cache, hidden[:, -1], logits[:, -1], pad
+    last = hidden[:, -1]
+    # Only the last position's logits: the head over every prompt position would cost
+    # b x P x V (a 1,800-token prompt: 88M floats a row) to keep one row of it.
+    return cache, last, model.logits(last), pad
 
 
 def top_log_probs(logits: mx.array, k: int) -> tuple[mx.array, mx.array]:
@@ -95,11 +99,23 @@ def generate_greedy_batch(
     while queue or batch.live:
         free = batch_size - len(batch.live)
         if queue and (free >= refill_at or not batch.live):
-            group, queue = queue[:free], queue[free:]
+            group = _similar_lengths(queue[:free], prompts)
+            queue = queue[len(group) :]
             _admit(model, batch, group, prompts, features, out)
         if batch.live:
             _decode_step(model, batch, prompts, features, out)
     return out.results()
+
+
+def _similar_lengths(queue: list[int], prompts) -> list[int]:
+    """The longest head of `queue` (shortest prompts first) that pads to at most 1.5x its real
+    tokens when prefilled together; at least one prompt. The rest wait for the next group."""
+    total = 0
+    for k, i in enumerate(queue):
+        total += len(prompts[i])
+        if k and len(prompts[i]) * (k + 1) > 1.5 * total:
+            return queue[:k]
+    return queue
 
 
 class _Responses:
