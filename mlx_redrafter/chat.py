@@ -97,7 +97,8 @@ class ChatSession:
             raise GenerationError(
                 "pass either plan= or beam_width/beam_length/lookup/lookup_max, not both"
             )
-        self.beam_width, self.beam_length = self.plan.beam
+        sampling = SamplingConfig(self.temperature, self.top_p, self.top_k)
+        self.beam_width, self.beam_length = self.plan.beam_for(sampling)
         self.cache = self.model.make_cache()
         self._templated = getattr(self.tokenizer, "chat_template", None) is not None
         self._close_ids = self._assistant_close_ids() if self._templated else None

@@ -123,16 +123,36 @@ def _key(model_path) -> str:
     return f"{device_name()}|{Path(model_path).resolve()}"
 
 
-def tuned_beam(model_path) -> tuple[int, int] | None:
+SAMPLED = "sampled_"  # key prefix of the shape `tune --temp` stored for sampled decoding
+
+
+def tuned_beam(model_path, sampled: bool = False) -> tuple[int, int] | None:
+    """The shape `tune` stored for this device and model (with `sampled`, the one a sampled
+    sweep stored), or None."""
     entry = _entry(model_path)
-    if not entry or "beam_width" not in entry or "beam_length" not in entry:
+    prefix = SAMPLED if sampled else ""
+    width, length = f"{prefix}beam_width", f"{prefix}beam_length"
+    if not entry or width not in entry or length not in entry:
         return None  # nothing stored, or only a verify-cost curve
-    return int(entry["beam_width"]), int(entry["beam_length"])
+    return int(entry[width]), int(entry[length])
 
 
-def save_tuned_beam(model_path, beam_width: int, beam_length: int, extra: dict | None = None):
+def save_tuned_beam(
+    model_path,
+    beam_width: int,
+    beam_length: int,
+    extra: dict | None = None,
+    sampled: bool = False,
+):
+    """Store a tuned shape with its figures (`extra`). A greedy sweep's shape replaces the
+    entry but keeps a sampled sweep's shape; a sampled one is stored beside the rest."""
+    if sampled:
+        fields = {f"{SAMPLED}beam_width": beam_width, f"{SAMPLED}beam_length": beam_length}
+        return _store(model_path, {**fields, "sampled": extra or {}}, merge=True)
+    old = _entry(model_path) or {}
+    kept = {k: v for k, v in old.items() if k.startswith(SAMPLED) or k == "sampled"}
     return _store(
-        model_path, {"beam_width": beam_width, "beam_length": beam_length, **(extra or {})}
+        model_path, {"beam_width": beam_width, "beam_length": beam_length, **(extra or {}), **kept}
     )
 
 
@@ -193,10 +213,11 @@ def _store(model_path, fields: dict, merge: bool = False):
 def summary() -> dict:
     """Where the default model and drafter are, and the tuned beam: for `mlx-redrafter info`."""
     model_dir, drafter_dir = default_model_dir(), default_drafter_dir()
-    tuned = tuned_beam(model_dir)
+    tuned, sampled = tuned_beam(model_dir), tuned_beam(model_dir, sampled=True)
     return {
         "default_model": f"{model_dir}"
         + ("" if model_dir.exists() else " (not built: run `mlx-redrafter setup`)"),
         "default_drafter": str(drafter_dir) if drafter_dir.exists() else "none",
         "tuned_beam": "W={}, L={}".format(*tuned) if tuned else "not tuned",
+        "tuned_sampled_beam": "W={}, L={}".format(*sampled) if sampled else "not tuned",
     }

@@ -167,7 +167,8 @@ def share_tuned(model_path, group: mx.distributed.Group) -> None:
     """
     if group.rank() == 0:
         beam, curve = tuned_beam(model_path), load_cost_curve(model_path)
-        broadcast_json({"beam": beam, "curve": curve}, group)
+        sampled = tuned_beam(model_path, sampled=True)
+        broadcast_json({"beam": beam, "sampled": sampled, "curve": curve}, group)
         return
     shared = broadcast_json(None, group)
     store = tempfile.mkdtemp(prefix="mlx-redrafter-rank-")
@@ -175,6 +176,8 @@ def share_tuned(model_path, group: mx.distributed.Group) -> None:
     os.environ["MLX_REDRAFTER_CONFIG_DIR"] = store
     if shared["beam"]:
         save_tuned_beam(model_path, *shared["beam"])
+    if shared["sampled"]:
+        save_tuned_beam(model_path, *shared["sampled"], sampled=True)
     if shared["curve"]:
         save_cost_curve(
             model_path, [{"n": i + 1, "ratio": r} for i, r in enumerate(shared["curve"])]

@@ -283,9 +283,8 @@ def _start(
         raise GenerationError(f"draft_method must be one of {DRAFT_CHOICES}, got {draft_method!r}")
     ids = encode_prompt(tokenizer, prompt)
     look = plan.fit_copies(model.context_length, len(ids), max_tokens)
-    _check_fits(
-        model, len(ids), max_tokens, lookahead_tokens(drafter is not None, plan.beam_length, look)
-    )
+    beam = plan.beam_for(sampling)
+    _check_fits(model, len(ids), max_tokens, lookahead_tokens(drafter is not None, beam[1], look))
     if opts.seed is not None:
         mx.random.seed(opts.seed)
     if cache is None:
@@ -302,7 +301,7 @@ def _start(
     policy = plan.tree_policy(model, memory) if look is not None else None
     if policy is not None and opts.seed is not None:
         policy.learn_costs = False  # seeded: the same trees, so the same draws, on any machine
-    spec = Speculation(drafter, plan.beam, look, policy, draft_method, memory, opts.profile)
+    spec = Speculation(drafter, beam, look, policy, draft_method, memory, opts.profile)
     steps = redrafter_steps(model, cache, new_ids, sampling, stats, spec, history=ids)
     return _Run(ids, cache, steps, stats, sampling, drafter is not None, memory, policy)
 

@@ -38,6 +38,8 @@ class DecodePlan:
     lookup: LookupConfig | None  # None: context lookup is off
     lookup_max_given: bool  # lookup_max was explicit: copies keep it near the context's end
     cost_curve: tuple[float, ...]  # t(n)/t(1), n = 1..N: where each tree policy starts
+    # (W, L) for sampled requests: what `tune --temp` stored, unless a shape was given
+    sampled_beam: tuple[int, int] | None = None
 
     @classmethod
     def resolve(
@@ -51,11 +53,22 @@ class DecodePlan:
         """The plan for `model` (its `source_path` keys what `tune` stored; a path works too)."""
         path = getattr(model, "source_path", None) if not _is_path(model) else model
         beam = _resolve_beam(path, beam_width, beam_length)
+        sampled = None
+        if beam_width is None and beam_length is None and path is not None:
+            sampled = _stored_sampled_beam(path)
         look = resolve_lookup(lookup, lookup_max)
         curve = defaults.load_cost_curve(path) if path is not None else None
         if curve is None:
             curve = default_cost_curve("gpu" if mx.default_device().type == mx.gpu else "cpu")
-        return cls(beam, look, lookup_max is not None, tuple(float(r) for r in curve))
+        curve = tuple(float(r) for r in curve)
+        return cls(beam, look, lookup_max is not None, curve, sampled)
+
+    def beam_for(self, sampling: SamplingConfig) -> tuple[int, int]:
+        """The drafter's (W, L) for a request: the sampled shape when it samples and `tune`
+        stored one, else `beam`."""
+        if self.sampled_beam is not None and not sampling.greedy:
+            return self.sampled_beam
+        return self.beam
 
     @property
     def beam_width(self) -> int:
@@ -65,9 +78,14 @@ class DecodePlan:
     def beam_length(self) -> int:
         return self.beam[1]
 
+    @property
+    def deepest_beam(self) -> int:
+        """The longer beam length of the greedy and the sampled shapes."""
+        return max(self.beam_length, self.sampled_beam[1] if self.sampled_beam else 0)
+
     def lookahead(self, with_drafter: bool) -> int:
         """Cache room a round may write past the context: the deepest tree it can verify."""
-        return lookahead_tokens(with_drafter, self.beam_length, self.lookup)
+        return lookahead_tokens(with_drafter, self.deepest_beam, self.lookup)
 
     def headroom(self, with_drafter: bool) -> int:
         """Context to keep free past max_tokens so that a request fits: the lookahead with the
@@ -76,11 +94,13 @@ class DecodePlan:
         look = self.lookup
         if look is not None and not self.lookup_max_given:
             look = replace(look, max_tokens=min(8, look.max_tokens))
-        return lookahead_tokens(with_drafter, self.beam_length, look)
+        return lookahead_tokens(with_drafter, self.deepest_beam, look)
 
     def draft_method(self, sampling: SamplingConfig, requested: str | None) -> str:
         """The drafter's draft method for a request: the one asked for, else the default rule."""
-        return default_draft_method(sampling, self.beam_width) if requested is None else requested
+        if requested is not None:
+            return requested
+        return default_draft_method(sampling, self.beam_for(sampling)[0])
 
     def fit_copies(self, context_length, prompt_tokens: int, max_tokens: int):
         """Near the end of the context, default-length copies shrink to the room left (at least
@@ -115,6 +135,14 @@ def _resolve_beam(path, beam_width, beam_length) -> tuple[int, int]:
         return defaults.resolve_beam(path, beam_width, beam_length)
     except ValueError as e:
         raise GenerationError(str(e)) from None
+
+
+def _stored_sampled_beam(path) -> tuple[int, int] | None:
+    try:
+        stored = defaults.tuned_beam(path, sampled=True)
+        return defaults.check_beam(*stored) if stored else None
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None  # an unreadable or foreign entry is no reason to fail
 
 
 def resolve_beam(model, beam_width: int | None, beam_length: int | None) -> tuple[int, int]:

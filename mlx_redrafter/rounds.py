@@ -70,6 +70,7 @@ class DecodeStats:
     steps: int = 0  # base-model decode steps (plain) or verify rounds (ReDrafter)
     accepted: list[int] = field(default_factory=list)  # drafted tokens accepted per round
     beam_length: int = 1
+    beam_width: int = 1  # the drafter's beam shape this run used (W, L)
     draft_time: float = 0.0  # the drafter's beam search
     # The verify forward. It runs lazily, inside acceptance's host sync, so without profile
     # that sync counts here and accept_time stays 0; with profile it is evaluated on its own.
@@ -434,7 +435,7 @@ def redrafter_steps(
     own so the time split is exact (one more sync per round).
     """
     sampling = TokenChoice.of(sampling)
-    stats.beam_length = spec.beam[1]
+    stats.beam_width, stats.beam_length = spec.beam
     t0 = time.perf_counter()
     context = prefill(model, cache, prompt, features=drafter_features(spec.drafter))
     g0 = _sample(model.logits(context).astype(mx.float32), sampling)

@@ -95,3 +95,44 @@ def test_tune_without_a_drafter_is_one_line(tiny, tmp_path):
         ["tune", "--model", str(tiny[0])], env={"MLX_REDRAFTER_CONFIG_DIR": str(tmp_path)}
     )
     assert proc.returncode == 1 and "needs a drafter" in proc.stderr
+
+
+def test_tune_with_temp_stores_the_shape_sampled_requests_use(tiny, tmp_path):
+    model_dir, drafter_dir = tiny
+    env = {"MLX_REDRAFTER_CONFIG_DIR": str(tmp_path / "config")}
+    tune = ["tune", "--model", str(model_dir), "--drafter", str(drafter_dir), "-N", "1",
+            "-n", "6", "--widths", "2,3", "--lengths", "2,4", "--repeats", "1",
+            "--curve-nodes", "4"]  # fmt: skip
+    proc = invoke([*tune, "--temp", "0.8", "--top-p", "0.9", "--seed", "1,2"], env=env)
+    assert proc.returncode == 0, proc.stderr
+    entry = next(iter(json.loads((tmp_path / "config" / "tuned.json").read_text()).values()))
+    W, L = entry["sampled_beam_width"], entry["sampled_beam_length"]
+    assert W in (2, 3) and L in (2, 4)
+    assert "beam_width" not in entry and "verify_cost" not in entry  # greedy: not tuned yet
+    assert entry["sampled"]["temperature"] == 0.8 and entry["sampled"]["top_p"] == 0.9
+    assert f"best sampled beam shape: W={W}, L={L}" in proc.stdout
+
+    def shape(*extra):
+        proc = invoke(
+            ["generate", "--model", str(model_dir), "--drafter", str(drafter_dir), "-p", "hi",
+             "-n", "5", "--json", *extra],
+            env=env,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        out = json.loads(proc.stdout.strip().splitlines()[-1])
+        return out["beam_width"], out["beam_length"]
+
+    assert shape("--temp", "0.7", "--seed", "3") == (W, L)  # a sampled request: the sampled shape
+    assert shape() == (1, 3)  # greedy: not tuned, the built-in default
+    assert shape("--temp", "0.7", "-W", "4", "-L", "5") == (4, 5)  # explicit wins
+
+    # A greedy tune afterwards keeps the sampled shape beside its own.
+    proc = invoke([*tune, "--widths", "1", "--lengths", "5"], env=env)
+    assert proc.returncode == 0, proc.stderr
+    entry = next(iter(json.loads((tmp_path / "config" / "tuned.json").read_text()).values()))
+    assert (entry["beam_width"], entry["beam_length"]) == (1, 5)
+    assert (entry["sampled_beam_width"], entry["sampled_beam_length"]) == (W, L)
+    assert shape() == (1, 5) and shape("--temp", "0.7", "--seed", "3") == (W, L)
+    env["MLX_REDRAFTER_DEFAULT_MODEL"] = str(model_dir)
+    info = json.loads(invoke(["info", "--json"], env=env).stdout)
+    assert info["tuned_sampled_beam"] == f"W={W}, L={L}"

@@ -63,13 +63,14 @@ from .report import (
     sweep_grid,
     write_json,
 )
-from .rsd_replay import DraftConfig, format_sampled_acceptance, sampled_acceptance
+from .rsd_replay import LOOKUP_ONLY, DraftConfig, format_sampled_acceptance, sampled_acceptance
 from .tune import TuneSettings, run_tune, verify_cost_curve
 
 __all__ = [
     "CATEGORIES",
     "DRAFT_CHOICES",
     "DraftConfig",
+    "LOOKUP_ONLY",
     "SamplingConfig",
     "format_sampled_acceptance",
     "sampled_acceptance",

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
+from ..accept import SamplingConfig
 from ..defaults import save_cost_curve, save_tuned_beam
 from ..env import fast_path, now
 from ..generation import verify_tree
@@ -74,7 +75,7 @@ def verify_cost_curve(
 
 def _tuned_record(best: dict, curve: list[dict], drafter_path, num_prompts: int, max_tokens: int):
     """What is stored beside a tuned shape: its figures and what they were measured with."""
-    return {
+    out = {
         "decode_tps": best["decode_tps_mean"],
         "speedup_vs_ar": best["speedup_vs_ar"],
         "tokens_per_step": best["tokens_per_step"],
@@ -86,12 +87,17 @@ def _tuned_record(best: dict, curve: list[dict], drafter_path, num_prompts: int,
         "mlx": mx.__version__,
         "tuned_at": now(),
     }
+    if not curve:
+        del out["verify_cost"]  # a sampled sweep measures no curve
+    return out
 
 
 @dataclass(frozen=True)
 class TuneSettings:
     """What `tune` measures: the W x L grid, tokens per prompt, the curve's largest node
-    count (0: no curve) and timing repeats, and whether the result is stored."""
+    count (0: no curve) and timing repeats, and whether the result is stored. With a sampling
+    rule that is not greedy the sweep samples (once per seed) and finds the shape for sampled
+    requests: stored beside the greedy one, with no curve (the curve does not depend on it)."""
 
     widths: tuple[int, ...] = (1, 2, 3, 4)
     lengths: tuple[int, ...] = (3, 4, 5, 6)
@@ -99,6 +105,12 @@ class TuneSettings:
     curve_nodes: int = 32
     repeats: int = 5
     save: bool = True
+    sampling: SamplingConfig = SamplingConfig()
+    seeds: tuple[int, ...] = (0,)
+
+    @property
+    def sampled(self) -> bool:
+        return not self.sampling.greedy
 
 
 def run_tune(
@@ -119,9 +131,14 @@ def run_tune(
     """
     widths, lengths, max_tokens = settings.widths, settings.lengths, settings.max_tokens
     curve_nodes, repeats, save = settings.curve_nodes, settings.repeats, settings.save
+    if settings.sampled:
+        curve_nodes = 0
     curve = verify_cost_curve(model, max_nodes=curve_nodes, repeats=repeats) if curve_nodes else []
     methods = make_methods(["ar", "redrafter"], beam_shapes(widths, lengths), sweep=True)
-    runner = Bench(model, tokenizer, drafter, max_tokens=max_tokens)
+    runner = Bench(
+        model, tokenizer, drafter, max_tokens=max_tokens,
+        sampling=settings.sampling, seeds=settings.seeds,
+    )  # fmt: skip
     header = make_header(
         model,
         model_path,
@@ -137,7 +154,17 @@ def run_tune(
     saved_to = None
     if save and best is not None:
         extra = _tuned_record(best, curve, drafter_path, len(prompts), max_tokens)
-        saved_to = save_tuned_beam(model_path, best["beam_width"], best["beam_length"], extra)
+        if settings.sampled:
+            s = settings.sampling
+            extra.update(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k)
+        shape = (best["beam_width"], best["beam_length"])
+        saved_to = save_tuned_beam(model_path, *shape, extra, sampled=settings.sampled)
     elif save and curve:
         saved_to = save_cost_curve(model_path, curve)
-    return {"verify_cost": curve, "result": result, "best": best, "saved_to": saved_to}
+    return {
+        "verify_cost": curve,
+        "result": result,
+        "best": best,
+        "saved_to": saved_to,
+        "sampled": settings.sampled,
+    }

@@ -106,6 +106,14 @@ def bench(
             "references (repeat the option).",
         ),
     ] = None,
+    with_lookup: Annotated[
+        bool,
+        typer.Option(
+            "--with-lookup",
+            help="With --acceptance --temp: every draft also with a context-lookup branch, "
+            "and lookup alone, at each shape.",
+        ),
+    ] = False,
     dtype: Annotated[str | None, typer.Option(help="Cast the models to this dtype.")] = None,
     temp: Annotated[
         float, typer.Option("--temp", help="Sampling temperature for every method (0: greedy).")
@@ -137,6 +145,8 @@ def bench(
     sampling, seed_list, drafts = _sampling_options(temp, top_p, top_k, seeds, draft_methods)
     prompt_list = load_prompts(prompts, num_prompts, per_category)
     bench_lib.check_request(names, prompt_list, sweep, beam_width, beam_length, plot)
+    if with_lookup and (not acceptance or sampling.greedy):
+        raise RedrafterError("--with-lookup needs --acceptance and --temp above 0")
     no_drafter = not bench_lib.needs_drafter(names)
     loaded = load_for(model, dtype, drafter, no_drafter, beam_width, beam_length)
     if acceptance:
@@ -145,11 +155,7 @@ def bench(
         if not sampling.greedy:
             if compare:
                 raise RedrafterError("--compare replays greedy decoding; drop --temp")
-            configs = [
-                bench_lib.DraftConfig(d, w, length)
-                for w, length in _shapes(widths, lengths)
-                for d in drafts or bench_lib.DRAFT_CHOICES
-            ]
+            configs = _draft_configs(_shapes(widths, lengths), drafts, with_lookup)
             return _sampled_acceptance(
                 loaded, prompt_list, configs, sampling, seed_list, max_tokens, json_out
             )
@@ -242,6 +248,21 @@ def _sampling_options(temp: float, top_p: float, top_k: int, seeds: str, drafts:
     return sampling, seed_list, draft_list
 
 
+def _draft_configs(shapes, drafts, with_lookup: bool) -> list:
+    """The sampled replay's configurations: every shape x draft method, and with lookup each
+    of them with a lookup branch too, plus lookup alone once per beam length."""
+    configs = [
+        bench_lib.DraftConfig(d, w, length, lookup)
+        for w, length in shapes
+        for lookup in ((False, True) if with_lookup else (False,))
+        for d in drafts or bench_lib.DRAFT_CHOICES
+    ]
+    if with_lookup:
+        lengths = sorted({length for _, length in shapes})
+        configs += [bench_lib.DraftConfig(bench_lib.LOOKUP_ONLY, 1, n, True) for n in lengths]
+    return configs
+
+
 def _sampled_acceptance(loaded, prompt_list, configs, sampling, seeds, max_tokens, json_out):
     """bench --acceptance --temp: expected tokens per step of every draft configuration."""
     ids = [encode_chat(loaded.tokenizer, p.text) for p in prompt_list]
@@ -328,9 +349,23 @@ def tune(
     no_save: Annotated[bool, typer.Option("--no-save", help="Measure, but store nothing.")] = False,
     json_out: Json = None,
     dtype: Annotated[str | None, typer.Option(help="Cast the model to this dtype.")] = None,
+    temp: Annotated[
+        float,
+        typer.Option(
+            "--temp",
+            help="Above 0: sweep sampled decoding and store the shape for sampled requests "
+            "(beside the greedy one; no curve).",
+        ),
+    ] = 0.0,
+    top_p: Annotated[float, typer.Option("--top-p", help="With --temp: nucleus sampling.")] = 1.0,
+    top_k: Annotated[int, typer.Option("--top-k", help="With --temp: top-k (0: off).")] = 0,
+    seeds: Annotated[
+        str, typer.Option("--seed", help="With --temp: comma-separated seeds, one run each.")
+    ] = "1,2",
 ):
     """Find the best beam shape (W, L) for this device and model, and store it for chat and
-    generate (shown by `info`)."""
+    generate (shown by `info`); with --temp, the best shape for sampled requests."""
+    sampling, seed_list, _ = _sampling_options(temp, top_p, top_k, seeds, None)
     check_options(
         num_prompts=(num_prompts, 1),
         max_tokens=(max_tokens, 1),
@@ -359,8 +394,12 @@ def tune(
         raise RedrafterError("tune needs a drafter: pass --drafter")
     prompt_list = load_prompts(prompts, num_prompts)
     w_list, l_list = int_list(widths, "--widths"), int_list(lengths, "--lengths")
-    typer.echo(f"measuring the verify-cost curve (n = 1..{curve_nodes}) ...", err=True)
-    bar, advance = progress_bar(len(prompt_list) * (1 + len(w_list) * len(l_list)), "tune")
+    runs = len(prompt_list) * (1 + len(w_list) * len(l_list))
+    if sampling.greedy:
+        typer.echo(f"measuring the verify-cost curve (n = 1..{curve_nodes}) ...", err=True)
+    else:
+        runs *= len(seed_list)
+    bar, advance = progress_bar(runs, "tune")
     with bar:
         out = bench_lib.run_tune(
             base,
@@ -370,8 +409,15 @@ def tune(
             loaded.model_path,
             loaded.drafter_path,
             bench_lib.TuneSettings(
-                tuple(w_list), tuple(l_list), max_tokens, curve_nodes, repeats, not no_save
-            ),
+                tuple(w_list),
+                tuple(l_list),
+                max_tokens,
+                curve_nodes,
+                repeats,
+                not no_save,
+                sampling,
+                tuple(seed_list),
+            ),  # fmt: skip
             progress=advance,
         )
     typer.echo(bench_lib.format_table(out["result"]))
@@ -384,8 +430,9 @@ def _report_best(out: dict) -> None:
     """The shape tune found, a warning when no shape beat plain decoding, where it went."""
     best = out["best"]
     speedup = best["speedup_vs_ar"]
+    which = "sampled " if out.get("sampled") else ""
     typer.echo(
-        f"\nbest beam shape: W={best['beam_width']}, L={best['beam_length']} "
+        f"\nbest {which}beam shape: W={best['beam_width']}, L={best['beam_length']} "
         f"({speedup:.2f}x plain decoding, {best['tokens_per_step']:.2f} tokens/step)"
     )
     if speedup < 1.0:
@@ -396,4 +443,5 @@ def _report_best(out: dict) -> None:
             err=True,
         )
     if out["saved_to"]:
-        typer.echo(f"saved to {out['saved_to']}; chat and generate use it unless -W/-L are given")
+        requests = "sampled requests" if out.get("sampled") else "chat and generate"
+        typer.echo(f"saved to {out['saved_to']}; {requests} use it unless -W/-L are given")

@@ -130,7 +130,7 @@ def generate(
         out = {"text": "".join(text), "tokens": tokens, **last.stats.as_dict()}
         if logprobs is not None:
             out["logprobs"] = scores
-        typer.echo(json.dumps({**out, **_run_fields(loaded, tokens, last.finish_reason, lookup)}))
+        typer.echo(json.dumps({**out, **_run_fields(loaded, tokens, last, lookup)}))
     else:
         typer.echo()
         if is_leader():  # under mlx.launch every rank has a stderr
@@ -153,19 +153,19 @@ def _read_format(
     return read_json_object(json_schema, ConstraintError)
 
 
-def _run_fields(loaded: Loaded, tokens: list[int], finish_reason: str, lookup: bool) -> dict:
+def _run_fields(loaded: Loaded, tokens: list[int], last, lookup: bool) -> dict:
     """What the JSON adds to the run's DecodeStats: the setup and the finish."""
     draft = loaded.draft is not None
     return {
         "num_tokens": len(tokens),
-        "finish_reason": finish_reason,
+        "finish_reason": last.finish_reason,
         "peak_memory_gb": mx.get_peak_memory() / 1e9,
         "device": device_name(),
         "dtype": dtype_name(compute_dtype(loaded.base)),
         "model": str(loaded.model_path),
         "drafter": loaded.drafter_path,
-        "beam_width": loaded.beam_width if draft else None,
-        "beam_length": loaded.beam_length if draft else None,
+        "beam_width": last.stats.beam_width if draft else None,  # the shape that ran
+        "beam_length": last.stats.beam_length if draft else None,
         "lookup": lookup,
     }
 
@@ -180,7 +180,7 @@ def _stats_line(loaded: Loaded, stats: DecodeStats, lookup: bool) -> str:
         sources = ", ".join(f"{k} {v}" for k, v in sorted(stats.accepted_from.items()))
         line += f" | {stats.tokens_per_step:.2f} tokens/step"
         line += (
-            f" (W={loaded.beam_width}, L={loaded.beam_length}"
+            f" (W={stats.beam_width}, L={stats.beam_length}"
             if loaded.draft is not None
             else " (lookup"
         )
