@@ -386,3 +386,44 @@ def test_train_mix_cli_bad_input(tmp_path):
     proc = invoke(["train-mix", "-o", str(out), "--alpaca", str(bad)])
     assert proc.returncode != 0 and "alpaca.json is not Alpaca's JSON" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_warm_start_goes_on_from_the_given_drafter(tmp_path):
+    """--init-from: training starts from that drafter (its weights, architecture and draft
+    vocabulary), not from a random one; the log names it; a bad path is one clear error."""
+    model = tiny_model()
+    words = ["red", "blue", "sun", "moon", "tree", "cat", "dog", "sky"]
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"say {w}"}) + "\n" for w in words * 2))
+    data = DataConfig(num_prompts=None, new_tokens=6, gen_batch_size=8, shard_size=8)
+
+    def train(out, **fit):
+        return train_drafter(
+            model, path, tmp_path / out, tokenizer=TinyTokenizer(), data_config=data,
+            work_dir=tmp_path / "work", resume=False, progress=False,
+            fit_config=FitConfig(batch_size=16, num_predict=2, **fit),
+        )  # fmt: skip
+
+    train("first", num_layers=2, draft_vocab_size=8, seed=1)
+    first = load_drafter(tmp_path / "first", base=model)
+    # A near-zero rate: one step barely moves the weights, so the result is the start.
+    log = train(
+        "warm", num_layers=1, draft_vocab_size=0, seed=2, max_steps=1,
+        learning_rate=1e-9, init_from=str(tmp_path / "first"),
+    )  # fmt: skip
+    warm = load_drafter(tmp_path / "warm", base=model)
+    assert warm.args.num_draft_layers == 2
+    assert np.array_equal(np.array(warm.draft_vocab_ids), np.array(first.draft_vocab_ids))
+    start, got = params(first), params(warm)
+    assert start.keys() == got.keys()
+    for name in start:
+        assert_close(got[name], start[name], what=name)
+    assert log["settings"]["init_from"]["drafter"] == "first"
+    assert len(log["settings"]["init_from"]["weights_sha256"]) == 16
+    cold = train("cold", num_layers=2, draft_vocab_size=8, seed=2, max_steps=1, learning_rate=1e-9)
+    assert cold["settings"]["init_from"] is None
+    cold_params = params(load_drafter(tmp_path / "cold", base=model))
+    assert any(not np.allclose(cold_params[k], start[k], rtol=1e-3, atol=1e-3) for k in start)
+    with pytest.raises(TrainError, match="--init-from: drafter .*nowhere"):
+        train("bad", init_from=str(tmp_path / "nowhere"))
+    assert not (tmp_path / "bad").exists()

@@ -199,6 +199,14 @@ def train(
         int | None,
         typer.Option("--max-steps", help="Stop after this many steps (with a checkpoint)."),
     ] = FitConfig.max_steps,
+    init_from: Annotated[
+        str | None,
+        typer.Option(
+            "--init-from",
+            help="Start from this drafter instead of a random one (keeps its architecture "
+            "and draft vocabulary): train an existing drafter on more data.",
+        ),
+    ] = FitConfig.init_from,
     time_budget: Annotated[
         str | None,
         typer.Option(
@@ -268,6 +276,7 @@ def train(
                 rnn_context=rnn_context,
                 rnn_gate=rnn_gate,
                 max_steps=max_steps,
+                init_from=init_from,
             ),
             work_dir=work_dir,
             resume=not no_resume,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import mlx.core as mx
@@ -15,8 +15,8 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from ..drafter import init_drafter, load_drafter, save_drafter
-from ..errors import TrainError
+from ..drafter import Drafter, init_drafter, load_drafter, save_drafter
+from ..errors import RedrafterError, TrainError
 from .data import describe_model, same_model
 from .plan import Plan, lr_schedule
 
@@ -102,19 +102,48 @@ class State:
         save_checkpoint(ckpt_dir, self.drafter, self.optimizer, self.counters(settings), self.order)
 
 
-def start_run(model, plan: Plan, ckpt_dir: Path, resume: bool) -> State:
-    """A fresh drafter and optimizer, or the checkpoint's when resuming."""
-    c = plan.config
-    drafter = init_drafter(
-        model,
-        seed=c.seed,
-        exit_dim=c.exit_dim,
-        num_draft_layers=c.num_layers,
-        draft_vocab_ids=None if plan.vocab is None else plan.vocab.tolist(),
-        feature_layers=c.feature_layers,
-        rnn_context=c.rnn_context,
-        rnn_gate=c.rnn_gate,
+def warm_start(model, config):
+    """(the drafter `config.init_from` names, loaded in float32 for `model`, and the config
+    with that drafter's architecture), or (None, config) without one."""
+    if not config.init_from:
+        return None, config
+    path = Path(config.init_from)
+    try:
+        drafter = load_drafter(path, base=model, dtype=mx.float32)
+    except RedrafterError as e:
+        raise TrainError(f"--init-from: {e}") from None
+    if drafter.args.quantization:
+        raise TrainError(f"--init-from: {path} is quantized; start from a float drafter")
+    a = drafter.args
+    config = replace(
+        config,
+        exit_dim=a.exit_dim,
+        num_layers=a.num_draft_layers,
+        feature_layers=tuple(a.feature_layers or ()),
+        rnn_context=a.rnn_context,
+        rnn_gate=a.rnn_gate,
     )
+    return drafter, config
+
+
+def start_run(
+    model, plan: Plan, ckpt_dir: Path, resume: bool, init: Drafter | None = None
+) -> State:
+    """A fresh drafter (or the warm start `init`) and optimizer, or the checkpoint's when
+    resuming."""
+    c = plan.config
+    drafter = init
+    if drafter is None:
+        drafter = init_drafter(
+            model,
+            seed=c.seed,
+            exit_dim=c.exit_dim,
+            num_draft_layers=c.num_layers,
+            draft_vocab_ids=None if plan.vocab is None else plan.vocab.tolist(),
+            feature_layers=c.feature_layers,
+            rnn_context=c.rnn_context,
+            rnn_gate=c.rnn_gate,
+        )
     optimizer = optim.AdamW(
         learning_rate=lr_schedule(c.learning_rate, plan.warmup, plan.total),
         weight_decay=c.weight_decay,

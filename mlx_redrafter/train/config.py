@@ -87,6 +87,11 @@ class FitConfig:
     Drafter v3 levers (each a change to the recurrence; off in Apple's layout):
     `rnn_context` (every step of the RNN also reads the fused context) and `rnn_gate` (a
     sigmoid gate mixes each new state with the previous one).
+
+    `init_from`: a drafter directory to start from instead of a random drafter (a warm start:
+    go on training a drafter on new data); its architecture (exit width, layers, feature
+    layers, recurrence) and its draft vocabulary are kept, and the settings for them here are
+    replaced by its own.
     """
 
     epochs: int = 1
@@ -113,6 +118,7 @@ class FitConfig:
     draft_vocab_coverage: float | None = None
     rnn_context: bool = False
     rnn_gate: bool = False
+    init_from: str | None = None
 
     def __post_init__(self):
         if self.feature_layers != "auto":  # a list (from JSON or a caller) becomes a tuple

@@ -24,7 +24,7 @@ from mlx.utils import tree_map
 from ..drafter import load_drafter, save_drafter
 from ..env import DTYPES
 from ..errors import TrainInterrupted
-from .checkpoint import State, start_run
+from .checkpoint import State, start_run, warm_start
 from .config import FitConfig
 from .data import DistillData, progress_bar
 from .objective import Batches, coverage, evaluate, loss_terms, summarise
@@ -217,12 +217,13 @@ def fit(
     that many steps in all; `callback(step, metrics)` runs after every step. `eos_token_ids`
     are always in the draft vocabulary.
     """
-    config = config.resolved(model.args.num_hidden_layers)
+    init, config = warm_start(model, config.resolved(model.args.num_hidden_layers))
     check_inputs(model, data, config)
     t_start = time.perf_counter()
     work_dir, out_dir = Path(work_dir), Path(out_dir)
-    plan = make_plan(model, data, config, eos_token_ids)
-    state = start_run(model, plan, work_dir / "checkpoint", resume)
+    vocab = None if init is None else init.draft_vocab_ids
+    plan = make_plan(model, data, config, eos_token_ids, vocab)
+    state = start_run(model, plan, work_dir / "checkpoint", resume, init)
     if state.step == 0:  # an earlier run's best is not this run's
         shutil.rmtree(work_dir / "best", ignore_errors=True)
     _train(model, data, plan, state, work_dir, progress, callback)

@@ -5,13 +5,16 @@ checkpoint must match to resume the run."""
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
+from ..drafter import WEIGHTS_FILE
 from ..errors import DrafterError, TrainError
 from .config import FitConfig
 from .data import DATA_SEED, DistillData, describe_model, model_fingerprint, same_model
@@ -83,6 +86,7 @@ class Plan:
     total: int
     warmup: int
     settings: dict = field(default_factory=dict)
+    init_record: dict | None = None  # a warm start's drafter (name, weights digest)
 
     @property
     def last(self) -> int:
@@ -139,7 +143,15 @@ def check_inputs(model, data: DistillData, config: FitConfig) -> None:
         )
 
 
-def make_plan(model, data: DistillData, config: FitConfig, eos_token_ids: Sequence[int]) -> Plan:
+def make_plan(
+    model,
+    data: DistillData,
+    config: FitConfig,
+    eos_token_ids: Sequence[int],
+    vocab_ids: Sequence[int] | None = None,
+) -> Plan:
+    """The run's split, vocabulary, examples and steps; `vocab_ids`: a warm start's draft
+    vocabulary, kept as it is (else one is chosen from the training targets)."""
     V = model.args.vocab_size
     train_seqs, eval_seqs = split_sequences(data.num_sequences, config.eval_fraction)
     counts_train = target_counts(data, train_seqs, V)
@@ -151,6 +163,8 @@ def make_plan(model, data: DistillData, config: FitConfig, eos_token_ids: Sequen
             top = set(np.lexsort((np.arange(V), -counts_train))[:size].tolist())
             size += len({int(t) for t in eos_token_ids if 0 <= int(t) < V} - top)
     vocab = draft_vocabulary(counts_train, size, eos_token_ids)
+    if vocab_ids is not None:
+        vocab = np.array(sorted(int(t) for t in vocab_ids), np.int32)
     head_index = vocabulary_index(vocab, V)
     train_pos = make_positions(data, train_seqs, config.num_predict)
     eval_pos = make_positions(data, eval_seqs, config.num_predict)
@@ -176,8 +190,18 @@ def make_plan(model, data: DistillData, config: FitConfig, eos_token_ids: Sequen
         total=total,
         warmup=max(1, int(round(config.warmup_fraction * total))),
     )
+    plan.init_record = warm_start_record(config)
     plan.settings = _settings(plan, data)
     return plan
+
+
+def warm_start_record(config: FitConfig) -> dict | None:
+    """What the settings and the log say of a warm start: the drafter's name and weights."""
+    if not config.init_from:
+        return None
+    path = Path(config.init_from)
+    digest = hashlib.sha256((path / WEIGHTS_FILE).read_bytes()).hexdigest()[:16]
+    return {"drafter": path.name, "weights_sha256": digest}
 
 
 def _settings(plan: Plan, data: DistillData) -> dict:
@@ -207,6 +231,7 @@ def _settings(plan: Plan, data: DistillData) -> dict:
         "draft_vocab_coverage": c.draft_vocab_coverage,
         "rnn_context": c.rnn_context,
         "rnn_gate": c.rnn_gate,
+        "init_from": plan.init_record,
         "data": {k: v for k, v in data.fingerprint.items()},
         "sequences": data.num_sequences,
     }
