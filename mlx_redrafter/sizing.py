@@ -379,20 +379,39 @@ class TreePolicy:
         Comparing a lookup estimate with the drafter's realised rounds (as before) let
         optimistic lookup estimates keep the drafter out where it paid. The drafter runs
         until it has a profile, and is re-probed every REPROBE_EVERY rounds so that its
-        calibration does not go stale."""
+        calibration does not go stale.
+
+        Siblings with distinct tokens are accepted in exclusive events, so the phantom's first
+        token, distinct from every copy's, can be accepted with at most what the copies'
+        first tokens leave: 1 minus the sum of their estimates. A sure copy leaves the drafter
+        little to add, whatever its profile says."""
         if self.drafter_profile is None or self.rounds_without_drafter >= REPROBE_EVERY:
             return True
         root = candidates[0].tokens[0] if candidates else 0
         depth = len(self.drafter_profile)
+        profile = list(self.drafter_profile)
+        left = 1.0 - self._first_token_mass(candidates)
+        scale = self.calibration.scale((DRAFTER, 1))
+        profile[0] = min(profile[0], max(0.0, left) / scale) if scale > 0 else 0.0
         phantom = Candidate(
             DRAFTER,
             (root, *range(-1, -depth - 1, -1)),  # ids no real candidate has: no merging
-            tuple(self.drafter_profile),
+            tuple(profile),
             tuple((DRAFTER, d) for d in range(1, depth + 1)),
         )
         alone = self.select(candidates, False, learn=False)
         merged = self.select([*candidates, phantom], True, learn=False)
         return merged.value > alone.value
+
+    def _first_token_mass(self, candidates: Sequence[Candidate]) -> float:
+        """The summed estimates of the candidates' distinct first tokens (each token once, at
+        its best estimate)."""
+        best: dict[int, float] = {}
+        for cand in candidates:
+            if len(cand.tokens) > 1:
+                p = self.calibration.corrected(cand.raw[0], cand.buckets[0])
+                best[cand.tokens[1]] = max(best.get(cand.tokens[1], 0.0), p)
+        return sum(best.values())
 
     # -- learning ---------------------------------------------------------------------------
 

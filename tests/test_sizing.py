@@ -233,3 +233,26 @@ def test_calibration_shrinks_buckets_towards_their_group():
     merged = Calibration()
     merged.absorb(calibration)
     assert merged.scale((LOOKUP, 8)) == pytest.approx(unseen)
+
+
+def test_a_sure_copy_leaves_the_drafter_only_what_it_does_not_cover():
+    """The phantom drafter beam is a sibling of the copies with a distinct first token: it
+    can be accepted only where they are not, so its first estimate is capped by 1 minus
+    theirs. With a 0.95 copy the drafter (profile 0.9, 0.8, ...) is not worth its cost; the
+    uncapped phantom (0.9 on top of 0.95) would have run it."""
+    curve = np.array([1.0, 1.15, 1.23, 1.43, 1.49, 1.52, 1.53, 1.58] + [1.6] * 24)
+    sure = Candidate(LOOKUP, (5, 7, 8, 9), (0.95, 0.9, 0.9), tuple((LOOKUP, 32) for _ in "abc"))
+
+    def policy_with_profile():
+        policy = TreePolicy(curve)
+        good = policy.select(_beams(), with_drafter=True)  # profile (0.9, 0.8, 0.5)
+        policy.observe(good, [(5, 1), (5, 1, 2)], with_drafter=True)
+        return policy
+
+    policy = policy_with_profile()
+    assert not policy.want_drafter([sure])
+    assert policy.want_drafter([])  # nothing to copy: the drafter pays
+    # The control: without the cap, the same phantom is worth running.
+    uncapped = policy_with_profile()
+    uncapped._first_token_mass = lambda candidates: 0.0
+    assert uncapped.want_drafter([sure])

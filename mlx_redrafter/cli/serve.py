@@ -229,7 +229,10 @@ def _decoding_summary(loaded: Loaded, plan: DecodePlan) -> str:
     parts = []
     if loaded.draft is not None:
         w, length = plan.beam
-        parts.append(f"ReDrafter W={w} L={length} ({Path(loaded.drafter_path).name})")
+        shape = f"W={w} L={length}"
+        if plan.sampled_beam is not None and plan.sampled_beam != plan.beam:
+            shape += " (sampled: W={} L={})".format(*plan.sampled_beam)
+        parts.append(f"ReDrafter {shape} ({Path(loaded.drafter_path).name})")
     if plan.lookup is not None:
         parts.append(f"lookup (up to {plan.lookup.max_tokens} tokens)")
     return " + ".join(parts) or "plain decoding"
