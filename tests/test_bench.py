@@ -12,6 +12,7 @@ from mlx_redrafter.bench import (
     Method,
     make_methods,
     summarize,
+    format_sweep,
     sweep_grid,
 )
 
@@ -162,6 +163,20 @@ def test_summarize_speedups_and_mismatches():
     assert summary["redrafter"]["verify_ms_per_round"] == pytest.approx(1e3 * 0.4 / 3)
     grid = sweep_grid(summary, methods)
     assert grid["best"]["method"] == "redrafter" and grid["widths"] == [2]
+
+
+def test_a_sweep_of_several_draft_methods_prints_a_grid_each():
+    methods = make_methods(["ar", "redrafter"], [(1, 3)], sweep=True, drafts=["beam", "sbs"])
+    runs = {"ar": _run(40, [1, 2, 3])}
+    runs["redrafter-W1-L3/beam"] = _run(60, [1, 2, 3], accepted=[1, 0])
+    runs["redrafter-W1-L3/sbs"] = _run(50, [1, 2, 3], accepted=[1, 1])
+    summary = summarize([{"methods": runs}], methods)
+    grid = sweep_grid(summary, methods)
+    assert [c["draft"] for c in grid["cells"]] == ["beam", "sbs"]
+    text = format_sweep(grid)
+    assert "draft beam" in text and "draft sbs" in text
+    assert "| 1 | 1.50x (1.50) |" in text and "| 1 | 1.25x (2.00) |" in text
+    assert "best: W=1, L=3, draft beam" in text
 
 
 def test_bench_acceptance_prints_a_grid_and_writes_json(tiny, tmp_path):

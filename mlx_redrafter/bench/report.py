@@ -211,6 +211,7 @@ def sweep_grid(summary: dict, methods: Sequence[Method]) -> dict:
                 "beam_width": m.beam_width,
                 "beam_length": m.beam_length,
                 "method": m.name,
+                "draft": m.draft,
                 "decode_tps_mean": s["decode_tps_mean"],
                 "speedup_vs_ar": s["speedup_vs_ar"],
                 "speedup_vs_mlx_lm": s["speedup_vs_mlx_lm"],
@@ -377,10 +378,34 @@ def format_verify_cost(curve: list[dict]) -> str:
 
 
 def format_sweep(sweep: dict) -> str:
-    """Speedup vs ar (tokens per step) per beam width (rows) and length (columns)."""
-    cells = {(c["beam_width"], c["beam_length"]): c for c in sweep["cells"]}
+    """Speedup vs ar (tokens per step) per beam width (rows) and length (columns); one grid
+    per draft method when a sampled sweep compares several (`--draft beam,sbs`)."""
+    drafts = list(dict.fromkeys(c.get("draft") for c in sweep["cells"]))
+    lines = []
+    for draft in drafts:
+        cells = {
+            (c["beam_width"], c["beam_length"]): c
+            for c in sweep["cells"]
+            if c.get("draft") == draft
+        }
+        title = "sweep: decode speedup vs ar (tokens/step)"
+        lines += _sweep_grid_lines(
+            sweep, cells, title + (f", draft {draft}" if len(drafts) > 1 else "")
+        )
+    best = sweep.get("best")
+    if best:
+        how = f", draft {best['draft']}" if len(drafts) > 1 and best.get("draft") else ""
+        lines.append(
+            f"\nbest: W={best['beam_width']}, L={best['beam_length']}{how} "
+            f"({_fmt(best['decode_tps_mean'], '.1f')} tok/s, "
+            f"{_fmt(best['speedup_vs_ar'], '.2f', 'x')} vs ar)"
+        )
+    return "\n".join(lines)
+
+
+def _sweep_grid_lines(sweep: dict, cells: dict, title: str) -> list[str]:
     lines = [
-        "sweep: decode speedup vs ar (tokens/step)",
+        title,
         "| W \\ L | " + " | ".join(str(length) for length in sweep["lengths"]) + " |",
         "|---|" + "---:|" * len(sweep["lengths"]),
     ]
@@ -396,14 +421,7 @@ def format_sweep(sweep: dict) -> str:
                 speed = _fmt(c["decode_tps_mean"], ".1f", " tok/s")
             row.append(f"{speed} ({c['tokens_per_step']:.2f})")
         lines.append(f"| {w} | " + " | ".join(row) + " |")
-    best = sweep.get("best")
-    if best:
-        lines.append(
-            f"\nbest: W={best['beam_width']}, L={best['beam_length']} "
-            f"({_fmt(best['decode_tps_mean'], '.1f')} tok/s, "
-            f"{_fmt(best['speedup_vs_ar'], '.2f', 'x')} vs ar)"
-        )
-    return "\n".join(lines)
+    return lines
 
 
 def format_acceptance(grid: dict, max_tokens: int) -> str:
