@@ -10,9 +10,9 @@ from helpers import invoke, write_tiny_drafter, write_tiny_model
 from mlx_redrafter.bench import (
     BenchError,
     Method,
+    format_sweep,
     make_methods,
     summarize,
-    format_sweep,
     sweep_grid,
 )
 
