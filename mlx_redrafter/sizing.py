@@ -92,6 +92,7 @@ MAX_COND = 0.98
 PRIOR_WEIGHT = 4.0  # pseudo-observations behind each calibration's initial scale of 1
 DEFAULT_MAX_NODES = 32
 REPROBE_EVERY = 16  # rounds between two drafter runs when lookup keeps winning
+PROFILE_ROUNDS = 3  # the drafter runs in a generation's first rounds until its profile has these
 DRAFT_COST_WINDOW = 15  # rounds behind the drafter's cost estimate (a running median)
 
 
@@ -306,6 +307,7 @@ class TreePolicy:
         # EMA of the drafter's raw conditional estimates along its best beam, per depth: what
         # a drafter round typically brings, for deciding whether to run it (`want_drafter`)
         self.drafter_profile: list[float] | None = None
+        self.profile_rounds = 0  # drafter rounds behind the profile
         self.rounds_without_drafter = 0
         self._draft_ratios: list[float] = []  # the last DRAFT_COST_WINDOW draft/step ratios
 
@@ -359,14 +361,19 @@ class TreePolicy:
         )
 
     def _learn_profile(self, candidates: Sequence[Candidate]) -> None:
+        """The drafter's typical estimates: the mean of its first rounds' best beams, then an
+        exponential average (weight 0.2), so that one odd first round does not set it."""
         beam = next((c for c in candidates if c.source == DRAFTER), None)
         if beam is None or not beam.raw:
             return
         if self.drafter_profile is None or len(self.drafter_profile) != len(beam.raw):
             self.drafter_profile = list(beam.raw)
+            self.profile_rounds = 1
         else:
+            self.profile_rounds += 1
+            w = max(0.2, 1.0 / self.profile_rounds)
             self.drafter_profile = [
-                0.8 * old + 0.2 * new
+                (1 - w) * old + w * new
                 for old, new in zip(self.drafter_profile, beam.raw, strict=True)
             ]
 
@@ -378,14 +385,19 @@ class TreePolicy:
         any drafter node, its tokens distinct from every copy), the drafter's cost included.
         Comparing a lookup estimate with the drafter's realised rounds (as before) let
         optimistic lookup estimates keep the drafter out where it paid. The drafter runs
-        until it has a profile, and is re-probed every REPROBE_EVERY rounds so that its
+        until its profile rests on PROFILE_ROUNDS rounds (one odd first beam kept it out of a
+        whole short answer), and is re-probed every REPROBE_EVERY rounds so that its
         calibration does not go stale.
 
         Siblings with distinct tokens are accepted in exclusive events, so the phantom's first
         token, distinct from every copy's, can be accepted with at most what the copies'
         first tokens leave: 1 minus the sum of their estimates. A sure copy leaves the drafter
         little to add, whatever its profile says."""
-        if self.drafter_profile is None or self.rounds_without_drafter >= REPROBE_EVERY:
+        if (
+            self.drafter_profile is None
+            or self.profile_rounds < PROFILE_ROUNDS
+            or self.rounds_without_drafter >= REPROBE_EVERY
+        ):
             return True
         root = candidates[0].tokens[0] if candidates else 0
         depth = len(self.drafter_profile)

@@ -8,6 +8,7 @@ import pytest
 from mlx_redrafter.sizing import (
     DRAFTER,
     LOOKUP,
+    PROFILE_ROUNDS,
     Calibration,
     Candidate,
     TreePolicy,
@@ -164,8 +165,9 @@ def test_drafter_is_skipped_when_lookup_alone_is_better_and_reprobed():
     policy = TreePolicy(1.0 + 0.17 * np.arange(32))
     copy = [copy_candidate(0, list(range(1, 17)), match_len=40)]  # a long, sure copy
     assert policy.want_drafter(copy)  # no drafter profile yet
-    weak = policy.select(_beams()[1:], with_drafter=True)  # learns the profile (0.9, 0.1, 0.1)
-    policy.observe(weak, [], with_drafter=True)
+    for _ in range(PROFILE_ROUNDS):  # learns the profile (0.9, 0.1, 0.1)
+        weak = policy.select(_beams()[1:], with_drafter=True)
+        policy.observe(weak, [], with_drafter=True)
     assert not policy.want_drafter(copy)  # the copy alone is worth more than copy + drafter
     assert policy.want_drafter([])  # with nothing to copy, a 0.9 first token pays its cost
     for k in range(16):
@@ -245,8 +247,9 @@ def test_a_sure_copy_leaves_the_drafter_only_what_it_does_not_cover():
 
     def policy_with_profile():
         policy = TreePolicy(curve)
-        good = policy.select(_beams(), with_drafter=True)  # profile (0.9, 0.8, 0.5)
-        policy.observe(good, [(5, 1), (5, 1, 2)], with_drafter=True)
+        for _ in range(PROFILE_ROUNDS):
+            good = policy.select(_beams(), with_drafter=True)  # profile (0.9, 0.8, 0.5)
+            policy.observe(good, [(5, 1), (5, 1, 2)], with_drafter=True)
         return policy
 
     policy = policy_with_profile()
@@ -256,3 +259,20 @@ def test_a_sure_copy_leaves_the_drafter_only_what_it_does_not_cover():
     uncapped = policy_with_profile()
     uncapped._first_token_mass = lambda candidates: 0.0
     assert uncapped.want_drafter([sure])
+
+
+def test_one_weak_first_round_does_not_keep_the_drafter_out():
+    """The profile is the mean of the first rounds, and the drafter runs until it has
+    PROFILE_ROUNDS of them: a first beam at 0.13 (then 0.9s) must not skip the drafter for
+    the next 14 rounds, as it did with a profile set by the first round alone."""
+    curve = 1.0 + 0.17 * np.arange(32)
+    weak = drafter_candidates(np.array([[5, 1, 2]]), np.log(np.array([[1.0, 0.13, 0.05]])))
+    good = drafter_candidates(np.array([[5, 1, 2]]), np.log(np.array([[1.0, 0.9, 0.72]])))
+    policy = TreePolicy(curve)
+    policy.observe(policy.select(weak, with_drafter=True), [], with_drafter=True)
+    assert policy.want_drafter([])  # one round is not a profile yet
+    for _ in range(2):
+        policy.observe(policy.select(good, True), [(5, 1), (5, 1, 2)], with_drafter=True)
+    assert policy.profile_rounds == 3
+    assert policy.drafter_profile[0] == pytest.approx((0.13 + 0.9 + 0.9) / 3)
+    assert policy.want_drafter([])
