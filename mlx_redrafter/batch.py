@@ -1,6 +1,7 @@
-"""The base model over many sequences at once: greedy generation with continuous batching
-(the drafter's training data, and the benchmark's reference answers) and the hidden states
-of given responses under teacher forcing (the `dataset` and `relabel` training targets)."""
+"""The base model over many sequences at once: generation with continuous batching, greedy
+or sampled (the drafter's training data, and the benchmark's reference answers), and the
+hidden states of given responses under teacher forcing (the `dataset` and `relabel` training
+targets)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from collections.abc import Callable, Sequence
 import mlx.core as mx
 import numpy as np
 
+from .accept import SamplingConfig, dense_logprobs
 from .errors import GenerationError
 
 
@@ -56,7 +58,7 @@ def top_log_probs(logits: mx.array, k: int) -> tuple[mx.array, mx.array]:
     return ids, mx.take_along_axis(logits, ids, axis=-1) - lse
 
 
-def generate_greedy_batch(
+def generate_batch(
     model,
     prompts: Sequence[Sequence[int]],
     max_new_tokens: int,
@@ -65,16 +67,23 @@ def generate_greedy_batch(
     on_finish: Callable[[int], None] | None = None,
     features: Sequence[int] = (),
     top_k: int = 0,
+    sampling: SamplingConfig | None = None,
+    seed: int = 0,
 ) -> list[tuple]:
-    """Greedy responses to prompts, with the hidden state that produced each token.
+    """Responses to prompts, greedy or sampled, with the hidden state that produced each token.
 
     Returns per prompt (response ids, hidden (len(response), h) float32): hidden[k] is the
     post-norm hidden state of the token fed before response[k] (the last prompt token for
     k = 0), i.e. what a teacher-forced pass over prompt + response gives at those positions.
     A response ends at a stop id (kept) or after max_new_tokens. With `features` (block
-    indices) each hidden row also carries those layers' states (see Model.__call__); with
-    `top_k` > 0 each entry gains (ids (len, k) int32, log-probs (len, k) float32): the base's
-    k most likely tokens at each response position, from the same logits as the greedy choice.
+    indices) each hidden row also carries those layers' states (see Model.__call__).
+
+    `sampling` (not greedy) draws each token from the warped distribution (random keys from
+    `seed`: the same prompts in the same batches give the same answers), and each entry
+    gains, third,
+    labels (len,) int32: the base's greedy choice at each position of the sampled answer.
+    With `top_k` > 0 each entry ends with (ids (len, k) int32, log-probs (len, k) float32):
+    the base's k most likely tokens at each response position, from the same logits.
 
     Continuous batching: up to `batch_size` rows decode together in one cache, each with its
     own positions and a mask over its own columns. A finished row leaves the cache, and when
@@ -90,7 +99,8 @@ def generate_greedy_batch(
         raise GenerationError("cannot generate from an empty prompt")
     batch_size = batch_size or n
     refill_at = max(1, batch_size // 8)
-    out = _Responses(n, max_new_tokens, stop_ids, top_k, on_finish)
+    sampling = None if sampling is None or sampling.greedy else sampling
+    out = _Responses(n, max_new_tokens, stop_ids, top_k, on_finish, sampling, seed)
     batch = _Rows()
     # Shortest prompts first: a group is prefilled padded to its longest prompt, and a joined
     # row's columns stretch every row's cache, so one long prompt among short ones costs the
@@ -121,27 +131,39 @@ def _similar_lengths(queue: list[int], prompts) -> list[int]:
 class _Responses:
     """What each prompt has generated so far: tokens, the hidden state before each, top-k."""
 
-    def __init__(self, n: int, max_new_tokens: int, stop_ids, top_k: int, on_finish):
+    def __init__(
+        self, n: int, max_new_tokens: int, stop_ids, top_k: int, on_finish, sampling=None, seed=0
+    ):
         self.max_new_tokens, self.top_k, self.on_finish = max_new_tokens, top_k, on_finish
+        self.sampling = sampling
+        self.key = mx.random.key(seed)
         self.stop = set(int(t) for t in stop_ids)
         self.tokens: list[list[int]] = [[] for _ in range(n)]
+        self.labels: list[list[int]] = [[] for _ in range(n)]  # greedy choices (sampling)
         self.hiddens: list[list[np.ndarray]] = [[] for _ in range(n)]
         self.tops: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(n)]
 
     def record(self, rows: list[int], logits: mx.array, hidden: mx.array):
-        """Append each row's greedy token and hidden state (and top-k); -> (the positions of
-        unfinished rows, the tokens)."""
+        """Append each row's token (greedy or sampled) and hidden state (and greedy label,
+        top-k); -> (the positions of unfinished rows, the tokens)."""
         top_k = self.top_k
-        tokens = mx.argmax(logits, axis=-1).astype(mx.int32)
+        greedy = mx.argmax(logits, axis=-1).astype(mx.int32)
+        tokens = greedy
+        if self.sampling is not None:
+            self.key, key = mx.random.split(self.key)
+            logprobs = dense_logprobs(logits, self.sampling)
+            tokens = mx.random.categorical(logprobs, axis=-1, key=key).astype(mx.int32)
         top = top_log_probs(logits, top_k) if top_k else ()
-        mx.eval(tokens, hidden, *top)
+        mx.eval(tokens, greedy, hidden, *top)
         tok_np = np.array(tokens).reshape(-1)
+        greedy_np = np.array(greedy).reshape(-1)
         h_np = np.array(hidden.astype(mx.float32))
         if top_k:
             top_ids, top_lp = np.array(top[0]), np.array(top[1])
         going = []
         for j, b in enumerate(rows):
             self.tokens[b].append(int(tok_np[j]))
+            self.labels[b].append(int(greedy_np[j]))
             self.hiddens[b].append(h_np[j])
             if top_k:
                 self.tops[b].append((top_ids[j], top_lp[j]))
@@ -152,17 +174,15 @@ class _Responses:
         return going, tokens
 
     def results(self) -> list[tuple]:
-        n = range(len(self.tokens))
-        if self.top_k:
-            return [
-                (
-                    self.tokens[b],
-                    np.stack(self.hiddens[b]),
-                    *(np.stack(x) for x in zip(*self.tops[b], strict=True)),
-                )
-                for b in n
-            ]
-        return [(self.tokens[b], np.stack(self.hiddens[b])) for b in n]
+        out = []
+        for b in range(len(self.tokens)):
+            entry = [self.tokens[b], np.stack(self.hiddens[b])]
+            if self.sampling is not None:
+                entry.append(np.array(self.labels[b], np.int32))
+            if self.top_k:
+                entry += [np.stack(x) for x in zip(*self.tops[b], strict=True)]
+            out.append(tuple(entry))
+        return out
 
 
 class _Rows:

@@ -18,7 +18,7 @@ from test_train import EOS, VOCAB, TinyTokenizer, tiny_model, write_alpaca
 
 import mlx_redrafter.train.shards as train_shards
 from mlx_redrafter import train
-from mlx_redrafter.batch import generate_greedy_batch, teacher_forced_hidden
+from mlx_redrafter.batch import generate_batch, teacher_forced_hidden
 from mlx_redrafter.beam import beam_search
 from mlx_redrafter.drafter import init_drafter, load_drafter, save_drafter
 from mlx_redrafter.errors import DrafterError
@@ -196,7 +196,7 @@ def test_context_reads_the_stored_feature_layers():
 def test_batched_generation_keeps_top_k_and_features(model):
     rng = np.random.default_rng(4)
     prompts = [[int(t) for t in rng.integers(3, VOCAB, n)] for n in (5, 2, 9)]
-    out = generate_greedy_batch(model, prompts, 7, [EOS], 2, None, (1, 0), 5)
+    out = generate_batch(model, prompts, 7, [EOS], 2, None, (1, 0), 5)
     forced = teacher_forced_hidden(
         model, prompts, [o[0] for o in out], with_labels=True, features=(1, 0), top_k=5
     )
@@ -671,7 +671,7 @@ def test_apple_layout_drafter_is_unchanged():
 
 
 def test_data_resume_after_ctrl_c_equals_one_run(model, data, prompts_file, tmp_path, monkeypatch):
-    real = train_shards.generate_greedy_batch
+    real = train_shards.generate_batch
     calls = []
 
     def flaky(*args):
@@ -680,12 +680,12 @@ def test_data_resume_after_ctrl_c_equals_one_run(model, data, prompts_file, tmp_
             raise KeyboardInterrupt
         return real(*args)
 
-    monkeypatch.setattr(train_shards, "generate_greedy_batch", flaky)
+    monkeypatch.setattr(train_shards, "generate_batch", flaky)
     tok = TinyTokenizer()
     with pytest.raises(TrainInterrupted, match="run again to resume"):
         build_dataset(model, tok, prompts_file, tmp_path, **DATA_KW)
     assert len(list((tmp_path / "data").glob("shard-*.npz"))) == 1
-    assert calls[0][-2:] == (FEATURES, TOP_K)  # the features and top-k reach the generator
+    assert calls[0][-4:-2] == (FEATURES, TOP_K)  # the features and top-k reach the generator
     again = build_dataset(model, tok, prompts_file, tmp_path, **DATA_KW)
     assert len(calls) == 4 and again.stats["shards_missing"] == 0
     assert_same_data(again, data)
@@ -703,13 +703,13 @@ def test_time_budget_stops_between_shards(model, data, prompts_file, tmp_path, m
         "time",
         types.SimpleNamespace(perf_counter=lambda: clock[0], time=real_time.time),
     )
-    real = train_shards.generate_greedy_batch
+    real = train_shards.generate_batch
 
     def slow(*args):
         clock[0] += 10.0
         return real(*args)
 
-    monkeypatch.setattr(train_shards, "generate_greedy_batch", slow)
+    monkeypatch.setattr(train_shards, "generate_batch", slow)
     tok = TinyTokenizer()
     part = build_dataset(model, tok, prompts_file, tmp_path, time_budget=15, **DATA_KW)
     # Shards start at 0 s and 10 s; the third would start at 20 s > 15 s.

@@ -19,10 +19,11 @@ from mlx.utils import tree_flatten
 
 import mlx_redrafter.train.shards as train_shards
 from mlx_redrafter import train
-from mlx_redrafter.batch import generate_greedy_batch, teacher_forced_hidden
+from mlx_redrafter.batch import generate_batch, teacher_forced_hidden
 from mlx_redrafter.beam import beam_search
 from mlx_redrafter.drafter import init_drafter, load_drafter
 from mlx_redrafter.errors import PromptError
+from mlx_redrafter.accept import process_logits
 from mlx_redrafter.generation import DecodeStats, SamplingConfig, plain_steps
 from mlx_redrafter.prompts import encode_chat, read_prompts
 from mlx_redrafter.train import (
@@ -146,7 +147,7 @@ def test_batched_generation_equals_unbatched_greedy(model, batch_size):
     stop = [greedy_reference(model, prompts[0], 20, [])[4]]
     refs = [greedy_reference(model, p, 20, stop) for p in prompts]
     assert len({len(r) for r in refs}) > 1
-    out = generate_greedy_batch(model, prompts, 20, stop, batch_size)
+    out = generate_batch(model, prompts, 20, stop, batch_size)
     for prompt, ref, (response, hidden) in zip(prompts, refs, out, strict=True):
         # Batched rows and single-row steps are different computation shapes.
         assert_greedy_equal(response, ref, reference_logits(model, prompt, ref))
@@ -174,9 +175,9 @@ def test_dataset_shards_resume_and_layout(model, prompts_file, tmp_path, monkeyp
 
     shards[1].unlink()  # as if interrupted while making the second shard
     calls = []
-    real = train_shards.generate_greedy_batch
+    real = train_shards.generate_batch
     monkeypatch.setattr(
-        train_shards, "generate_greedy_batch", lambda *a: calls.append(len(a[1])) or real(*a)
+        train_shards, "generate_batch", lambda *a: calls.append(len(a[1])) or real(*a)
     )
     again = build_dataset(model, tok, prompts_file, tmp_path, **kwargs)
     assert sum(calls) == 8  # only the missing shard was made again
@@ -187,7 +188,7 @@ def test_dataset_shards_resume_and_layout(model, prompts_file, tmp_path, monkeyp
 def test_ctrl_c_while_generating_keeps_finished_shards(model, prompts_file, tmp_path, monkeypatch):
     tok = TinyTokenizer()
     kwargs = dict(new_tokens=6, gen_batch_size=4, shard_size=8, progress=False)
-    real = train_shards.generate_greedy_batch
+    real = train_shards.generate_batch
     calls = []
 
     def flaky(*args):
@@ -196,7 +197,7 @@ def test_ctrl_c_while_generating_keeps_finished_shards(model, prompts_file, tmp_
             raise KeyboardInterrupt
         return real(*args)
 
-    monkeypatch.setattr(train_shards, "generate_greedy_batch", flaky)
+    monkeypatch.setattr(train_shards, "generate_batch", flaky)
     with pytest.raises(TrainInterrupted, match="run again to resume"):
         build_dataset(model, tok, prompts_file, tmp_path, **kwargs)
     assert len(list((tmp_path / "data").glob("shard-*.npz"))) == 1
@@ -221,6 +222,20 @@ def test_dataset_target_uses_the_file_answers(model, prompts_file, tmp_path):
     assert_close(data.sequence_hidden(i), forced, rtol=RTOL["float16"])
 
 
+def assert_labels_are_greedy(model, tok, data, prompts_file, rows) -> None:
+    """Each label of the sequences `rows` is the base's greedy choice after the prompt and
+    the sequence's tokens before it (the first label is -1: the last prompt token)."""
+    prompts = read_prompts(prompts_file)
+    selection = train.select_prompts(prompts, None)
+    for i in rows:
+        ids = encode_chat(tok, prompts[selection[data.prompt_index[i]]].text)
+        x, y = data.tokens[i], data.labels[i]
+        assert len(y) == len(x) and y[0] == -1
+        for j in range(1, len(x)):
+            _, logits = model(mx.array([ids + x[1:j].tolist()]))
+            assert y[j] == int(mx.argmax(logits[0, -1])), (i, j)
+
+
 def test_relabel_target_is_the_greedy_choice_after_each_answer_prefix(
     model, prompts_file, tmp_path
 ):
@@ -229,22 +244,62 @@ def test_relabel_target_is_the_greedy_choice_after_each_answer_prefix(
     relabel = build_dataset(model, tok, prompts_file, tmp_path / "r", target="relabel", **kw)
     dataset = build_dataset(model, tok, prompts_file, tmp_path / "d", target="dataset", **kw)
     assert dataset.labels is None and len(relabel.labels) == relabel.num_sequences
-    prompts = read_prompts(prompts_file)
-    selection = train.select_prompts(prompts, None)
     for i in (0, 5, 17):
         # The context is the file's answer, as for "dataset"; only the targets differ.
         assert relabel.tokens[i].tolist() == dataset.tokens[i].tolist()
         np.testing.assert_allclose(relabel.sequence_hidden(i), dataset.sequence_hidden(i))
-        ids = encode_chat(tok, prompts[selection[relabel.prompt_index[i]]].text)
-        x, y = relabel.tokens[i], relabel.labels[i]
-        assert len(y) == len(x) and y[0] == -1
-        for j in range(1, len(x)):
-            _, logits = model(mx.array([ids + x[1:j].tolist()]))
-            assert y[j] == int(mx.argmax(logits[0, -1])), (i, j)
+    assert_labels_are_greedy(model, tok, relabel, prompts_file, (0, 5, 17))
     differ = sum(
         int((y[1:] != x[1:]).sum()) for x, y in zip(relabel.tokens, relabel.labels, strict=True)
     )
     assert differ > 0  # a random model does not write the file's answers
+
+
+def test_sample_target_draws_answers_and_labels_the_greedy_choice(model, prompts_file, tmp_path):
+    tok = TinyTokenizer()
+    kw = dict(new_tokens=9, shard_size=8, gen_batch_size=4, progress=False)
+    sampled = build_dataset(model, tok, prompts_file, tmp_path / "s", target="sample", **kw)
+    greedy = build_dataset(model, tok, prompts_file, tmp_path / "g", target="self", **kw)
+    assert len(sampled.labels) == sampled.num_sequences
+    assert_labels_are_greedy(model, tok, sampled, prompts_file, (0, 9, 17))
+    # The answers are drawn, not the greedy ones (a random model is far from one-hot) ...
+    same = [a.tolist() == b.tolist() for a, b in zip(sampled.tokens, greedy.tokens, strict=True)]
+    assert not all(same)
+    # ... from the seed of their shard: made again, the same data.
+    again = build_dataset(model, tok, prompts_file, tmp_path / "s2", target="sample", **kw)
+    assert all(a.tolist() == b.tolist() for a, b in zip(sampled.tokens, again.tokens, strict=True))
+    # Top-p warps the draws: a tiny top-p keeps only the most likely token, i.e. greedy.
+    narrow = build_dataset(
+        model, tok, prompts_file, tmp_path / "n", target="sample", sample_top_p=1e-6, **kw
+    )
+    assert all(a.tolist() == b.tolist() for a, b in zip(narrow.tokens, greedy.tokens, strict=True))
+    # Other sampling settings are other data: resuming with them is refused.
+    with pytest.raises(TrainError, match="sample_temp"):
+        build_dataset(model, tok, prompts_file, tmp_path / "s", target="sample", sample_temp=1.0, **kw)
+    with pytest.raises(TrainError, match="temperature > 0"):
+        build_dataset(model, tok, prompts_file, tmp_path / "z", target="sample", sample_temp=0.0, **kw)
+    assert not (tmp_path / "z" / "data").exists()
+
+
+def test_sampled_generation_draws_from_the_warped_distribution(model):
+    """2,000 rows of one prompt, one token each: the counts fit softmax(logits / T) over the
+    top-p set (chi-square); drawing from the unwarped distribution fails the same test."""
+    from test_accept import chi2_pvalue
+
+    prompt = [0, 5, 9, 2]
+    _, logits = model(mx.array([prompt]))
+    rows = 2000
+    sampling = SamplingConfig(0.7, 0.9)
+    out = generate_batch(model, [prompt] * rows, 1, [], rows, sampling=sampling, seed=3)
+    counts: dict[int, int] = {}
+    for tokens, *_ in out:
+        counts[tokens[0]] = counts.get(tokens[0], 0) + 1
+    warped = np.exp(np.array(process_logits(logits[0, -1], sampling)))
+    expected = {t: float(p) for t, p in enumerate(warped) if p > 0}
+    assert chi2_pvalue(counts, expected, rows) > 1e-3
+    plain = np.exp(np.array(process_logits(logits[0, -1], SamplingConfig(1.0))))
+    control = {t: float(p) for t, p in enumerate(plain)}
+    assert chi2_pvalue(counts, control, rows) < 1e-6
 
 
 # ---------------------------------------------------------------------------------------------

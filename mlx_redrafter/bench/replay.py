@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Sequence
 import mlx.core as mx
 import numpy as np
 
-from ..batch import generate_greedy_batch
+from ..batch import generate_batch
 from ..beam import beam_search
 from ..generation import drafter_features, stream_generate
 from ..prompts import eos_ids
@@ -49,7 +49,7 @@ def reference_batch(model, tokenizer, prompts, max_tokens: int, lookahead: int, 
     training data generator: continuous batching, the hidden states kept as they come).
     Yields (ref, limit, hidden) with hidden[k] the state before ref[k], i.e. prompt_len 1."""
     stop = eos_ids(tokenizer)  # as stream_generate
-    out = generate_greedy_batch(
+    out = generate_batch(
         model, prompts, max_tokens + lookahead, stop, DEFAULT_BATCH, features=features
     )
     for ref, hidden in out:

@@ -76,12 +76,21 @@ def train(
         str,
         typer.Option(
             "--target",
-            help="self: the model's own greedy responses; dataset: the file's answers; relabel: "
+            help="self: the model's own greedy responses; sample: its sampled responses "
+            "(--sample-temp, --sample-top-p), its greedy choice at each position the target; "
+            "dataset: the file's answers; relabel: "
             "the file's answers as context, the model's greedy next token at each as the target "
             "(exact targets at prefill speed); auto: relabel where the file has an answer, self "
             "where it has none (the prompt mix of `train-mix`).",
         ),
     ] = DataConfig.target,
+    sample_temp: Annotated[
+        float,
+        typer.Option("--sample-temp", help="Temperature of the answers of --target sample."),
+    ] = DataConfig.sample_temp,
+    sample_top_p: Annotated[
+        float, typer.Option("--sample-top-p", help="Top-p of the answers of --target sample.")
+    ] = DataConfig.sample_top_p,
     eval_fraction: Annotated[
         float, typer.Option("--eval-fraction", help="Held-out prompts.")
     ] = FitConfig.eval_fraction,
@@ -252,6 +261,8 @@ def train(
                 feature_layers=data_layers,
                 time_budget=parse_duration(time_budget, "--time-budget"),
                 workers=workers,
+                sample_temp=sample_temp,
+                sample_top_p=sample_top_p,
             ),
             fit_config=FitConfig(
                 epochs=epochs,

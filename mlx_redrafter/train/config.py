@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 from ..errors import TrainError
 
 LOSSES = ("ce", "kd", "mix")
-TARGETS = ("self", "dataset", "relabel", "auto")
+TARGETS = ("self", "sample", "dataset", "relabel", "auto")
 SAVE_DTYPES = (None, "float32", "float16", "bfloat16")
 DEFAULT_GEN_BATCH = 32
 DEFAULT_SHARD_SIZE = 128
@@ -34,7 +34,9 @@ class DataConfig:
     """The distillation data: which prompts, how long the responses, what is stored.
 
     `num_prompts` is a fixed random selection of the prompt file (None: all of it);
-    `target` "self" (the base's greedy responses), "dataset" (the file's answers) or
+    `target` "self" (the base's greedy responses), "sample" (the base's sampled responses, at
+    `sample_temp` and `sample_top_p`, with the base's greedy choice at each position as the
+    label: the states sampled decoding visits), "dataset" (the file's answers) or
     "relabel" (the file's answers as context, the base's greedy token at each as the label)
     or "auto" (relabel where the file has an answer, self where it has none);
     `gen_batch_size` responses are generated together, `shard_size` prompts per shard on disk.
@@ -54,6 +56,8 @@ class DataConfig:
     feature_layers: tuple[int, ...] | str | None = None
     time_budget: float | None = None
     workers: int = 1
+    sample_temp: float = 0.7
+    sample_top_p: float = 0.9
 
     def resolved(self, num_blocks: int, fit: FitConfig | None = None) -> DataConfig:
         """Concrete values: "auto" layers for a base of `num_blocks` blocks, and the defaults

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..accept import SamplingConfig
 from ..errors import TrainError
 from ..fingerprint import describe_model, model_fingerprint, same_model
 from ..prompts import Prompt, read_prompts
@@ -180,6 +181,7 @@ def build_dataset(
     todo = [r for r in ranges if not shard_path(data_dir, *r).exists()]
     t_start = time.perf_counter()
     gen_args = (c.new_tokens, c.target)
+    sampling = SamplingConfig(c.sample_temp, c.sample_top_p) if c.target == "sample" else None
     if c.workers > 1 and len(todo) > 1:
         job = WorkerJob(
             model_source,
@@ -189,6 +191,7 @@ def build_dataset(
             c.top_k,
             c.feature_layers,
             min(c.workers, len(todo)),
+            sampling,
         )
         made = make_shards_in_workers(
             job, selection, todo, data_dir, Path(work_dir), progress, c.time_budget
@@ -198,6 +201,7 @@ def build_dataset(
         gen = Generation(
             model, tokenizer, prompts, *gen_args, stop, c.gen_batch_size, c.top_k, c.feature_layers
         )
+        gen.sampling = sampling
         made = make_shards(gen, selection, todo, data_dir, Path(work_dir), progress, c.time_budget)
     done = [r for r in ranges if shard_path(data_dir, *r).exists()]
     data = _load_shards(data_dir, done, fingerprint)
@@ -236,6 +240,11 @@ def _data_config(config: DataConfig | None, settings: dict, model) -> DataConfig
         raise TrainError(f"time_budget must be > 0 seconds, got {c.time_budget}")
     if c.workers < 1:
         raise TrainError(f"workers must be >= 1, got {c.workers}")
+    if c.target == "sample" and not (c.sample_temp > 0 and 0 < c.sample_top_p <= 1):
+        raise TrainError(
+            f"sampled answers need a temperature > 0 and top-p in (0, 1], got "
+            f"{c.sample_temp} and {c.sample_top_p}"
+        )
     return c
 
 
@@ -255,6 +264,9 @@ def _fingerprint(model, prompts_file: Path, c: DataConfig) -> dict:
         fingerprint["top_k"] = c.top_k
     if c.feature_layers:
         fingerprint["feature_layers"] = list(c.feature_layers)
+    if c.target == "sample":
+        fingerprint["sample_temp"] = c.sample_temp
+        fingerprint["sample_top_p"] = c.sample_top_p
     return fingerprint
 
 
@@ -348,7 +360,7 @@ def _load_shards(data_dir: Path, ranges, fingerprint) -> DistillData:
         hidden_start=starts,
         prompt_index=np.concatenate(index) if index else np.zeros((0,), np.int64),
         fingerprint=fingerprint,
-        labels=labels if fingerprint.get("target") in ("relabel", "auto") else None,
+        labels=labels if fingerprint.get("target") in ("relabel", "auto", "sample") else None,
         feature_layers=tuple(fingerprint.get("feature_layers", ())),
     )
     if fingerprint.get("top_k") and hiddens:

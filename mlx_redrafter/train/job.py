@@ -112,7 +112,7 @@ def data_manifest(data, mix: dict) -> dict:
 
 def _job_settings(prompts_file, d: DataConfig, config: FitConfig, work_dir: Path) -> dict:
     """The job's own settings in the log (fit's come with its result)."""
-    return {
+    settings = {
         "prompts_file": Path(prompts_file).name,  # names only: the log is shipped
         "num_prompts": d.num_prompts,
         "new_tokens": d.new_tokens,
@@ -124,6 +124,9 @@ def _job_settings(prompts_file, d: DataConfig, config: FitConfig, work_dir: Path
         "save_dtype": config.save_dtype,
         "work_dir": work_dir.name,
     }
+    if d.target == "sample":
+        settings.update(sample_temp=d.sample_temp, sample_top_p=d.sample_top_p)
+    return settings
 
 
 def _job_log(model, model_name, data, result: dict, job: dict, times: dict, t0: float) -> dict:

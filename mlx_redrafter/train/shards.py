@@ -14,7 +14,8 @@ from queue import Empty
 
 import numpy as np
 
-from ..batch import generate_greedy_batch, teacher_forced_hidden
+from ..accept import SamplingConfig
+from ..batch import generate_batch, teacher_forced_hidden
 from ..errors import TrainError, TrainInterrupted
 from ..loading import load
 from ..prompts import (
@@ -76,6 +77,7 @@ class Generation:
     top_k: int = 0
     feature_layers: tuple[int, ...] = ()
     processes: int = 1  # processes making shards at once (their times overlap)
+    sampling: SamplingConfig | None = None  # target "sample": how answers are drawn
 
 
 def _interrupted(data_dir: Path, work_dir: Path) -> TrainInterrupted:
@@ -127,7 +129,7 @@ def _make_shard(
     skipped = len(chosen) - len(keep)
     keep.sort(key=lambda k: len(encoded[k]))  # similar lengths together: less padding
     t0 = time.perf_counter()
-    out = _responses(gen, chosen, encoded, keep, on_finish)
+    out = _responses(gen, chosen, encoded, keep, on_finish, seed=start)
     t_gen = time.perf_counter() - t0
     results = dict(zip(keep, out, strict=True))
     order = sorted(results)  # back to selection order
@@ -136,7 +138,7 @@ def _make_shard(
     width = h * (1 + len(gen.feature_layers))
     hid = _stack([results[k][1] for k in order], (0, width), np.float32)
     extra = {}
-    if gen.target in ("relabel", "auto"):
+    if gen.target in ("relabel", "auto", "sample"):
         labels = [np.array([-1] + list(_labels(results[k])), np.int32) for k in order]
         extra["labels"] = _stack(labels, (0,), np.int32)
     if gen.top_k:
@@ -158,19 +160,20 @@ def _make_shard(
     }
 
 
-def _responses(gen: Generation, chosen, encoded, keep, on_finish) -> list[tuple]:
+def _responses(gen: Generation, chosen, encoded, keep, on_finish, seed=0) -> list[tuple]:
     """(response, hidden, labels or None, [top ids, top log-probs]) for the prompts `keep`,
-    in its order: generated (target "self"), the file's answers (dataset, relabel), or, for
-    "auto", the file's answer relabelled where there is one and generated where not."""
+    in its order: generated (target "self"; "sample" draws them, from `seed`, with the greedy
+    choices as labels), the file's answers (dataset, relabel), or, for "auto", the file's
+    answer relabelled where there is one and generated where not."""
     if gen.target in ("dataset", "relabel"):
         return _forced_responses(gen, chosen, encoded, keep, on_finish)
     answered = (
         []
-        if gen.target == "self"
+        if gen.target in ("self", "sample")
         else [k for k in keep if gen.prompts[chosen[k]].answer is not None]
     )
     free = [k for k in keep if k not in set(answered)]
-    out = generate_greedy_batch(
+    out = generate_batch(
         gen.model,
         [encoded[k] for k in free],
         gen.new_tokens,
@@ -179,8 +182,12 @@ def _responses(gen: Generation, chosen, encoded, keep, on_finish) -> list[tuple]
         on_finish,
         gen.feature_layers,
         gen.top_k,
+        gen.sampling,
+        seed,
     )
-    results = {k: (r[0], r[1], None, *r[2:]) for k, r in zip(free, out, strict=True)}
+    if gen.sampling is None:
+        out = [(r[0], r[1], None, *r[2:]) for r in out]
+    results = dict(zip(free, out, strict=True))
     if answered:
         forced = _forced_responses(gen, chosen, encoded, answered, on_finish)
         results.update(zip(answered, forced, strict=True))
@@ -252,6 +259,7 @@ class WorkerJob:
     top_k: int
     feature_layers: tuple[int, ...]
     processes: int
+    sampling: SamplingConfig | None = None
 
 
 def _worker(job: WorkerJob, selection, ranges, data_dir: Path, deadline, queue) -> None:
@@ -274,6 +282,7 @@ def _worker(job: WorkerJob, selection, ranges, data_dir: Path, deadline, queue) 
             job.top_k,
             job.feature_layers,
             job.processes,
+            job.sampling,
         )
         for start, end in ranges:
             if deadline is not None and time.time() >= deadline:
