@@ -156,14 +156,15 @@ class _Responses:
         top = top_log_probs(logits, top_k) if top_k else ()
         mx.eval(tokens, greedy, hidden, *top)
         tok_np = np.array(tokens).reshape(-1)
-        greedy_np = np.array(greedy).reshape(-1)
+        greedy_np = tok_np if self.sampling is None else np.array(greedy).reshape(-1)
         h_np = np.array(hidden.astype(mx.float32))
         if top_k:
             top_ids, top_lp = np.array(top[0]), np.array(top[1])
         going = []
         for j, b in enumerate(rows):
             self.tokens[b].append(int(tok_np[j]))
-            self.labels[b].append(int(greedy_np[j]))
+            if self.sampling is not None:
+                self.labels[b].append(int(greedy_np[j]))
             self.hiddens[b].append(h_np[j])
             if top_k:
                 self.tops[b].append((top_ids[j], top_lp[j]))

@@ -19,11 +19,11 @@ from mlx.utils import tree_flatten
 
 import mlx_redrafter.train.shards as train_shards
 from mlx_redrafter import train
+from mlx_redrafter.accept import process_logits
 from mlx_redrafter.batch import generate_batch, teacher_forced_hidden
 from mlx_redrafter.beam import beam_search
 from mlx_redrafter.drafter import init_drafter, load_drafter
 from mlx_redrafter.errors import PromptError
-from mlx_redrafter.accept import process_logits
 from mlx_redrafter.generation import DecodeStats, SamplingConfig, plain_steps
 from mlx_redrafter.prompts import encode_chat, read_prompts
 from mlx_redrafter.train import (
@@ -275,9 +275,13 @@ def test_sample_target_draws_answers_and_labels_the_greedy_choice(model, prompts
     assert all(a.tolist() == b.tolist() for a, b in zip(narrow.tokens, greedy.tokens, strict=True))
     # Other sampling settings are other data: resuming with them is refused.
     with pytest.raises(TrainError, match="sample_temp"):
-        build_dataset(model, tok, prompts_file, tmp_path / "s", target="sample", sample_temp=1.0, **kw)
+        build_dataset(
+            model, tok, prompts_file, tmp_path / "s", target="sample", sample_temp=1.0, **kw
+        )
     with pytest.raises(TrainError, match="temperature > 0"):
-        build_dataset(model, tok, prompts_file, tmp_path / "z", target="sample", sample_temp=0.0, **kw)
+        build_dataset(
+            model, tok, prompts_file, tmp_path / "z", target="sample", sample_temp=0.0, **kw
+        )
     assert not (tmp_path / "z" / "data").exists()
 
 
