@@ -80,8 +80,8 @@ def generate_batch(
 
     `sampling` (not greedy) draws each token from the warped distribution (random keys from
     `seed`: the same prompts in the same batches give the same answers), and each entry
-    gains, third,
-    labels (len,) int32: the base's greedy choice at each position of the sampled answer.
+    gains, third, labels (len,) int32: the base's greedy choice at each position of the
+    sampled answer.
     With `top_k` > 0 each entry ends with (ids (len, k) int32, log-probs (len, k) float32):
     the base's k most likely tokens at each response position, from the same logits.
 
@@ -156,15 +156,15 @@ class _Responses:
         top = top_log_probs(logits, top_k) if top_k else ()
         mx.eval(tokens, greedy, hidden, *top)
         tok_np = np.array(tokens).reshape(-1)
-        greedy_np = tok_np if self.sampling is None else np.array(greedy).reshape(-1)
+        labels = None if self.sampling is None else np.array(greedy).reshape(-1)
         h_np = np.array(hidden.astype(mx.float32))
         if top_k:
             top_ids, top_lp = np.array(top[0]), np.array(top[1])
         going = []
         for j, b in enumerate(rows):
             self.tokens[b].append(int(tok_np[j]))
-            if self.sampling is not None:
-                self.labels[b].append(int(greedy_np[j]))
+            if labels is not None:
+                self.labels[b].append(int(labels[j]))
             self.hiddens[b].append(h_np[j])
             if top_k:
                 self.tops[b].append((top_ids[j], top_lp[j]))

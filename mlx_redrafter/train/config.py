@@ -10,6 +10,7 @@ from ..errors import TrainError
 
 LOSSES = ("ce", "kd", "mix")
 TARGETS = ("self", "sample", "dataset", "relabel", "auto")
+LABELLED_TARGETS = ("sample", "relabel", "auto")  # targets learnt from labels, not the tokens
 SAVE_DTYPES = (None, "float32", "float16", "bfloat16")
 DEFAULT_GEN_BATCH = 32
 DEFAULT_SHARD_SIZE = 128

@@ -28,7 +28,7 @@ from ..accept import SamplingConfig
 from ..errors import TrainError
 from ..fingerprint import describe_model, model_fingerprint, same_model
 from ..prompts import Prompt, read_prompts
-from .config import DEFAULT_GEN_BATCH, DEFAULT_SHARD_SIZE, TARGETS, DataConfig
+from .config import DEFAULT_GEN_BATCH, DEFAULT_SHARD_SIZE, LABELLED_TARGETS, TARGETS, DataConfig
 from .shards import (
     MAX_PROMPT_TOKENS,
     Generation,
@@ -360,7 +360,7 @@ def _load_shards(data_dir: Path, ranges, fingerprint) -> DistillData:
         hidden_start=starts,
         prompt_index=np.concatenate(index) if index else np.zeros((0,), np.int64),
         fingerprint=fingerprint,
-        labels=labels if fingerprint.get("target") in ("relabel", "auto", "sample") else None,
+        labels=labels if fingerprint.get("target") in LABELLED_TARGETS else None,
         feature_layers=tuple(fingerprint.get("feature_layers", ())),
     )
     if fingerprint.get("top_k") and hiddens:

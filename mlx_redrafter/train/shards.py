@@ -28,6 +28,7 @@ from ..prompts import (
     main_eos,
     read_prompts,
 )
+from .config import LABELLED_TARGETS
 
 MAX_PROMPT_TOKENS = 2048  # longer prompts are skipped (and counted in the log)
 
@@ -138,7 +139,7 @@ def _make_shard(
     width = h * (1 + len(gen.feature_layers))
     hid = _stack([results[k][1] for k in order], (0, width), np.float32)
     extra = {}
-    if gen.target in ("relabel", "auto", "sample"):
+    if gen.target in LABELLED_TARGETS:
         labels = [np.array([-1] + list(_labels(results[k])), np.int32) for k in order]
         extra["labels"] = _stack(labels, (0,), np.int32)
     if gen.top_k:
