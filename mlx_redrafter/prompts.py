@@ -209,6 +209,24 @@ def load_prompts(
     return prompts
 
 
+def select_categories(prompts: list[Prompt], categories: str | None) -> list[Prompt]:
+    """The prompts of the comma-separated `categories` (all of them for None), in their
+    order; a category none of the prompts has is a PromptError naming the ones they have."""
+    if categories is None:
+        return prompts
+    wanted = {c.strip() for c in categories.split(",") if c.strip()}
+    if not wanted:
+        raise PromptError(f"no category given in {categories!r}")
+    known = {p.category for p in prompts}
+    unknown = sorted(wanted - known)
+    if unknown:
+        raise PromptError(
+            f"no prompts of category {', '.join(map(repr, unknown))} "
+            f"(these prompts have: {', '.join(sorted(map(str, known)))})"
+        )
+    return [p for p in prompts if p.category in wanted]
+
+
 # ---------------------------------------------------------------------------------------------
 # Encoding
 

@@ -108,6 +108,7 @@ def test_bench_errors_are_one_line(tiny, tmp_path):
         (["--methods", "ar,fast"], "unknown method 'fast'"),
         (["--methods", "ar,redrafter"], "needs a drafter"),
         (["--plot", str(tmp_path / "x.png")], "--sweep"),
+        (["--category", "writing,nosuch"], "no prompts of category 'nosuch'"),
     ]
     for args, message in cases:
         proc = invoke(["bench", "--model", str(model_dir), "-N", "1", "-n", "4", *args])

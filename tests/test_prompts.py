@@ -7,7 +7,14 @@ import json
 import pytest
 
 from mlx_redrafter.errors import PromptError
-from mlx_redrafter.prompts import encode_chat, encode_messages, eos_ids, load_prompts, read_prompts
+from mlx_redrafter.prompts import (
+    encode_chat,
+    encode_messages,
+    eos_ids,
+    load_prompts,
+    read_prompts,
+    select_categories,
+)
 
 
 def test_reads_alpaca_and_mt_bench(tmp_path):
@@ -88,6 +95,18 @@ def test_sources_per_category_and_second_turns():
     assert [p.source for p in both] == ["mt-bench"] * 2 + ["doc-prompts"] * 2
     with pytest.raises(PromptError, match="per_category"):
         load_prompts("mt-bench", per_category=0)
+
+
+def test_select_categories():
+    prompts = load_prompts("kinds,mt-bench-2", per_category=2)
+    kept = select_categories(prompts, " humanities, translate ")
+    assert [p.category for p in kept] == ["translate"] * 2 + ["humanities"] * 2
+    assert [p.source for p in kept] == ["kinds"] * 2 + ["mt-bench-2"] * 2
+    assert select_categories(prompts, None) is prompts
+    with pytest.raises(PromptError, match=r"category 'poetry' \(these prompts have: .*humanities"):
+        select_categories(prompts, "humanities,poetry")
+    with pytest.raises(PromptError, match="no category given"):
+        select_categories(prompts, " , ")
 
 
 def test_bench_sources_read_alpaca_json(tmp_path):

@@ -28,7 +28,7 @@ from mlx_redrafter.distributed import is_leader
 from mlx_redrafter.drafter import load_drafter
 from mlx_redrafter.env import model_dtype
 from mlx_redrafter.errors import RedrafterError
-from mlx_redrafter.prompts import encode_chat, load_prompts
+from mlx_redrafter.prompts import encode_chat, load_prompts, select_categories
 
 Json = Annotated[str | None, typer.Option("--json", help="Write every figure to this file.")]
 MaxTokens = Annotated[int, typer.Option("--max-tokens", "-n", help="New tokens per prompt.")]
@@ -54,6 +54,14 @@ def bench(
     per_category: Annotated[
         int | None,
         typer.Option("--per-category", help="The first K prompts of each category only."),
+    ] = None,
+    categories: Annotated[
+        str | None,
+        typer.Option(
+            "--category",
+            help="Comma-separated categories: only their prompts (e.g. humanities,translate), "
+            "after --num-prompts and --per-category.",
+        ),
     ] = None,
     max_tokens: MaxTokens = 128,
     methods: Annotated[
@@ -143,7 +151,7 @@ def bench(
     check_options(num_prompts=(num_prompts, 1), max_tokens=(max_tokens, 1))
     check_beam_options(beam_width, beam_length)
     sampling, seed_list, drafts = _sampling_options(temp, top_p, top_k, seeds, draft_methods)
-    prompt_list = load_prompts(prompts, num_prompts, per_category)
+    prompt_list = select_categories(load_prompts(prompts, num_prompts, per_category), categories)
     bench_lib.check_request(names, prompt_list, sweep, beam_width, beam_length, plot)
     if with_lookup and (not acceptance or sampling.greedy):
         raise RedrafterError("--with-lookup needs --acceptance and --temp above 0")
