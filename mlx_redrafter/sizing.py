@@ -91,7 +91,7 @@ UNKNOWN_PRIOR = 0.5  # for candidates that bring no estimate (e.g. test oracles)
 MAX_COND = 0.98
 PRIOR_WEIGHT = 4.0  # pseudo-observations behind each calibration's initial scale of 1
 DEFAULT_MAX_NODES = 32
-REPROBE_EVERY = 8  # rounds between two drafter runs when lookup keeps winning
+REPROBE_EVERY = 16  # rounds between two drafter runs when lookup keeps winning
 PROFILE_ROUNDS = 3  # the drafter runs in a generation's first rounds until its profile has these
 DRAFT_COST_WINDOW = 15  # rounds behind the drafter's cost estimate (a running median)
 
